@@ -1,0 +1,84 @@
+"""Per-token log-probs + backward on 8 x 512 tokens, SmolLM2-135M, float32: minitir vs transformers.
+
+Each variant runs in its own process so peak RSS (VmHWM) is its own. Usage:
+    python benchmarks/bench_logprobs.py [--threads 2] [--batch 8] [--seqlen 512] [--repeats 2]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024 ** 2
+    return float("nan")
+
+
+def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, checkpointing: bool):
+    import torch
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(threads)
+    from minitir.checkpoint import embedded_checkpoint, load_model
+    path = embedded_checkpoint()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (batch, seqlen), generator=g)
+    times = []
+    if variant == "transformers":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.train()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            times.append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    else:
+        from minitir.logprobs import sequence_logprobs
+        model = load_model(path)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        cu = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            logp, _ = sequence_logprobs(model, ids.flatten(), cu, chunk_size=1024)
+            (-logp.sum() / (batch * (seqlen - 1))).backward()
+            times.append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    print(json.dumps({"variant": variant + (" +ckpt" if checkpointing else ""), "seconds": min(times),
+                      "peak_rss_gb": peak_rss_gb()}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--checkpointing", action="store_true")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.threads, a.batch, a.seqlen, a.repeats, a.checkpointing)
+    rows = []
+    for variant, ck in (("transformers", False), ("minitir", False), ("minitir", True)):
+        cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(a.threads), "--batch", str(a.batch),
+               "--seqlen", str(a.seqlen), "--repeats", str(a.repeats)] + (["--checkpointing"] if ck else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"{a.batch}x{a.seqlen} tokens, float32, {a.threads} threads, best of {a.repeats}")
+    print(f"| variant | forward+backward s | peak RSS GB | time vs transformers | memory vs transformers |")
+    print(f"|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base['seconds']:.2f}x "
+              f"| {r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Attention kernels behind two call sites: packed variable-length sequences and a per-sequence KV cache.
+
+The call sites use flash-attn's exact signatures (`flash_attn_varlen_func`, `flash_attn_with_kvcache`).
+On CUDA with flash-attn installed the real kernels run; everywhere else the pure-PyTorch versions below
+(same arguments, same semantics, SDPA inside) stand in. So every CPU test of the model exercises the
+very call the GPU makes, and only the kernel behind it differs.
+
+Layouts (flash-attn's): q/k/v are [tokens, heads, head_dim] for varlen and [batch, seq, heads, head_dim]
+for the cache; a cache is [cache_batch, max_seq, kv_heads, head_dim]. Causal masks are aligned to the
+bottom-right corner: query i of n attends key j of m iff j <= i + (m - n).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU dependency
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+    from flash_attn import flash_attn_with_kvcache as _flash_kvcache
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_varlen = _flash_kvcache = None
+
+
+def flash_available(t: torch.Tensor) -> bool:
+    return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False):
+    """`flash_attn_varlen_func` in PyTorch: q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D]."""
+    assert dropout_p == 0.0, "dropout is not supported"
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        n, m = q1 - q0, k1 - k0
+        if n == 0:
+            continue
+        qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        mask, is_causal = None, False
+        if causal and n == m:
+            is_causal = True  # lets SDPA use its fused causal kernel
+        elif causal:
+            mask = _bottom_right_mask(n, m, q.device)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=is_causal,
+                                           scale=softmax_scale, enable_gqa=gqa)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """`flash_attn_with_kvcache` in PyTorch.
+
+    q [B, Tq, H, D]; k/v [B, Tn, Hkv, D] are written into the cache in place at positions
+    cache_seqlens[b] .. cache_seqlens[b] + Tn of row cache_batch_idx[b]; attention then covers keys
+    0 .. cache_seqlens[b] + Tn - 1 of that row. Unsupported options raise instead of being ignored.
+    """
+    if rotary_cos is not None or cache_leftpad is not None or block_table is not None or \
+            alibi_slopes is not None or softcap != 0.0 or tuple(window_size) != (-1, -1) or return_softmax_lse:
+        raise NotImplementedError("kvcache_attention_torch supports q/k/v, cache_seqlens, cache_batch_idx, "
+                                  "softmax_scale and causal only")
+    B, Tq = q.shape[:2]
+    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(B, device=q.device)
+    if cache_seqlens is None:
+        seqlens = torch.zeros(B, dtype=torch.long, device=q.device)
+    elif isinstance(cache_seqlens, int):
+        seqlens = torch.full((B,), cache_seqlens, dtype=torch.long, device=q.device)
+    else:
+        seqlens = cache_seqlens.long()
+    Tn = 0
+    if k is not None:
+        Tn = k.shape[1]
+        cols = seqlens[:, None] + torch.arange(Tn, device=q.device)  # [B, Tn]
+        k_cache[rows[:, None], cols] = k
+        v_cache[rows[:, None], cols] = v
+    total = seqlens + Tn                                               # keys per row [B]
+    S = int(total.max())
+    first = int(rows[0])
+    if torch.equal(rows, torch.arange(first, first + B, device=rows.device)):  # contiguous rows: a view, no copy
+        keys, vals = k_cache[first:first + B, :S], v_cache[first:first + B, :S]
+    else:
+        keys, vals = k_cache[rows, :S], v_cache[rows, :S]
+    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)            # [B, Hkv, S, D]
+    j = torch.arange(S, device=q.device)
+    allowed = j[None, None, :] < total[:, None, None]                  # [B, 1, S]
+    if causal:
+        i = torch.arange(Tq, device=q.device)
+        allowed = allowed & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=allowed.unsqueeze(1),
+                                       scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
+    return o.transpose(1, 2)
+
+
+def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return j <= i + (m - n)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True):
+    """Self-attention over packed sequences (keys = queries), the training/scoring call site."""
+    fn = _flash_varlen if flash_available(q) else varlen_attention_torch
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+
+
+def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
+    """Append k/v to the cache rows and attend causally, the decoding/chunked-prefill call site."""
+    fn = _flash_kvcache if flash_available(q) else kvcache_attention_torch
+    return fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+              causal=True)

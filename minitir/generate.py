@@ -1,0 +1,283 @@
+"""KV-cached, continuously batched generation with tool-call interruption and resume (ZeroTIR).
+
+Each sequence owns one row of a preallocated `KVCache`. Every tick of the engine:
+  1. admits waiting prompts into free rows;
+  2. takes the finished tool calls and queues their output tokens;
+  3. prefills every row with more than one queued token (new prompts, tool outputs) in one batch,
+     bounded by a token budget (longer inputs go in chunks);
+  4. decodes one token for every row with exactly one queued token;
+  5. checks each new token for EOS, stop strings, length limits and a closed ```python block.
+A closed code block parks the sequence and sends its code to the tool on a thread pool; the others keep
+decoding. The output comes back as an ```output block whose tokens are prefilled into the same cache
+row: nothing before it is recomputed. Tool tokens carry policy_mask 0 and log-prob 0.
+
+Token-in/token-out: sampled tokens are kept as ids; text is decoded for stop checks and display only.
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from minitir.model import KVCache, Transformer
+
+CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
+
+
+@dataclass
+class ToolOutput:
+    text: str
+    error: bool = False
+
+
+@dataclass
+class Completion:
+    tokens: list[int]          # everything after the prompt: sampled tokens and tool-output tokens
+    logprobs: list[float]      # log p(token) under softmax(logits / temperature); 0 for tool tokens
+    policy_mask: list[int]     # 1 = sampled by the policy, 0 = inserted by the tool
+    text: str
+    finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"
+    num_tool_calls: int = 0
+    num_tool_errors: int = 0
+    prompt_len: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0   # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    max_tool_calls: int = 0
+    max_tool_output_tokens: int = 256
+    max_batch: int = 32        # rows of the KV cache = sequences decoded at once
+    max_len: int | None = None # tokens per row (prompt + response); default: longest prompt + max_new_tokens
+    prefill_tokens: int = 4096 # token budget of one prefill batch
+    tool_workers: int = 8
+    reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
+
+
+@dataclass(eq=False)
+class _Seq:
+    idx: int
+    prompt: list[int]
+    gen: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens not yet in the cache
+    row: int = -1
+    cached: int = 0          # tokens of this sequence in its cache row
+    segment_start: int = 0   # index in tokens where the current policy segment (after the last tool output) starts
+    tool_calls: int = 0
+    tool_errors: int = 0
+    finish: str | None = None
+    future: Future | None = None
+
+
+def _to_tool_output(r) -> ToolOutput:
+    if isinstance(r, ToolOutput):
+        return r
+    if isinstance(r, tuple):
+        return ToolOutput(str(r[0]), bool(r[1]))
+    if isinstance(r, str):
+        return ToolOutput(r)
+    return ToolOutput(r.text, bool(getattr(r, "error", False)))
+
+
+class Generator:
+    def __init__(self, model: Transformer, tokenizer, config: GenerationConfig, tool=None):
+        self.model, self.tok, self.cfg, self.tool = model, tokenizer, config, tool
+        eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
+        longest = max([len(s) for s in config.stop] + [len("```")])
+        self.window = 4 * longest + 4
+
+    # --- sampling ---------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float]]:
+        """logits [B, V] -> sampled ids and their log-probs under softmax(logits / T) (T=1 when greedy)."""
+        c = self.cfg
+        logits = logits.float()
+        t = c.temperature if c.temperature > 0 else 1.0
+        logp = torch.log_softmax(logits / t, dim=-1)                               # [B, V]
+        if c.temperature <= 0:
+            ids = logits.argmax(-1)
+        else:
+            filt = logp.clone()
+            if c.top_k > 0:
+                kth = torch.topk(filt, min(c.top_k, filt.shape[-1]), dim=-1).values[:, -1:]
+                filt = filt.masked_fill(filt < kth, float("-inf"))
+            if c.top_p < 1.0:
+                sorted_lp, order = filt.sort(dim=-1, descending=True)
+                cum = sorted_lp.exp().cumsum(-1)
+                drop = cum - sorted_lp.exp() > c.top_p                            # keep the smallest prefix reaching top_p
+                filt = filt.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+            probs = torch.softmax(filt, dim=-1)
+            # one generator per sequence: its samples do not depend on which others share the batch
+            ids = torch.cat([torch.multinomial(probs[b], 1, generator=s.gen) for b, s in enumerate(seqs)])
+        return ids.tolist(), logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
+
+    # --- per-token checks -------------------------------------------------------------------------
+    def _after_token(self, s: _Seq, tok: int, lp: float, pool: ThreadPoolExecutor | None):
+        s.tokens.append(tok)
+        s.logprobs.append(lp)
+        s.mask.append(1)
+        s.pending = [tok]
+        if tok in self.eos:
+            s.finish = "stop"
+            return
+        tail = self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
+        if any(st in tail for st in self.cfg.stop):
+            s.finish = "stop"
+            return
+        if len(s.tokens) >= self.cfg.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
+            s.finish = "length"
+            return
+        if pool is not None and "```" in tail and s.tool_calls < self.cfg.max_tool_calls:
+            segment = self.tok.decode(s.tokens[s.segment_start:])
+            blocks = list(CODE_BLOCK.finditer(segment))
+            if blocks:
+                s.tool_calls += 1
+                s.future = pool.submit(self.tool.run if hasattr(self.tool, "run") else self.tool, blocks[-1].group(1))
+                s.segment_start = len(s.tokens)  # this block is handled; the next segment starts after it
+
+    def _tool_tokens(self, s: _Seq, out: ToolOutput) -> list[int]:
+        """The output block's tokens, cut to max_tool_output_tokens and to the room left in the response."""
+        enc = lambda x: self.tok.encode(x, add_special_tokens=False)
+        lead = "" if self.tok.decode(s.tokens[-1:]).endswith("\n") else "\n"
+        head, tail = enc(lead + "```output\n"), enc("\n```\n")
+        body = enc(out.text.rstrip("\n"))
+        if len(body) > self.cfg.max_tool_output_tokens:
+            body = body[:self.cfg.max_tool_output_tokens] + enc("\n... (output truncated)")
+        toks = head + body + tail
+        room = min(self.cfg.max_new_tokens - len(s.tokens), self.max_len - len(s.prompt) - len(s.tokens))
+        return toks[:max(room, 0)]
+
+    # --- the engine -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+        c, model = self.cfg, self.model
+        if not prompts:
+            return []
+        self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
+        rows = min(c.max_batch, len(prompts))
+        cache = KVCache(model.config, rows, self.max_len, dtype=model.dtype, device=model.device)
+        seqs = []
+        for i, p in enumerate(prompts):
+            gen = None
+            if c.seed is not None:
+                gen = torch.Generator(device=model.device).manual_seed(c.seed * 1_000_003 + i)
+            seqs.append(_Seq(idx=i, prompt=list(p), gen=gen))
+        waiting = deque()
+        for s in seqs:
+            if not s.prompt or len(s.prompt) >= self.max_len:
+                s.finish = "prompt_too_long" if s.prompt else "stop"
+            else:
+                waiting.append(s)
+        free = list(range(rows - 1, -1, -1))
+        active: list[_Seq] = []
+        pool = ThreadPoolExecutor(c.tool_workers) if (self.tool is not None and c.max_tool_calls > 0) else None
+        try:
+            while waiting or active:
+                while waiting and free:
+                    s = waiting.popleft()
+                    s.row, s.pending, s.cached = free.pop(), list(s.prompt), 0
+                    cache.seqlens[s.row] = 0
+                    active.append(s)
+                self._resume_tools(active, cache, block=all(s.future is not None for s in active))
+                ready = [s for s in active if s.future is None and s.finish is None]
+                self._prefill([s for s in ready if len(s.pending) > 1], cache, pool)
+                self._decode([s for s in ready if len(s.pending) == 1 and s.finish is None and s.future is None],
+                             cache, pool)
+                for s in [s for s in active if s.finish is not None]:
+                    active.remove(s)
+                    free.append(s.row)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        return [Completion(tokens=s.tokens, logprobs=s.logprobs, policy_mask=s.mask, finish_reason=s.finish,
+                           text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls,
+                           num_tool_errors=s.tool_errors, prompt_len=len(s.prompt)) for s in seqs]
+
+    def _resume_tools(self, active: list[_Seq], cache: KVCache, block: bool):
+        waiting = [s for s in active if s.future is not None]
+        if not waiting:
+            return
+        if block:  # nothing else to do: wait for the first tool to answer
+            from concurrent.futures import FIRST_COMPLETED, wait
+            wait([s.future for s in waiting], return_when=FIRST_COMPLETED)
+        for s in waiting:
+            if not s.future.done():
+                continue
+            try:
+                out = _to_tool_output(s.future.result())
+            except Exception as e:  # a broken tool must not take the batch down
+                out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True)
+            s.future = None
+            s.tool_errors += out.error
+            toks = self._tool_tokens(s, out)
+            s.tokens += toks
+            s.logprobs += [0.0] * len(toks)
+            s.mask += [0] * len(toks)
+            s.segment_start = len(s.tokens)
+            if self.cfg.reprefill_after_tool:
+                cache.seqlens[s.row], s.cached = 0, 0
+                s.pending = s.prompt + s.tokens
+            else:
+                s.pending = s.pending + toks  # the last sampled token is not in the cache yet
+            if len(s.tokens) >= self.cfg.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
+                s.finish = "length"
+
+    def _prefill(self, seqs: list[_Seq], cache: KVCache, pool):
+        budget = self.cfg.prefill_tokens
+        while seqs:
+            # right padding is written past each row's length: the longest input must fit every row
+            batch, used, T, room = [], 0, 0, self.max_len
+            for s in seqs:
+                n = min(len(s.pending), budget)
+                r = min(room, self.max_len - s.cached)
+                if batch and (used + n > budget or max(T, n) > r):
+                    break
+                batch.append((s, n))
+                used, T, room = used + n, max(T, n), r
+            seqs = seqs[len(batch):]
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, (s, n) in enumerate(batch):
+                ids[b, :n] = torch.tensor(s.pending[:n])
+            logits = self.model.forward_cached(ids.to(self.model.device), cache,
+                                               torch.tensor([s.row for s, _ in batch]),
+                                               torch.tensor([n for _, n in batch]))
+            done = [(b, s) for b, (s, n) in enumerate(batch) if n == len(s.pending)]
+            partial = [s for s, n in batch if n < len(s.pending)]
+            for s, n in batch:
+                s.pending, s.cached = s.pending[n:], s.cached + n
+            if done:  # rows whose whole input is now cached sample their next token
+                toks, lps = self._sample(logits[[b for b, _ in done]], [s for _, s in done])
+                for (_, s), t, lp in zip(done, toks, lps):
+                    self._after_token(s, t, lp, pool)
+            seqs = partial + seqs  # chunked prefill continues next round
+
+    def _decode(self, seqs: list[_Seq], cache: KVCache, pool):
+        if not seqs:
+            return
+        seqs = sorted(seqs, key=lambda s: s.row)  # contiguous rows let the cache be read without a copy
+        ids = torch.tensor([[s.pending[0]] for s in seqs], device=self.model.device)
+        logits = self.model.forward_cached(ids, cache, torch.tensor([s.row for s in seqs]))
+        toks, lps = self._sample(logits, seqs)
+        for s, t, lp in zip(seqs, toks, lps):
+            s.cached += 1
+            self._after_token(s, t, lp, pool)
+
+
+def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop=(), seed: int | None = None,
+             tool=None, max_tool_calls: int = 0, **kwargs) -> list[Completion]:
+    """Generate a completion for each prompt (a list of token ids). See GenerationConfig for kwargs."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           stop=tuple(stop), seed=seed, max_tool_calls=max_tool_calls, **kwargs)
+    return Generator(model, tokenizer, cfg, tool).generate(prompts)

@@ -1,0 +1,300 @@
+"""One decoder for the Qwen2/Qwen2.5 and Llama (SmolLM2) families, with three forward paths:
+
+- `model(input_ids, attention_mask=None)`: a padded batch [B, T] -> logits [B, T, V];
+- `model.hidden_packed(input_ids, cu_seqlens)`: packed sequences [N] -> final hidden states [N, D],
+  for training and scoring (pair it with `minitir.logprobs.token_logprobs`);
+- `model.forward_cached(input_ids, cache, rows, n_new)`: append tokens to a `KVCache` and return logits,
+  for decoding and chunked prefill.
+
+Module names mirror Hugging Face's, so a checkpoint's state dict loads without renaming.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minitir.attention import kvcache_attention, varlen_attention
+
+SUPPORTED = ("llama", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False   # q/k/v bias (always on in Qwen2)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"{source}: model_type {mt!r} is not supported; minitir implements {SUPPORTED}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"{source}: required field {key!r} is missing")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        heads = d["num_attention_heads"]
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            attention_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), hf_config=dict(d))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # statistics in float32, as the reference implementations do, whatever the activation dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos/sin [*positions.shape, head_dim] for the half-split (rotate_half) RoPE layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., T, H, D]; cos/sin [..., T, D] broadcast over heads."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b and cfg.model_type == "llama")
+
+    def forward(self, x, cos, sin, attend):
+        """x [..., T, hidden]; attend(q, k, v) receives [..., T, heads, head_dim] with RoPE applied."""
+        shape = x.shape[:-1]
+        q = apply_rope(self.q_proj(x).view(*shape, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(*shape, self.n_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(*shape, self.n_kv, self.head_dim)
+        return self.o_proj(attend(q, k, v).reshape(*shape, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Preallocated keys/values for `rows` sequences of up to `max_len` tokens, with a length per row.
+
+    k, v: [layers, rows, max_len, kv_heads, head_dim] (flash-attn's cache layout per layer).
+    """
+
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.max_len = max_len
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, rows):
+        self.seqlens[rows] = 0
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random initialisation (for tests and toy runs); pretrained weights come from minitir.checkpoint."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def _layers(self, x, cos, sin, attend):
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attend)
+        return self.model.norm(x)
+
+    def _rope(self, positions):
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+
+    # --- path 1: padded batch -------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] (attention_mask [B, T], 1 = token, 0 = padding on either side) -> logits [B, T, V]."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None
+        else:
+            attention_mask = attention_mask.to(torch.bool)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal[None] & attention_mask[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # padding rows attend to themselves
+        gqa = self.config.num_attention_heads != self.config.num_key_value_heads
+
+        def attend(q, k, v):  # [B, T, H, D]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            return o.transpose(1, 2)
+
+        cos, sin = self._rope(positions)
+        return self.lm_head(self._layers(self.model.embed_tokens(input_ids), cos, sin, attend))
+
+    # --- path 2: packed variable-length sequences -----------------------------------------------
+    def hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """input_ids [N] holding sequences back to back, cu_seqlens [S+1] int32 (0, len0, len0+len1, ...)
+        -> final-norm hidden states [N, hidden]. No padding, no cross-sequence attention."""
+        cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+        lengths = cu[1:] - cu[:-1]
+        max_len = int(lengths.max()) if len(lengths) else 0
+        starts = torch.repeat_interleave(cu[:-1].long(), lengths.long())
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+        cos, sin = self._rope(positions)
+
+        def attend(q, k, v):  # [N, H, D]
+            return varlen_attention(q, k, v, cu, max_len, causal=True)
+
+        return self._layers(self.model.embed_tokens(input_ids), cos, sin, attend)
+
+    # --- path 3: KV-cached decoding and chunked prefill -----------------------------------------
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                       n_new: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Append input_ids [B, T] (right-padded; row b holds n_new[b] real tokens) to cache rows `rows` [B].
+
+        Returns logits at each row's last real token [B, V] (or at every position [B, T, V] with
+        all_logits) and advances cache.seqlens. Padding is written past a row's length and overwritten later.
+        """
+        B, T = input_ids.shape
+        rows = rows.to(device=input_ids.device, dtype=torch.int32)
+        if n_new is None:
+            n_new = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
+        n_new = n_new.to(device=input_ids.device, dtype=torch.int32)
+        start = cache.seqlens[rows]  # [B] int32
+        if int((start + T).max()) > cache.max_len:
+            raise ValueError(f"KV cache overflow: a row would reach {int((start + T).max())} tokens "
+                             f"but the cache holds {cache.max_len}")
+        positions = start[:, None].long() + torch.arange(T, device=input_ids.device)
+        cos, sin = self._rope(positions)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            def attend(q, k, v, i=i):  # [B, T, H, D]
+                return kvcache_attention(q, cache.k[i], cache.v[i], k, v, start, rows)
+            x = layer(x, cos, sin, attend)
+        x = self.model.norm(x)
+        cache.seqlens[rows] = start + n_new
+        if all_logits:
+            return self.lm_head(x)
+        last = (n_new.long() - 1).clamp(min=0)
+        return self.lm_head(x[torch.arange(B, device=x.device), last])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:
+    """A model with uninitialised storage, to be filled by a checkpoint (skips random init of big weights)."""
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    m = m.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie
+        m.lm_head.weight = m.model.embed_tokens.weight
+    return m

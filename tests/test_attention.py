@@ -1,0 +1,108 @@
+"""The flash-attn call sites, checked on CPU: the PyTorch stand-ins take flash-attn's exact signatures
+and match a naive attention loop, including bottom-right causal alignment and in-place cache updates."""
+import inspect
+import math
+
+import torch
+
+from minitir import attention
+from minitir.attention import kvcache_attention_torch, varlen_attention_torch
+
+# parameter names of flash-attn 2.x's Python API, in order (flash_attn/flash_attn_interface.py)
+FLASH_VARLEN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                       "softmax_scale", "causal"]
+FLASH_KVCACHE_PARAMS = ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
+                        "cache_batch_idx", "cache_leftpad", "block_table", "softmax_scale", "causal", "window_size",
+                        "softcap", "rotary_interleaved", "alibi_slopes", "num_splits", "return_softmax_lse"]
+
+
+def naive(q, k, v, causal):
+    """q [n, H, D], k/v [m, Hkv, D], bottom-right causal, by explicit loops over heads."""
+    n, H, D = q.shape
+    m, Hkv = k.shape[:2]
+    out = torch.zeros_like(q)
+    for h in range(H):
+        kh, vh = k[:, h // (H // Hkv)], v[:, h // (H // Hkv)]
+        s = q[:, h] @ kh.T / math.sqrt(D)
+        if causal:
+            i = torch.arange(n)[:, None]
+            j = torch.arange(m)[None, :]
+            s = s.masked_fill(j > i + (m - n), float("-inf"))
+        out[:, h] = torch.softmax(s, -1) @ vh
+    return out
+
+
+def test_signatures_match_flash_attn():
+    assert list(inspect.signature(varlen_attention_torch).parameters) == FLASH_VARLEN_PARAMS
+    assert list(inspect.signature(kvcache_attention_torch).parameters) == FLASH_KVCACHE_PARAMS
+
+
+def test_varlen_matches_naive_with_unequal_q_and_k():
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [3, 1, 5], [3, 4, 9]  # second and third sequences: fewer queries than keys (bottom-right)
+    q = torch.randn(sum(lq), 4, 8, generator=g)
+    k = torch.randn(sum(lk), 2, 8, generator=g)
+    v = torch.randn(sum(lk), 2, 8, generator=g)
+    cq = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    ck = torch.tensor([0, 3, 7, 16], dtype=torch.int32)
+    for causal in (True, False):
+        out = varlen_attention_torch(q, k, v, cq, ck, 5, 9, causal=causal)
+        for i in range(3):
+            ref = naive(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], causal)
+            assert (out[cq[i]:cq[i + 1]] - ref).abs().max() < 1e-5
+
+
+def test_kvcache_updates_in_place_and_matches_naive():
+    g = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(4, 12, 2, 8, generator=g)
+    v_cache = torch.randn(4, 12, 2, 8, generator=g)
+    before_k = k_cache.clone()
+    q = torch.randn(2, 3, 4, 8, generator=g)
+    k = torch.randn(2, 3, 2, 8, generator=g)
+    v = torch.randn(2, 3, 2, 8, generator=g)
+    seqlens = torch.tensor([5, 0], dtype=torch.int32)
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    out = kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                  causal=True)
+    for b in range(2):
+        r, s = int(idx[b]), int(seqlens[b])
+        assert torch.equal(k_cache[r, s:s + 3], k[b]) and torch.equal(v_cache[r, s:s + 3], v[b])
+        assert torch.equal(k_cache[r, :s], before_k[r, :s])          # earlier entries untouched
+        ref = naive(q[b], k_cache[r, :s + 3], v_cache[r, :s + 3], causal=True)
+        assert (out[b] - ref).abs().max() < 1e-5
+    assert torch.equal(k_cache[[1, 3]], before_k[[1, 3]])             # other rows untouched
+
+
+def test_call_sites_dispatch_to_flash_functions(monkeypatch):
+    """Force the flash path with the stand-ins plugged in as the 'flash' kernels: the call sites must pass
+    arguments flash-attn accepts (keyword names, int32 metadata), and the results must not change."""
+    from tests.conftest import make_hf_model
+    from minitir.checkpoint import load_model
+    import tempfile
+    calls = {"varlen": 0, "kv": 0}
+
+    def fake_varlen(*a, **kw):
+        calls["varlen"] += 1
+        assert a[3].dtype == torch.int32 and a[4].dtype == torch.int32
+        return varlen_attention_torch(*a, **kw)
+
+    def fake_kv(*a, **kw):
+        calls["kv"] += 1
+        assert kw["cache_seqlens"].dtype == torch.int32 and kw["cache_batch_idx"].dtype == torch.int32
+        return kvcache_attention_torch(*a, **kw)
+
+    with tempfile.TemporaryDirectory() as d:
+        make_hf_model("qwen2-gqa-untied").save_pretrained(d)
+        m = load_model(d)
+    ids = torch.randint(0, 97, (9,))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cache = attention_cache = __import__("minitir").KVCache(m.config, rows=2, max_len=16)
+    ref_h = m.hidden_packed(ids, cu)
+    ref_l = m.forward_cached(ids[None, :4], cache, torch.tensor([1]))
+    monkeypatch.setattr(attention, "_flash_varlen", fake_varlen)
+    monkeypatch.setattr(attention, "_flash_kvcache", fake_kv)
+    monkeypatch.setattr(attention, "flash_available", lambda t: True)
+    cache2 = type(attention_cache)(m.config, rows=2, max_len=16)
+    assert torch.allclose(m.hidden_packed(ids, cu), ref_h)
+    assert torch.allclose(m.forward_cached(ids[None, :4], cache2, torch.tensor([1])), ref_l)
+    assert calls["varlen"] == 2 and calls["kv"] == 2

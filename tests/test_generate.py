@@ -1,0 +1,266 @@
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minitir.checkpoint import embedded_checkpoint, load_model
+from minitir.generate import ToolOutput, generate
+from tests.conftest import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(embedded_checkpoint())
+
+
+def tiny(kind, tmp_path, vocab_size=97, seed=0):
+    hf = make_hf_model(kind, seed=seed, vocab_size=vocab_size)
+    hf.save_pretrained(tmp_path / kind)
+    return hf, load_model(tmp_path / kind)
+
+
+def hf_greedy(hf, prompt, n, eos):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos)[0, len(prompt):].tolist()
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+PROMPTS = [[5, 17, 33, 8, 41, 9, 12], [70, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [44]]
+
+
+@pytest.mark.parametrize("kind", ["qwen2-gqa-untied", "llama-gqa-tied"])
+def test_greedy_batch_matches_transformers(kind, tmp_path, tok):
+    hf, m = tiny(kind, tmp_path)
+    outs = generate(m, tok, PROMPTS, max_new_tokens=20, temperature=0)
+    for p, o in zip(PROMPTS, outs):
+        ref = hf_greedy(hf, p, 20, m.config.eos_token_id)
+        assert o.tokens == ref
+        assert o.finish_reason == ("stop" if ref[-1] == m.config.eos_token_id else "length")
+        assert o.policy_mask == [1] * len(o.tokens)
+
+
+def test_greedy_smollm_batch_matches_transformers(smollm, smollm_hf):
+    model, tk = smollm
+    texts = ["The capital of France is", "def add(a, b):", "1, 2, 3, 4,", "Question: what is 7 times 6?\nAnswer:"]
+    prompts = [tk(t).input_ids for t in texts]
+    outs = generate(model, tk, prompts, max_new_tokens=24, temperature=0)
+    for p, o in zip(prompts, outs):
+        assert o.tokens == hf_greedy(smollm_hf, p, 24, tk.eos_token_id)
+
+
+def test_continuous_batching_with_few_rows_equals_one_at_a_time(tmp_path, tok):
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4]]
+    together = generate(m, tok, prompts, max_new_tokens=15, temperature=0, max_batch=2, prefill_tokens=8)
+    for p, o in zip(prompts, together):
+        alone = generate(m, tok, [p], max_new_tokens=15, temperature=0)[0]
+        assert o.tokens == alone.tokens and o.finish_reason == alone.finish_reason
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, tok):
+    _, m = tiny("qwen2-gqa-untied", tmp_path)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    a = generate(m, tok, PROMPTS, **kw)
+    b = generate(m, tok, PROMPTS, max_batch=1, **kw)
+    c = generate(m, tok, PROMPTS, **{**kw, "seed": 8})
+    assert [o.tokens for o in a] == [o.tokens for o in b]
+    assert [o.tokens for o in a] != [o.tokens for o in c]
+
+
+def test_top_k_one_is_greedy(tmp_path, tok):
+    _, m = tiny("qwen2-gqa-untied", tmp_path)
+    g = generate(m, tok, PROMPTS, max_new_tokens=10, temperature=0)
+    k = generate(m, tok, PROMPTS, max_new_tokens=10, temperature=0.7, top_k=1, seed=0)
+    assert [o.tokens for o in g] == [o.tokens for o in k]
+
+
+class CodeBias(torch.nn.Module):
+    """Wraps a real model: while the response (after MARK) is a prefix of `script`, the next script token
+    gets +20 on its logit, so a random model writes a code block; afterwards it samples freely.
+    The same bias is applied in the teacher-forced forward, so log-probs must match exactly."""
+
+    def __init__(self, model, script, mark):
+        super().__init__()
+        self.m, self.script, self.mark = model, script, mark
+        self.config, self.hist = model.config, {}
+
+    dtype = property(lambda self: self.m.dtype)
+    device = property(lambda self: self.m.device)
+
+    def bias(self, prefix):
+        resp = prefix[len(prefix) - prefix[::-1].index(self.mark):] if self.mark in prefix else None
+        b = torch.zeros(self.config.vocab_size)
+        if resp is not None and len(resp) < len(self.script) and resp == self.script[:len(resp)]:
+            b[self.script[len(resp)]] = 20.0
+        return b
+
+    def forward_cached(self, ids, cache, rows, n_new=None, all_logits=False):
+        start = cache.seqlens[rows].tolist()
+        n = n_new.tolist() if n_new is not None else [ids.shape[1]] * ids.shape[0]
+        logits = self.m.forward_cached(ids, cache, rows, n_new)
+        out = []
+        for b, r in enumerate(rows.tolist()):
+            h = self.hist.get(r, [])[:start[b]] + ids[b, :n[b]].tolist()
+            self.hist[r] = h
+            out.append(logits[b] + self.bias(h))
+        return torch.stack(out)
+
+    def full_logits(self, seq):
+        with torch.no_grad():
+            logits = self.m(torch.tensor([seq]))[0]
+        return torch.stack([logits[t] + self.bias(seq[:t + 1]) for t in range(len(seq))])
+
+
+def test_logprobs_equal_teacher_forced_forward_with_tool_output_spliced(tmp_path, tok):
+    _, m = tiny("qwen2-gqa-untied", tmp_path, vocab_size=len(tok))
+    script = tok.encode("```python\nprint(6*7)\n```", add_special_tokens=False)
+    mark = tok.encode(" Assistant", add_special_tokens=False)[-1]
+    model = CodeBias(m, script, mark)
+    prompts = [tok.encode("Hi there Assistant", add_special_tokens=False),
+               tok.encode("Solve it. Assistant", add_special_tokens=False)]
+    calls = []
+
+    def tool(code):
+        calls.append(code)
+        return ToolOutput("42", False)
+
+    temperature = 0.8
+    outs = generate(model, tok, prompts, max_new_tokens=40, temperature=temperature, seed=3, tool=tool,
+                    max_tool_calls=1)
+    assert calls == ["print(6*7)\n", "print(6*7)\n"]
+    for p, o in zip(prompts, outs):
+        assert o.num_tool_calls == 1 and 0 in o.policy_mask and o.policy_mask[0] == 1
+        assert "```output\n42\n```" in o.text
+        seq = p + o.tokens
+        logp = torch.log_softmax(model.full_logits(seq) / temperature, -1)
+        for i, (t, lp, mk) in enumerate(zip(o.tokens, o.logprobs, o.policy_mask)):
+            if mk:
+                assert abs(lp - float(logp[len(p) + i - 1, t])) <= 1e-4, i
+            else:
+                assert lp == 0.0
+        # sampled tokens after the output block exist, so the spliced cache was really used
+        last_tool = max(i for i, mk in enumerate(o.policy_mask) if mk == 0)
+        assert last_tool < len(o.tokens) - 1
+
+
+class ScriptedModel:
+    """A stand-in model: row r emits the token list scripts[first prompt token][k] on its k-th call,
+    then EOS. Prompts repeat one script id. Tool tokens do not advance the script (the model 'ignores' them)."""
+
+    def __init__(self, scripts, eos):
+        self.scripts, self.k, self.script_of = scripts, {}, {}
+        self.config = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=1, eos_token_id=eos,
+                                      vocab_size=49152)
+        self.dtype, self.device, self.steps = torch.float32, torch.device("cpu"), 0
+
+    def forward_cached(self, ids, cache, rows, n_new=None, all_logits=False):
+        n = n_new.tolist() if n_new is not None else [ids.shape[1]] * ids.shape[0]
+        out = torch.zeros(ids.shape[0], self.config.vocab_size)
+        for b, r in enumerate(rows.tolist()):
+            if int(cache.seqlens[r]) == 0 and (ids[b, :n[b]] == ids[b, 0]).all():  # a new prompt (not a re-prefill)
+                self.script_of[r], self.k[r] = int(ids[b, 0]), 0
+            script = self.scripts[self.script_of[r]]
+            nxt = script[self.k[r]] if self.k[r] < len(script) else self.config.eos_token_id
+            self.k[r] += 1
+            out[b, nxt] = 30.0
+        cache.seqlens[rows] += torch.tensor(n, dtype=torch.int32)
+        self.steps += 1
+        return out
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
+    code = "```python\nprint('x' * 500)\n```"
+    scripts = {1: enc(tok, f"Let me compute.\n{code}\nThen again {code}\nAnd a third {code}\nDone."),
+               3: enc(tok, "No code here.")}
+    model = ScriptedModel(scripts, tok.eos_token_id)
+    seen = []
+
+    def tool(c):
+        seen.append(c)
+        return ToolOutput("line\n" * 200 if len(seen) == 1 else "Traceback: boom", error=len(seen) == 2)
+
+    outs = generate(model, tok, [[1, 1, 1], [3, 3]], max_new_tokens=400, temperature=0, tool=tool,
+                    max_tool_calls=2, max_tool_output_tokens=10)
+    a, b = outs
+    assert seen == ["print('x' * 500)\n"] * 2            # the third block is left unexecuted
+    assert a.num_tool_calls == 2 and a.num_tool_errors == 1 and a.finish_reason == "stop"
+    assert a.text.count("```output\n") == 2 and "(output truncated)" in a.text and "Traceback: boom" in a.text
+    assert a.text.endswith("Done.<|im_end|>")
+    assert b.num_tool_calls == 0 and b.text == "No code here.<|im_end|>"
+    # the policy's own tokens are exactly its script, tool tokens are masked out
+    policy = [t for t, mk in zip(a.tokens, a.policy_mask) if mk]
+    assert policy == scripts[1] + [tok.eos_token_id]
+    first_out = a.text.index("```output\n")
+    assert len(tok.encode(a.text[first_out:].split("```\n")[1], add_special_tokens=False)) <= 10 + 12
+
+
+def test_slow_tool_does_not_block_other_sequences(tok):
+    scripts = {1: enc(tok, "```python\nslow()\n```\nok"), 2: enc(tok, " word" * 60)}
+    model = ScriptedModel(scripts, tok.eos_token_id)
+    progressed = threading.Event()
+
+    def tool(code):
+        start = model.steps
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if model.steps >= start + 25:  # the other sequence kept decoding meanwhile
+                progressed.set()
+                break
+            time.sleep(0.001)
+        return ToolOutput("done")
+
+    outs = generate(model, tok, [[1], [2]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1)
+    assert progressed.is_set()
+    assert outs[0].num_tool_calls == 1 and outs[0].text.endswith("ok<|im_end|>")
+    assert outs[1].finish_reason == "stop"
+
+
+def test_failing_tool_is_reported_not_raised(tok):
+    model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter")}, tok.eos_token_id)
+
+    def tool(code):
+        raise RuntimeError("sandbox down")
+
+    out = generate(model, tok, [[1]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1)[0]
+    assert out.num_tool_errors == 1 and "tool failed: RuntimeError: sandbox down" in out.text
+
+
+def test_reprefill_baseline_gives_same_tokens(tok):
+    scripts = {1: enc(tok, "```python\nprint(1)\n```\nresult follows")}
+    kw = dict(max_new_tokens=100, temperature=0, tool=lambda c: ToolOutput("1"), max_tool_calls=1)
+    a = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], **kw)[0]
+    b = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], reprefill_after_tool=True, **kw)[0]
+    assert a.tokens == b.tokens and a.policy_mask == b.policy_mask
+
+
+def test_stop_string_split_across_tokens_keeps_sampled_tokens(tok):
+    text = "so <answer>\\boxed{4}</answer> trailing"
+    script = enc(tok, text)
+    model = ScriptedModel({1: script}, tok.eos_token_id)
+    out = generate(model, tok, [[1]], max_new_tokens=100, temperature=0, stop=["</answer>"])[0]
+    assert out.finish_reason == "stop" and "</answer>" in out.text
+    assert "trailing" not in out.text
+    assert out.tokens == script[:len(out.tokens)]
+    # a stop string ending inside a token: the whole token is kept, as sampled
+    cut = "</ans"
+    out2 = generate(ScriptedModel({1: script}, tok.eos_token_id), tok, [[1]], max_new_tokens=100,
+                    temperature=0, stop=[cut])[0]
+    assert out2.finish_reason == "stop" and cut in out2.text
+    assert out2.tokens == script[:len(out2.tokens)] and cut not in tok.decode(out2.tokens[:-1])
+
+
+def test_length_limits_and_long_prompts(tok):
+    model = ScriptedModel({1: enc(tok, " a" * 50), 2: enc(tok, "```python\nx\n```\nmore")}, tok.eos_token_id)
+    outs = generate(model, tok, [[1] * 3, [1] * 30, [2]], max_new_tokens=8, temperature=0, max_len=20,
+                    tool=lambda c: ToolOutput("y" * 100), max_tool_calls=1)
+    assert outs[0].finish_reason == "length" and len(outs[0].tokens) == 8
+    assert outs[1].finish_reason == "prompt_too_long" and outs[1].tokens == []
+    assert outs[2].finish_reason == "length" and len(outs[2].tokens) <= 8

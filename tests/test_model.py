@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from minitir.model import KVCache
+
+TOL = 1e-4
+
+
+def hf_logits(hf, ids, mask=None):
+    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def test_padded_forward_matches_transformers(tiny_pair):
+    hf, m = tiny_pair
+    ids = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = m(ids)
+    assert (ours - hf_logits(hf, ids)).abs().max() <= TOL
+
+
+def test_padded_forward_with_left_and_right_padding(tiny_pair):
+    hf, m = tiny_pair
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :4] = 0   # left padding
+    mask[1, 7:] = 0   # right padding
+    with torch.no_grad():
+        ours = m(ids, attention_mask=mask)
+    ref = hf_logits(hf, ids, mask)
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= TOL
+
+
+def test_packed_forward_matches_per_sequence(tiny_pair):
+    hf, m = tiny_pair
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 11, 1, 8]
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    with torch.no_grad():
+        logits = m.lm_head(m.hidden_packed(torch.cat(seqs), cu))
+    for i, s in enumerate(seqs):
+        ref = hf_logits(hf, s[None])[0]
+        assert (logits[cu[i]:cu[i + 1]] - ref).abs().max() <= TOL
+
+
+def test_kv_cache_prefill_then_decode(tiny_pair):
+    """Rows of different lengths in one right-padded prefill, a chunked second prefill, then decode steps,
+    through a cache with more rows than the batch (rows addressed by index)."""
+    hf, m = tiny_pair
+    g = torch.Generator().manual_seed(4)
+    cache = KVCache(m.config, rows=5, max_len=40)
+    rows = torch.tensor([3, 0, 4])
+    lengths = [6, 9, 2]
+    seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        batch[b, :len(s)] = torch.tensor(s)
+    logits = m.forward_cached(batch, cache, rows, torch.tensor(lengths))
+    for b, s in enumerate(seqs):
+        assert (logits[b] - hf_logits(hf, torch.tensor([s]))[0, -1]).abs().max() <= TOL
+    # chunked prefill: 3 more tokens for row 0 only, returning every position's logits
+    extra = torch.randint(0, 97, (1, 3), generator=g)
+    all_logits = m.forward_cached(extra, cache, rows[:1], all_logits=True)
+    seqs[0] += extra[0].tolist()
+    ref = hf_logits(hf, torch.tensor([seqs[0]]))[0, -3:]
+    assert (all_logits[0] - ref).abs().max() <= TOL
+    for step in range(5):
+        nxt = torch.randint(0, 97, (3, 1), generator=g)
+        logits = m.forward_cached(nxt, cache, rows)
+        for b in range(3):
+            seqs[b].append(int(nxt[b, 0]))
+            assert (logits[b] - hf_logits(hf, torch.tensor([seqs[b]]))[0, -1]).abs().max() <= TOL, step
+    assert cache.seqlens[rows].tolist() == [len(s) for s in seqs]
+
+
+def test_kv_cache_overflow_is_a_clear_error(tiny_pair):
+    _, m = tiny_pair
+    cache = KVCache(m.config, rows=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        m.forward_cached(torch.zeros(1, 5, dtype=torch.long), cache, torch.tensor([0]))
+
+
+def test_gradient_checkpointing_same_gradients(tiny_pair):
+    _, m = tiny_pair
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    m.train()
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        m.lm_head(m.hidden_packed(ids, cu)).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_smollm_greedy_matches_transformers(smollm, smollm_hf):
+    """32 greedy tokens through the KV cache equal transformers' greedy generate on the same weights."""
+    model, tok = smollm
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = smollm_hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tok.eos_token_id)[0, prompt.shape[1]:].tolist()
+    cache = KVCache(model.config, rows=1, max_len=64)
+    logits = model.forward_cached(prompt, cache, torch.tensor([0]))
+    out = []
+    for _ in range(32):
+        nxt = int(logits[0].argmax())
+        out.append(nxt)
+        logits = model.forward_cached(torch.tensor([[nxt]]), cache, torch.tensor([0]))
+    assert out == ref
