@@ -20,7 +20,7 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
-def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, checkpointing: bool):
+def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, checkpointing: str):
     import torch
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(threads)
@@ -42,7 +42,7 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
         from minitir.logprobs import sequence_logprobs
         model = load_model(path)
         model.train()
-        model.gradient_checkpointing = checkpointing
+        model.checkpointing = checkpointing
         cu = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32)
         for _ in range(repeats):
             t = time.perf_counter()
@@ -50,7 +50,7 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
             (-logp.sum() / (batch * (seqlen - 1))).backward()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
-    print(json.dumps({"variant": variant + (" +ckpt" if checkpointing else ""), "seconds": min(times),
+    print(json.dumps({"variant": variant + (f" checkpointing={checkpointing}" if variant == "minitir" else ""), "seconds": min(times),
                       "peak_rss_gb": peak_rss_gb()}))
 
 
@@ -61,14 +61,14 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--worker", default=None)
-    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--checkpointing", default="none", choices=["none", "mlp", "full"])
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.threads, a.batch, a.seqlen, a.repeats, a.checkpointing)
     rows = []
-    for variant, ck in (("transformers", False), ("minitir", False), ("minitir", True)):
+    for variant, ck in (("transformers", "none"), ("minitir", "none"), ("minitir", "mlp"), ("minitir", "full")):
         cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(a.threads), "--batch", str(a.batch),
-               "--seqlen", str(a.seqlen), "--repeats", str(a.repeats)] + (["--checkpointing"] if ck else [])
+               "--seqlen", str(a.seqlen), "--repeats", str(a.repeats), "--checkpointing", ck]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]

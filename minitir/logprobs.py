@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def _scaled_logits(h, w, temperature):
+    """h [C, D], w [V, D] -> z [C, V] = (h w^T) / temperature, at least float32."""
+    z = (h @ w.t()).to(_acc(h))
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def _chunk_stats(h, w, targets, temperature):
-    """h [C, D], w [V, D], targets [C] -> (z [C, V] scaled logits, lse [C], target logit [C]), at least float32."""
-    z = (h @ w.t()).to(_acc(h)) / temperature
+    """-> (z [C, V] scaled logits, lse [C], target logit [C])."""
+    z = _scaled_logits(h, w, temperature)
     lse = torch.logsumexp(z, dim=-1)
     return z, lse, z.gather(-1, targets[:, None]).squeeze(-1)
 
@@ -46,25 +52,27 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse_all, ent = ctx.saved_tensors
         T, n = ctx.temperature, hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_hidden = torch.zeros_like(hidden) if need_h else None
+        g_hidden = torch.empty_like(hidden) if need_h else None
         g_weight = torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device) if need_w else None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            z = (h @ weight.t()).to(lse_all.dtype) / T            # [C, V]
-            p = torch.exp(z - lse_all[s:e, None])                 # softmax [C, V]
-            # d logp_t / dz = onehot(t) - p
-            gz = -p * g_logp[s:e, None]
-            gz.scatter_add_(-1, targets[s:e, None], g_logp[s:e, None])
+            logp_full = _scaled_logits(h, weight, T).sub_(lse_all[s:e, None])   # [C, V], in place
             if ctx.with_entropy and g_ent is not None:
-                # dH/dz_j = -p_j (log p_j + H) = -p_j (z_j - lse + H)
-                logp_full = z - lse_all[s:e, None]
-                gz -= g_ent[s:e, None] * p * (logp_full + ent[s:e, None])
-            gz = (gz / T).to(hidden.dtype)                         # [C, V], d/d(h W^T)
+                p = logp_full.exp()
+                # dH/dz_j = -p_j (log p_j + H)
+                gz = logp_full.add_(ent[s:e, None]).mul_(p).mul_(-g_ent[s:e, None])
+                gz.sub_(p.mul_(g_logp[s:e, None]))
+            else:
+                gz = logp_full.exp_().mul_(-g_logp[s:e, None])   # d logp_t / dz = onehot(t) - p
+            gz.scatter_add_(-1, targets[s:e, None], g_logp[s:e, None])
+            if T != 1.0:
+                gz.div_(T)
+            gz = gz.to(hidden.dtype)                               # [C, V], d/d(h W^T)
             if need_h:
                 g_hidden[s:e] = gz @ weight
             if need_w:
-                g_weight += (gz.t() @ h).to(g_weight.dtype)
+                g_weight.addmm_(gz.t().to(g_weight.dtype), h.to(g_weight.dtype))
         return g_hidden, (g_weight.to(weight.dtype) if need_w else None), None, None, None, None
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minitir.attention import kvcache_attention, varlen_attention
+from minitir.ops import mlp, norm_linears
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -110,13 +111,13 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b and cfg.model_type == "llama")
 
-    def forward(self, x, cos, sin, attend):
-        """x [..., T, hidden]; attend(q, k, v) receives [..., T, heads, head_dim] with RoPE applied."""
+    def forward(self, x, norm, cos, sin, attend):
+        """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE."""
         shape = x.shape[:-1]
-        q = apply_rope(self.q_proj(x).view(*shape, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(*shape, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(*shape, self.n_kv, self.head_dim)
-        return self.o_proj(attend(q, k, v).reshape(*shape, -1))
+        q, k, v = norm_linears(x, norm, (self.q_proj, self.k_proj, self.v_proj))
+        q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
+        return self.o_proj(attend(q, k, v.view(*shape, self.n_kv, self.head_dim)).reshape(*shape, -1))
 
 
 class MLP(nn.Module):
@@ -127,8 +128,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, norm, recompute=False):
+        return mlp(x, norm, self.gate_proj, self.up_proj, self.down_proj, recompute)
 
 
 class Block(nn.Module):
@@ -139,9 +140,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attend, recompute_mlp=False):
+        x = x + self.self_attn(x, self.input_layernorm, cos, sin, attend)
+        return x + self.mlp(x, self.post_attention_layernorm, recompute_mlp)
 
 
 class Decoder(nn.Module):
@@ -181,7 +182,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
+        # activation memory vs time in training: "none" stores everything; "mlp" recomputes the MLP's
+        # gate/up products in backward (+2 of 7 matmuls, about half the activations); "full" recomputes
+        # each layer from its input (+1 forward, activations = one tensor per layer)
+        self.checkpointing = "none"
 
     @property
     def device(self):
@@ -205,11 +209,14 @@ class Transformer(nn.Module):
         return self
 
     def _layers(self, x, cos, sin, attend):
+        if self.checkpointing not in ("none", "mlp", "full"):
+            raise ValueError(f"checkpointing must be 'none', 'mlp' or 'full', not {self.checkpointing!r}")
+        training = self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if training and self.checkpointing == "full":
                 x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attend)
+                x = layer(x, cos, sin, attend, training and self.checkpointing == "mlp")
         return self.model.norm(x)
 
     def _rope(self, positions):

@@ -1,0 +1,58 @@
+"""Sandbox latency and throughput against the naive `subprocess.run([python, "-c", code])`.
+
+    python benchmarks/bench_sandbox.py [--n 50]
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sandbox import Sandbox  # noqa: E402
+
+SNIPPETS = {"print(1+1)": "print(1+1)",
+            "sympy": "import sympy\nx = sympy.symbols('x')\nprint(sympy.factor(x**4 - 1))"}
+
+
+def naive(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+
+
+def p50_ms(fn, code, n):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(code)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+    with Sandbox(workers=a.workers) as sb:
+        sb.run_many(["1"] * 10)  # warm
+        print(f"| snippet | naive p50 ms | sandbox p50 ms | speed-up |")
+        print(f"|---|---|---|---|")
+        for name, code in SNIPPETS.items():
+            assert sb.run(code).stdout == naive(code)
+            nv, ours = p50_ms(naive, code, max(a.n // 5, 5)), p50_ms(sb.run, code, a.n)
+            print(f"| {name} | {nv:.1f} | {ours:.1f} | {nv / ours:.0f}x |")
+        total = 20 * a.n
+        t = time.perf_counter()
+        sb.run_many(["print(1+1)"] * total)
+        ours = total / (time.perf_counter() - t)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(a.workers) as pool:
+            list(pool.map(naive, ["print(1+1)"] * (total // 10)))
+        nv = (total // 10) / (time.perf_counter() - t)
+        print(f"| throughput, {a.workers} workers, runs/s | {nv:.0f} | {ours:.0f} | {ours / nv:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
