@@ -1,0 +1,316 @@
+"""Problems and prompts: templates, dataset loading with gold-answer detection, the benchmark names,
+and the offline synthetic task (the embedded default training set)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minitir.reward import last_boxed
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str                        # gold final answer, as text
+    meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt templates: plain data ({question} is filled in)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PromptTemplate:
+    text: str
+    stop: tuple[str, ...] = ()
+    tools: bool = False               # whether code blocks are executed for this prompt
+    chat: bool = False                # text is the user message of the tokenizer's chat template
+
+
+_SYSTEM = ("A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
+           "The Assistant first reasons step by step inside <think> </think>, then gives the answer inside "
+           "<answer> </answer>, with the final result in \\boxed{{}}.")
+_TOOLS = (" While reasoning, the Assistant may write Python code in a ```python ... ``` block; the code is run "
+          "and its output is shown in an ```output ... ``` block right after it, and the Assistant continues "
+          "from there.")
+_STOP = ("</answer>", "User:", "Human:")
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # ZeroTIR: a base model continues after "Assistant: <think>"
+    "zero_tir": PromptTemplate(_SYSTEM + _TOOLS + "\nUser: {question}\nAssistant: <think>", _STOP, tools=True),
+    # the no-tool baseline (ZeroRL) the paper compares against
+    "zero_rl": PromptTemplate(_SYSTEM + "\nUser: {question}\nAssistant: <think>", _STOP, tools=False),
+    # instruct models: the same instructions as a chat user turn
+    "chat_tir": PromptTemplate(_SYSTEM + _TOOLS + "\n\n{question}", ("</answer>",),
+                               tools=True, chat=True),
+}
+
+
+def render_prompt(template: PromptTemplate, question: str, tokenizer=None) -> str:
+    text = template.text.format(question=question)
+    if template.chat:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this prompt template needs a tokenizer with a chat template (an instruct model)")
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def get_template(name_or_text: str) -> PromptTemplate:
+    """A template by name, or a custom zero_tir-style template text containing {question}."""
+    if name_or_text in TEMPLATES:
+        return TEMPLATES[name_or_text]
+    if "{question}" in name_or_text:
+        return PromptTemplate(name_or_text, _STOP, tools=True)
+    raise ValueError(f"prompt template {name_or_text!r}: not one of {sorted(TEMPLATES)} and has no {{question}}")
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets
+# ------------------------------------------------------------------------------------------------
+QUESTION_FIELDS = ("problem", "question", "prompt")
+ANSWER_FIELDS = ("answer", "final_answer", "solution")
+
+# benchmark name -> (file names looked for under a data dir, Hugging Face dataset id, split)
+BENCHMARKS = {
+    "math500": (("math500.jsonl", "math500/test.jsonl"), "HuggingFaceH4/MATH-500", "test"),
+    "aime24": (("aime24.jsonl", "aime24/test.jsonl"), "HuggingFaceH4/aime_2024", "train"),
+    "aime25": (("aime25.jsonl", "aime25/test.jsonl"), "yentinglin/aime_2025", "train"),
+    "amc23": (("amc23.jsonl", "amc23/test.jsonl"), "math-ai/amc23", "test"),
+    "gsm8k": (("gsm8k_test.jsonl", "gsm8k.jsonl", "gsm8k/test.jsonl"), "openai/gsm8k", "test"),
+    "olympiadbench": (("olympiadbench.jsonl", "olympiadbench/test.jsonl"), "Hothan/OlympiadBench", "train"),
+    "minerva": (("minerva_math.jsonl", "minerva.jsonl", "minerva_math/test.jsonl"), "math-ai/minervamath", "test"),
+    "math_train": (("train_math_deepscaler.jsonl", "math_train.jsonl"), "EleutherAI/hendrycks_math", "train"),
+}
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def gold_answer(record: dict, answer_field: str | None = None) -> str | None:
+    """The gold final answer of a record, or None: `answer` (GSM8K's `#### N` handled), `final_answer`
+    (a list in OlympiadBench), or the last \\boxed in `solution`."""
+    fields = (answer_field,) if answer_field else ANSWER_FIELDS
+    for f in fields:
+        v = record.get(f)
+        if v is None:
+            continue
+        if isinstance(v, list):
+            v = ", ".join(str(x).strip().strip("$") for x in v) if v else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(int(v)) if float(v).is_integer() else str(v)
+        if not isinstance(v, str) or not v.strip():
+            continue
+        if "####" in v:
+            v = v.rsplit("####", 1)[1].strip().replace(",", "")
+        elif f == "solution" or (answer_field is None and "\\boxed" in v and len(v) > 80):
+            v = last_boxed(v)
+        if v:
+            return v.strip()
+    return None
+
+
+def _read_records(path: Path):
+    """-> iterator of (line number or index, record dict)."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+                if not isinstance(rec, dict):
+                    raise DatasetError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                yield n, rec
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or similar
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a JSON array of objects")
+        for n, rec in enumerate(data, 1):
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{path}: record {n} is not an object")
+            yield n, rec
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
+        for n, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield n, rec
+    else:
+        raise DatasetError(f"{path}: unknown file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped_no_answer: int = 0
+    skipped_lines: list[int] = field(default_factory=list)
+
+
+def load_problems(path: str | Path, question_field: str | None = None, answer_field: str | None = None,
+                  limit: int | None = None) -> tuple[list[Problem], LoadReport]:
+    """Problems from a local JSONL / JSON / parquet file. A record without a question is an error naming
+    file, line and field; a record without a usable gold answer is skipped and counted in the report."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    problems, report = [], LoadReport()
+    for n, rec in _read_records(path):
+        qf = question_field or next((f for f in QUESTION_FIELDS if f in rec), None)
+        if qf is None or not isinstance(rec.get(qf), str) or not rec[qf].strip():
+            want = question_field or "/".join(QUESTION_FIELDS)
+            raise DatasetError(f"{path}:{n}: field {want!r} is missing or empty (fields: {sorted(rec)}); "
+                               f"name the question field with --question-field")
+        if answer_field is not None and answer_field not in rec:
+            raise DatasetError(f"{path}:{n}: answer field {answer_field!r} is missing (fields: {sorted(rec)})")
+        gold = gold_answer(rec, answer_field)
+        if gold is None:
+            report.skipped_no_answer += 1
+            report.skipped_lines.append(n)
+            continue
+        pid = str(rec.get("unique_id", rec.get("id", rec.get("idx", n))))
+        problems.append(Problem(pid, rec[qf].strip(), gold, {k: v for k, v in rec.items()
+                                                             if k in ("level", "subject", "type", "difficulty")}))
+        if limit is not None and len(problems) >= limit:
+            break
+    report.loaded = len(problems)
+    return problems, report
+
+
+def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | None = None):
+    """A benchmark by name (see BENCHMARKS), or a file path: a local file under data_dir if present, else
+    the Hugging Face dataset (needs `datasets` and network). -> (problems, report)."""
+    if name not in BENCHMARKS:
+        if Path(name).exists():
+            return load_problems(name, limit=limit)
+        raise DatasetError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS)} or a file path")
+    files, hub_id, split = BENCHMARKS[name]
+    for d in [Path(data_dir)] if data_dir else []:
+        for f in files:
+            if (d / f).exists():
+                return load_problems(d / f, limit=limit)
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"benchmark {name!r}: no {' or '.join(files)} under --data-dir {data_dir}, and the "
+                           f"`datasets` package is not installed to fetch {hub_id}") from None
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:
+        raise DatasetError(f"benchmark {name!r}: could not load {hub_id} from the hub ({type(e).__name__}); "
+                           f"put {files[0]} under --data-dir") from None
+    problems, report = [], LoadReport()
+    for n, rec in enumerate(ds, 1):
+        gold = gold_answer(rec)
+        q = next((rec[f] for f in QUESTION_FIELDS if isinstance(rec.get(f), str)), None)
+        if gold is None or q is None:
+            report.skipped_no_answer += 1
+            report.skipped_lines.append(n)
+            continue
+        problems.append(Problem(str(rec.get("unique_id", rec.get("id", n))), q, gold))
+        if limit is not None and len(problems) >= limit:
+            break
+    report.loaded = len(problems)
+    return problems, report
+
+
+# ------------------------------------------------------------------------------------------------
+# the offline synthetic task: exact answers, and code is the reliable way to them
+# ------------------------------------------------------------------------------------------------
+def _primes_below(n: int) -> list[int]:
+    sieve = bytearray([1]) * max(n, 2)
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
+    return [i for i in range(n) if sieve[i]]
+
+
+def _big_product(r: random.Random, d: int):
+    a, b = r.randrange(10 ** (d - 1), 10 ** d), r.randrange(10 ** (d - 1), 10 ** d)
+    return f"Compute ${a} \\times {b}$.", str(a * b)
+
+
+def _mod_pow(r: random.Random, d: int):
+    a, e, m = r.randrange(2, 10 ** d), r.randrange(10 ** d, 10 ** (d + 2)), r.randrange(7, 10 ** min(d + 1, 6))
+    return f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", str(pow(a, e, m))
+
+
+def _prime_sum(r: random.Random, d: int):
+    n = r.randrange(10 ** d, 10 ** (d + 1))
+    return f"What is the sum of all prime numbers less than ${n}$?", str(sum(_primes_below(n)))
+
+
+def _count_divisible(r: random.Random, d: int):
+    n = r.randrange(10 ** (d + 1), 10 ** (d + 2))
+    a, b, c = r.sample([2, 3, 5, 7, 11, 13], 3)
+    count = sum(1 for k in range(1, n + 1) if (k % a == 0 or k % b == 0) and k % c != 0)
+    return (f"How many integers from $1$ to ${n}$ inclusive are divisible by ${a}$ or by ${b}$ "
+            f"but not by ${c}$?", str(count))
+
+
+def _binomial(r: random.Random, d: int):
+    n = r.randrange(10 * d, 25 * d)
+    k = r.randrange(2, n // 2)
+    return f"Compute $\\binom{{{n}}}{{{k}}}$.", str(math.comb(n, k))
+
+
+def _linear_system(r: random.Random, d: int):
+    size = 2 if d < 3 else 3
+    names = "xyz"[:size]
+    while True:
+        sol = [r.randint(-9 * d, 9 * d) for _ in range(size)]
+        rows = [[r.randint(-9, 9) for _ in range(size)] for _ in range(size)]
+        det = rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0] if size == 2 else (
+            rows[0][0] * (rows[1][1] * rows[2][2] - rows[1][2] * rows[2][1])
+            - rows[0][1] * (rows[1][0] * rows[2][2] - rows[1][2] * rows[2][0])
+            + rows[0][2] * (rows[1][0] * rows[2][1] - rows[1][1] * rows[2][0]))
+        if det != 0:
+            break
+    eqs = []
+    for row in rows:
+        lhs = " + ".join(f"{c}{v}" for c, v in zip(row, names)).replace("+ -", "- ")
+        eqs.append(f"{lhs} = {sum(c * s for c, s in zip(row, sol))}")
+    return (f"Solve the system ${', '.join(eqs)}$. What is ${' + '.join(names)}$?", str(sum(sol)))
+
+
+def _digit_sum_power(r: random.Random, d: int):
+    a, e = r.randrange(2, 10 * d), r.randrange(20 * d, 60 * d)
+    return f"What is the sum of the digits of ${a}^{{{e}}}$?", str(sum(map(int, str(a ** e))))
+
+
+SYNTHETIC_KINDS = {"big_product": _big_product, "mod_pow": _mod_pow, "prime_sum": _prime_sum,
+                   "count_divisible": _count_divisible, "binomial": _binomial, "linear_system": _linear_system,
+                   "digit_sum_power": _digit_sum_power}
+
+
+def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -> list[Problem]:
+    """n seeded problems (difficulty 1 = small numbers ... 5 = large) with exact integer answers."""
+    if not 1 <= difficulty <= 5:
+        raise ValueError(f"difficulty must be in 1..5, got {difficulty}")
+    kinds = list(kinds or SYNTHETIC_KINDS)
+    unknown = set(kinds) - set(SYNTHETIC_KINDS)
+    if unknown:
+        raise ValueError(f"unknown synthetic kinds {sorted(unknown)}; choose from {sorted(SYNTHETIC_KINDS)}")
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        q, a = SYNTHETIC_KINDS[kind](r, difficulty)
+        out.append(Problem(f"synthetic-{seed}-{i}", q, a, {"kind": kind, "difficulty": difficulty}))
+    return out

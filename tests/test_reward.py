@@ -1,0 +1,123 @@
+import threading
+import time
+
+import pytest
+
+from minitir.reward import (Grader, RewardConfig, extract_answer, grade, has_answer_format, last_boxed,
+                            math_equal, outcome_reward)
+
+# (prediction, gold, equal?)
+CASES = [
+    # integers, signs, leading zeros, separators
+    ("25", "025", True), ("025", "25", True), ("7", "7", True), ("-3", "-3", True), ("3", "-3", False),
+    ("1000", "1,000", True), ("1,000,000", "1000000", True), ("12", "21", False), ("0", "0", True),
+    ("100", "10^{2}", True), ("10^{3}", "1000", True), ("2", "3", False),
+    # fractions, decimals, \frac vs /, \dfrac
+    ("0.5", "\\frac{1}{2}", True), ("\\frac12", "0.5", True), ("1/2", "\\dfrac{1}{2}", True),
+    ("\\tfrac{3}{4}", "0.75", True), ("1.5", "\\frac{3}{2}", True), ("\\frac{2}{4}", "\\frac{1}{2}", True),
+    ("\\frac{1}{3}", "\\frac{1}{4}", False), ("-\\frac{1}{2}", "-0.5", True), ("\\frac{-1}{2}", "-\\frac12", True),
+    ("0.25", "\\frac{1}{5}", False), ("\\frac{7}{3}", "2\\frac{1}{3}", True), ("3/4", "0.7", False),
+    # radicals
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", True), ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\sqrt{3}", "\\sqrt{2}", False),
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True),
+    ("3+2\\sqrt{2}", "2\\sqrt{2}+3", True), ("\\sqrt[3]{8}", "2", True),
+    # pi
+    ("2\\pi", "2\\pi", True), ("\\pi", "3.14159265358979", True), ("\\frac{\\pi}{2}", "\\pi/2", True),
+    ("3\\pi", "2\\pi", False), ("\\pi r^2", "\\pi r^2", True),
+    # intervals
+    ("(1,2]", "(1,2]", True), ("[1,2)", "(1,2]", False), ("(-\\infty, 3)", "(-\\infty,3)", True),
+    ("[0, \\infty)", "[0,\\infty)", True), ("(-\\infty,0)\\cup(1,\\infty)", "(-\\infty,0)\\cup(1,\\infty)", True),
+    ("[2,5]", "[2,6]", False),
+    # ordered tuples and sets
+    ("(1,2)", "(1,2)", True), ("(2,1)", "(1, 2)", False), ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("\\{1,2,3\\}", "\\{3,2,1\\}", True), ("\\{1,2\\}", "\\{1,3\\}", False), ("1, 2", "2, 1", True),
+    ("(1,2,3)", "(1,2,4)", False),
+    # matrices
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+    ("\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("\\begin{bmatrix}0&1\\\\1&0\\end{bmatrix}", "\\begin{pmatrix}0&1\\\\1&0\\end{pmatrix}", True),
+    # degrees, percentages, units, currency
+    ("30^\\circ", "30", True), ("30", "30^{\\circ}", True), ("45^\\circ", "30^\\circ", False),
+    ("50\\%", "50", True), ("25\\%", "30\\%", False), ("5\\text{ cm}", "5", True), ("12 \\text{ inches}", "12", True),
+    ("\\$5", "5", True), ("\\$5.50", "5.5", True), ("7 \\text{ meters}", "8", False),
+    # text answers and choices
+    ("\\text{Monday}", "\\text{Monday}", True), ("\\text{Monday}", "\\text{Tuesday}", False),
+    ("\\text{(B)}", "B", True), ("(C)", "C", True), ("\\textbf{(A)}", "A", True), ("A", "B", False),
+    ("\\text{even}", "\\text{even}", True),
+    # expressions and equations
+    ("x=3", "3", True), ("y = 2x + 1", "y=2x+1", True), ("2x+1", "1+2x", True), ("x^2-1", "(x-1)(x+1)", True),
+    ("x^2+1", "x^2-1", False), ("\\frac{x}{2}", "0.5x", True),
+    # plainly wrong or malformed answers
+    ("42", "\\frac{1}{2}", False), ("\\text{no solution}", "5", False), ("", "5", False),
+    ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("1e3", "1001", False),
+]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = Grader(workers=2, timeout_s=3)
+    yield g
+    g.close()
+
+
+def test_at_least_80_cases():
+    assert len(CASES) >= 80
+
+
+def test_math_equal_table(grader):
+    results = grader.math_equal_many([(p, g) for p, g, _ in CASES])
+    wrong = [(p, g, want) for (p, g, want), got in zip(CASES, results) if got != want]
+    assert wrong == []
+
+
+def test_extraction():
+    assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("a \\boxed{1} b \\boxed{{2}^{3}} c") == "{2}^{3}"
+    assert last_boxed("so \\boxed 5 done") == "5"
+    assert last_boxed("\\fbox{x+1}") == "x+1"
+    assert last_boxed("\\boxed{unclosed") is None and last_boxed("none") is None
+    r = "<think>\\boxed{1}</think> <answer>It is \\boxed{\\frac{\\sqrt{2}}{2}} or \\boxed{3}</answer> \\boxed{9}"
+    assert extract_answer(r) == "3"
+    assert extract_answer("no answer tag, \\boxed{4} then \\boxed{5}") == "5"
+    assert extract_answer("<answer>no box</answer> earlier \\boxed{7}") == "7"
+    assert extract_answer("<answer>\\boxed{\\begin{pmatrix}1&{2}\\end{pmatrix}}</answer>") == \
+        "\\begin{pmatrix}1&{2}\\end{pmatrix}"
+    assert has_answer_format("<answer>\\boxed{1}</answer>") and not has_answer_format("\\boxed{1}")
+
+
+def test_grade_and_module_functions():
+    assert grade("<think>2+2</think><answer>\\boxed{4}</answer>", "4")
+    assert not grade("<answer>\\boxed{5}</answer>", "4")
+    assert not grade("no boxed answer", "4")
+    assert math_equal("\\frac{1}{2}", "0.5")
+
+
+def test_pathological_input_returns_in_time(grader):
+    t = time.time()
+    assert grader.math_equal("2^{2^{2^{2^{2^{2^{2}}}}}}", "5") is False
+    assert grader.math_equal("9!!!!!!!!!!!!!!", "7") is False
+    assert time.time() - t < 3 * 3 * 2 + 10
+    assert grader.math_equal("2", "2.0")  # the pool still works afterwards
+
+
+def test_grading_from_threads(grader):
+    out = {}
+
+    def work(i):
+        out[i] = grader.math_equal(f"\\frac{{{2 * i}}}{{2}}", str(i))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(out[i] for i in range(8))
+
+
+def test_outcome_reward():
+    cfg = RewardConfig()
+    assert outcome_reward(True, "x", False, cfg) == 1.0 and outcome_reward(False, "x", True, cfg) == 0.0
+    cfg = RewardConfig(format_penalty=0.5, truncation_penalty=0.25)
+    assert outcome_reward(True, "<answer>\\boxed{1}</answer>", False, cfg) == 1.0
+    assert outcome_reward(True, "\\boxed{1}", True, cfg) == 0.25
