@@ -61,12 +61,12 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--worker", default=None)
-    ap.add_argument("--checkpointing", default="none", choices=["none", "mlp", "full"])
+    ap.add_argument("--checkpointing", default="none", choices=["none", "selective", "full"])
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.threads, a.batch, a.seqlen, a.repeats, a.checkpointing)
     rows = []
-    for variant, ck in (("transformers", "none"), ("minitir", "none"), ("minitir", "mlp"), ("minitir", "full")):
+    for variant, ck in (("transformers", "none"), ("minitir", "none"), ("minitir", "selective"), ("minitir", "full")):
         cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(a.threads), "--batch", str(a.batch),
                "--seqlen", str(a.seqlen), "--repeats", str(a.repeats), "--checkpointing", ck]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -111,13 +111,21 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b and cfg.model_type == "llama")
 
-    def forward(self, x, norm, cos, sin, attend):
-        """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE."""
+    def forward(self, x, norm, cos, sin, attend, recompute=False):
+        """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE.
+        With recompute, q/k/v are not stored: norm, projections, RoPE and attention rerun in backward."""
+        if recompute:
+            out = checkpoint(self._core, x, norm, cos, sin, attend, use_reentrant=False)
+        else:
+            out = self._core(x, norm, cos, sin, attend)
+        return self.o_proj(out)
+
+    def _core(self, x, norm, cos, sin, attend):
         shape = x.shape[:-1]
         q, k, v = norm_linears(x, norm, (self.q_proj, self.k_proj, self.v_proj))
         q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
-        return self.o_proj(attend(q, k, v.view(*shape, self.n_kv, self.head_dim)).reshape(*shape, -1))
+        return attend(q, k, v.view(*shape, self.n_kv, self.head_dim)).reshape(*shape, -1)
 
 
 class MLP(nn.Module):
@@ -140,9 +148,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend, recompute_mlp=False):
-        x = x + self.self_attn(x, self.input_layernorm, cos, sin, attend)
-        return x + self.mlp(x, self.post_attention_layernorm, recompute_mlp)
+    def forward(self, x, cos, sin, attend, selective=False):
+        x = x + self.self_attn(x, self.input_layernorm, cos, sin, attend, selective)
+        return x + self.mlp(x, self.post_attention_layernorm, selective)
 
 
 class Decoder(nn.Module):
@@ -182,9 +190,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # activation memory vs time in training: "none" stores everything; "mlp" recomputes the MLP's
-        # gate/up products in backward (+2 of 7 matmuls, about half the activations); "full" recomputes
-        # each layer from its input (+1 forward, activations = one tensor per layer)
+        # activation memory vs time in training: "none" stores every activation; "selective" stores per
+        # layer only its input, its attention output and its middle residual, and recomputes the rest in
+        # backward (the q/k/v and gate/up products, attention) but never the o/down products; "full"
+        # stores only layer inputs and reruns each layer's forward
         self.checkpointing = "none"
 
     @property
@@ -209,14 +218,14 @@ class Transformer(nn.Module):
         return self
 
     def _layers(self, x, cos, sin, attend):
-        if self.checkpointing not in ("none", "mlp", "full"):
-            raise ValueError(f"checkpointing must be 'none', 'mlp' or 'full', not {self.checkpointing!r}")
+        if self.checkpointing not in ("none", "selective", "full"):
+            raise ValueError(f"checkpointing must be 'none', 'selective' or 'full', not {self.checkpointing!r}")
         training = self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if training and self.checkpointing == "full":
                 x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attend, training and self.checkpointing == "mlp")
+                x = layer(x, cos, sin, attend, training and self.checkpointing == "selective")
         return self.model.norm(x)
 
     def _rope(self, positions):

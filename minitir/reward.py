@@ -89,6 +89,10 @@ def _compare(pred: str, gold: str, timeout_s: int) -> bool:
 def _worker(conn, timeout_s: int):
     import logging
     logging.disable(logging.WARNING)  # math-verify logs every timeout
+    for p, g in (("0.5", "\\frac{1}{2}"), ("(1,2]", "[1,2)"), ("\\{1,2\\}", "\\{2,1\\}"), ("x=3", "3"),
+                 ("\\sqrt{8}", "2\\sqrt{2}"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("30^\\circ", "30"),
+                 ("\\text{A}", "B"), ("2\\pi", "6.28")):
+        _compare(p, g, timeout_s)  # fill lazy imports and caches before the first real check
     while True:
         try:
             item = conn.recv()

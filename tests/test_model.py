@@ -90,7 +90,7 @@ def test_gradient_checkpointing_same_gradients(tiny_pair):
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     m.train()
     grads = []
-    for ckpt in ("none", "mlp", "full"):
+    for ckpt in ("none", "selective", "full"):
         m.checkpointing = ckpt
         m.zero_grad()
         m.lm_head(m.hidden_packed(ids, cu)).square().mean().backward()
@@ -125,7 +125,7 @@ def test_gradients_match_transformers(tiny_pair):
     seqs = [torch.randint(0, 97, (n,), generator=g) for n in (7, 12)]
     cu = torch.tensor([0, 7, 19], dtype=torch.int32)
     m.train()
-    m.checkpointing = "mlp"
+    m.checkpointing = "selective"
     logp, ent = sequence_logprobs(m, torch.cat(seqs), cu, chunk_size=5, with_entropy=True)
     (logp.sum() + 0.1 * ent.sum()).backward()
     hf.zero_grad()
