@@ -1,34 +1,85 @@
-"""Entry point for RL training. The trainer (GRPO/PPO/REINFORCE++) is not built yet: until it is, this
-runs a smoke test of the stack it will drive: load the model, generate with the KV-cached engine.
+"""Train a model with agent RL (ZeroTIR): `python train.py` runs the offline CPU default end to end.
 
-    python train.py [--model smollm2-135m] [--max-new-tokens 48]
+    python train.py                                   # configs/cpu-default.json: SmolLM2-135M, synthetic task
+    python train.py --model Qwen2.5-1.5B              # configs/qwen2.5-1.5b-grpo.json (GPU)
+    python train.py --config qwen2.5-1.5b-ppo --lr 5e-7
+    python train.py --resume runs/NAME                # continue where a run stopped
+
+Every field of minitir.trainer.TrainConfig is a flag (`python train.py --help` lists them); a preset from
+configs/ sets the defaults those flags override.
 """
+from __future__ import annotations
+
 import argparse
-import time
+import json
+import sys
+from pathlib import Path
 
-import torch
+import tyro
 
-from minitir import load_pretrained
-from minitir.generate import generate
+from minitir.trainer import ConfigError, TrainConfig, Trainer, config_fields
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    a = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = time.time()
-    model, tok = load_pretrained(a.model, device=device)
-    print(f"loaded {a.model}: {model.num_parameters() / 1e6:.0f}M parameters, {model.dtype}, {device} "
-          f"in {time.time() - t:.1f}s")
-    prompts = ["What is 17 * 23? Answer:", "def is_prime(n):"]
-    t = time.time()
-    outs = generate(model, tok, [tok.encode(p) for p in prompts], max_new_tokens=a.max_new_tokens, temperature=0)
-    n = sum(len(o.tokens) for o in outs)
-    for p, o in zip(prompts, outs):
-        print(f"--- {p!r} -> {o.text!r} ({o.finish_reason})")
-    print(f"{n} tokens in {time.time() - t:.1f}s; the RL trainer is the next step (see README)")
+def preset(name: str) -> dict:
+    path = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIGS.glob("*.json"))
+        raise SystemExit(f"--config {name}: no such preset (have {names}, or pass a .json path)")
+    d = json.loads(path.read_text())
+    unknown = [k for k in d if not k.startswith("_") and k not in config_fields()]
+    if unknown:
+        raise SystemExit(f"{path}: unknown fields {unknown}")
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def preset_for_model(model: str) -> str:
+    m = model.lower()
+    if "7b" in m:
+        return "qwen2.5-7b-grpo"
+    if "1.5b" in m:
+        return "qwen2.5-1.5b-grpo"
+    return "cpu-default"
+
+
+def parse(argv: list[str]) -> tuple[TrainConfig, str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--resume")
+    pre.add_argument("--model")
+    known, rest = pre.parse_known_args(argv)
+    if known.resume:
+        cfg_file = Path(known.resume) / "config.json"
+        if not cfg_file.exists():
+            raise SystemExit(f"--resume {known.resume}: {cfg_file} not found (is this a run directory?)")
+        base = json.loads(cfg_file.read_text())
+    else:
+        base = preset(known.config or preset_for_model(known.model or "smollm2-135m"))
+    if known.model:
+        rest = ["--model", known.model] + rest
+    cfg = tyro.cli(TrainConfig, default=TrainConfig(**base), args=rest,
+                   description="minitir: agent RL with tool-integrated reasoning. Flags override the preset "
+                               "chosen with --config (or from --model); --resume RUN_DIR continues a run.")
+    return cfg, known.resume or ""
+
+
+def main(argv=None):
+    cfg, resume = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    print(f"run: {trainer.run_dir}  ({cfg.model}, {cfg.algo}, {cfg.steps} steps, "
+          f"{cfg.prompts_per_step} prompts x {cfg.n_samples} responses per step)")
+    try:
+        run_dir = trainer.train()
+    finally:
+        trainer.close()
+    last = sorted((run_dir / "checkpoints").glob("step-*"))
+    print(f"done. metrics: {run_dir / 'metrics.jsonl'}")
+    if last:
+        print(f"checkpoint (loads with transformers' from_pretrained and eval.py): {last[-1]}")
 
 
 if __name__ == "__main__":

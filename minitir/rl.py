@@ -1,0 +1,144 @@
+"""The RL math, every detail in one place: advantage estimators, the clipped policy loss, loss
+aggregation, KL estimators, the value loss and GAE.
+
+Shapes: G prompt groups of n responses each; token-level tensors are flat over a (micro-)batch of
+packed sequences, [N], and always travel with their mask [N] (1 = a token the policy sampled; prompt,
+tool-output and masked-out tokens are 0).
+"""
+from __future__ import annotations
+
+import torch
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+# ------------------------------------------------------------------------------------------------
+# outcome advantages: one scalar per response
+# ------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [G, n] -> advantages [G, n] (one value per response, broadcast to its tokens later).
+
+    grpo:         (r - mean_group) / (std_group + eps)          (GRPO, DeepSeekMath)
+    dr_grpo:      r - mean_group                                 (Dr. GRPO: no std scaling)
+    rloo:         r - mean of the other n-1 responses            (leave-one-out baseline)
+    reinforce_pp: r - mean_group, whitened later over the batch's tokens (see `whiten`)
+    """
+    G, n = rewards.shape
+    mean = rewards.mean(dim=1, keepdim=True)                                   # [G, 1]
+    if kind == "grpo":
+        std = rewards.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(mean)  # unbiased, as in verl
+        return (rewards - mean) / (std + eps)
+    if kind in ("dr_grpo", "reinforce_pp"):
+        return rewards - mean
+    if kind == "rloo":
+        if n < 2:
+            raise ValueError("rloo needs at least 2 responses per prompt")
+        return (rewards - mean) * n / (n - 1)                                  # = r - (sum - r) / (n - 1)
+    raise ValueError(f"unknown advantage estimator {kind!r}; choose from {ADVANTAGES}")
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries become 0. values, mask [N]."""
+    m = mask.to(values.dtype)
+    count = m.sum().clamp(min=1)
+    mean = (values * m).sum() / count
+    var = (((values - mean) * m) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(var + eps) * m
+
+
+# ------------------------------------------------------------------------------------------------
+# GAE for PPO with a critic
+# ------------------------------------------------------------------------------------------------
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over the policy tokens of each sequence.
+
+    rewards, values, mask: [B, T] (padded). Tokens with mask 0 (tool output, padding) are not steps of
+    the trajectory: the recursion passes over them, so a tool call does not break the credit chain.
+    -> (advantages [B, T], returns [B, T]), zero where mask is 0.
+    """
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)   # V(s_{t+1}), 0 after the end
+    next_adv = torch.zeros_like(next_value)
+    for t in range(T - 1, -1, -1):
+        m = mask[:, t].bool()
+        delta = rewards[:, t] + gamma * next_value - values[:, t]              # [B]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
+        next_value = torch.where(m, values[:, t], next_value)
+        next_adv = torch.where(m, a, next_adv)
+    returns = (adv + values) * mask
+    return adv, returns
+
+
+# ------------------------------------------------------------------------------------------------
+# losses, per token
+# ------------------------------------------------------------------------------------------------
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float,
+                clip_high: float, dual_clip: float | None = None):
+    """PPO's clipped surrogate, with separate lower/upper ranges (clip-higher) and optional dual clip.
+
+    logp, old_logp, adv: [N] -> (loss [N], clipped [N] bool: where the clip was active).
+    """
+    ratio = torch.exp(logp - old_logp)                                          # [N]
+    surr = ratio * adv
+    surr_clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    objective = torch.minimum(surr, surr_clipped)
+    clipped = surr_clipped < surr
+    if dual_clip is not None:  # for negative advantages, bound the loss by dual_clip * |adv| (Ye et al. 2020)
+        lower = dual_clip * adv
+        dual = (adv < 0) & (objective < lower)
+        objective = torch.where(adv < 0, torch.maximum(objective, lower), objective)
+        clipped = clipped | dual
+    return -objective, clipped
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi. [N] -> [N].
+
+    k1: log r;  k2: (log r)^2 / 2;  k3: (r^-1 - 1) + log r, with log r = logp - ref_logp (Schulman 2020).
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; choose from k1, k2, k3")
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None):
+    """0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2) per token, [N]."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (v_clipped - returns) ** 2)
+    return 0.5 * loss
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation: per-token weights computed once per mini-batch, so micro-batches simply add up
+# ------------------------------------------------------------------------------------------------
+def token_weights(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, kind: str,
+                  max_len: int | None = None) -> torch.Tensor:
+    """Weights w [N] such that loss = sum(w * loss_token) over the mini-batch.
+
+    mask [N]; seq_index [N] (which sequence each token belongs to, 0..num_seqs-1).
+    token_mean:              every policy token of the mini-batch counts the same
+    seq_mean_token_mean:     mean over sequences of each sequence's token mean
+    seq_mean_token_sum_norm: token sums divided by a constant, num_seqs * max_len (Dr. GRPO), so longer
+                             responses are not down-weighted per token
+    """
+    m = mask.to(torch.float32)
+    if kind == "token_mean":
+        return m / m.sum().clamp(min=1)
+    if kind == "seq_mean_token_mean":
+        per_seq = torch.zeros(num_seqs, device=m.device).index_add_(0, seq_index, m)   # [S] tokens per sequence
+        return m / (per_seq[seq_index].clamp(min=1) * num_seqs)
+    if kind == "seq_mean_token_sum_norm":
+        if not max_len:
+            raise ValueError("seq_mean_token_sum_norm needs max_len (the response length budget)")
+        return m / (num_seqs * max_len)
+    raise ValueError(f"unknown loss aggregation {kind!r}; choose from {AGGREGATIONS}")

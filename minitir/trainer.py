@@ -1,0 +1,643 @@
+"""The RL loop: prompts -> rollouts (generator + sandbox) -> rewards -> advantages -> clipped policy loss
+over packed micro-batches -> AdamW step -> metrics, checkpoints and exact resume.
+
+One step, in order (each a method below):
+  _sample_groups   n responses for each of `prompts_per_step` problems, refilled while groups are filtered
+  _score           rewards from the grader (+ optional KL-in-reward), per-token advantages
+  _update          ppo_epochs x mini_batches; each mini-batch is packed into micro-batches under a token
+                   budget, gradients accumulate, then one optimizer step
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minitir import rl
+from minitir.checkpoint import load_model, load_pretrained, save_pretrained
+from minitir.generate import Completion, GenerationConfig, Generator
+from minitir.logprobs import token_logprobs
+from minitir.reward import Grader, RewardConfig, extract_answer, outcome_reward
+from minitir.tasks import (Problem, get_template, load_benchmark, load_problems, render_prompt,
+                           synthetic_problems)
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = "smollm2-135m"         # local dir, hub id, short name (Qwen2.5-1.5B) or smollm2-135m
+    dtype: str = "auto"                 # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+    device: str = "auto"                # auto | cpu | cuda
+    checkpointing: str = "selective"    # activation checkpointing: none | selective | full
+    # --- data ---
+    data: str = "synthetic"             # synthetic | a benchmark name (math_train, gsm8k, ...) | a file path
+    data_dir: str = "data"              # where benchmark files are looked up
+    question_field: str | None = None
+    answer_field: str | None = None
+    synthetic_size: int = 2000
+    synthetic_difficulty: int = 1
+    eval_data: str = ""                 # "" = held-out problems of the training source
+    eval_size: int = 32
+    eval_every: int = 0                 # steps between evaluations (0 = only at the end if eval_size > 0)
+    prompt: str = "zero_tir"            # zero_tir | zero_rl | chat_tir | a template text with {question}
+    max_prompt_tokens: int = 1024
+    # --- rollout ---
+    prompts_per_step: int = 8
+    n_samples: int = 8                  # responses per prompt (the group)
+    max_new_tokens: int = 1024          # response budget, tool output included
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tool_calls: int = 2
+    max_tool_output_tokens: int = 256
+    max_batch: int = 64                 # sequences decoded at once (KV-cache rows)
+    sandbox_url: str = ""               # use a remote `sandbox.py serve` instead of local workers
+    sandbox_timeout_s: float = 5.0
+    sandbox_memory_mb: int = 1024
+    sandbox_workers: int = 2
+    # --- reward ---
+    format_penalty: float = 0.0
+    truncation_penalty: float = 0.0
+    # --- algorithm ---
+    algo: str = "grpo"                  # grpo | dr_grpo | rloo | reinforce_pp | ppo (GAE with a critic)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 0.0              # 0 = off; e.g. 3.0
+    loss_agg: str = "token_mean"        # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_coef: float = 0.0                # 0 = no reference model in memory
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    entropy_coef: float = 0.0
+    filter_groups: bool = False         # dynamic sampling: keep groups with accuracy in [min, max]
+    filter_min_acc: float = 0.01
+    filter_max_acc: float = 0.8
+    max_refill_rounds: int = 3
+    mask_truncated: bool = False        # drop responses cut at the length limit from the loss
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 8192
+    # --- optimiser ---
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"       # constant | cosine
+    # --- critic (ppo) ---
+    critic_lr: float = 1e-5
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 1.0
+    # --- run ---
+    steps: int = 100
+    seed: int = 0
+    run_dir: str = "runs"
+    run_name: str = ""                  # "" = a timestamp
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(cfg: TrainConfig, device: torch.device):
+    """Mistakes a user can make, reported before anything heavy runs, with what to change."""
+    def bad(msg):
+        raise ConfigError(msg)
+    if cfg.algo not in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"):
+        bad(f"--algo {cfg.algo!r}: choose grpo, dr_grpo, rloo, reinforce_pp or ppo")
+    if cfg.loss_agg not in rl.AGGREGATIONS:
+        bad(f"--loss-agg {cfg.loss_agg!r}: choose from {rl.AGGREGATIONS}")
+    if cfg.kl_estimator not in ("k1", "k2", "k3"):
+        bad(f"--kl-estimator {cfg.kl_estimator!r}: choose k1, k2 or k3")
+    if cfg.dtype == "bfloat16" and device.type != "cuda":
+        bad("--dtype bfloat16 needs a CUDA GPU (none found); use --dtype float32 (or auto) on CPU")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad(f"--dtype {cfg.dtype!r}: choose auto, float32 or bfloat16")
+    need = cfg.max_prompt_tokens + cfg.max_new_tokens
+    if cfg.micro_batch_tokens < need:
+        bad(f"--micro-batch-tokens {cfg.micro_batch_tokens} cannot hold one sequence of up to {need} tokens "
+            f"(--max-prompt-tokens + --max-new-tokens): raise it to at least {need} or lower those")
+    if cfg.algo == "rloo" and cfg.n_samples < 2:
+        bad("--algo rloo needs --n-samples >= 2")
+    if cfg.prompts_per_step * cfg.n_samples < cfg.mini_batches:
+        bad(f"--mini-batches {cfg.mini_batches} exceeds the {cfg.prompts_per_step * cfg.n_samples} responses per step")
+    if not 0 <= cfg.filter_min_acc <= cfg.filter_max_acc <= 1:
+        bad("--filter-min-acc / --filter-max-acc must satisfy 0 <= min <= max <= 1")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        bad(f"--lr-schedule {cfg.lr_schedule!r}: choose constant or cosine")
+
+
+@dataclass
+class Sample:
+    """One response and everything the update needs about it."""
+    prompt_ids: list[int]
+    completion: Completion
+    gold: str
+    correct: bool = False
+    reward: float = 0.0
+    loss_mask: list[int] = field(default_factory=list)  # over completion tokens
+    adv: list[float] = field(default_factory=list)      # per policy token (compacted)
+    old_logp: list[float] = field(default_factory=list)
+    ref_logp: list[float] = field(default_factory=list)
+    old_values: list[float] = field(default_factory=list)
+    returns: list[float] = field(default_factory=list)
+
+
+class Critic(nn.Module):
+    """A copy of the policy with a scalar value head (PPO)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.body = copy.deepcopy(policy)
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype, device=policy.device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+
+class _TimedTool:
+    """Wraps the sandbox to add up the time spent executing code (it overlaps with decoding)."""
+
+    def __init__(self, tool):
+        self.tool, self.seconds = tool, 0.0
+
+    def run(self, code):
+        t = time.perf_counter()
+        try:
+            return self.tool.run(code)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, problems: list[Problem] | None = None,
+                 eval_problems: list[Problem] | None = None, tool=None, reward_fn=None, resume: str = ""):
+        self.cfg = cfg
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        validate(cfg, self.device)
+        torch.manual_seed(cfg.seed)
+        self.template = get_template(cfg.prompt)
+        self.step = 0
+        self.data_epoch, self.data_pos = 0, 0
+        # --- data first: a bad file fails in seconds, not after loading a model ---
+        self.problems, self.eval_problems = self._load_data(problems, eval_problems)
+        # --- model ---
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        if model is None:
+            model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=self.device)
+        self.model, self.tok = model, tokenizer
+        self.model.checkpointing = cfg.checkpointing
+        self.ref = None
+        if cfg.kl_coef > 0:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.critic = Critic(self.model) if cfg.algo == "ppo" else None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.critic_opt = (torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
+                           if self.critic is not None else None)
+        total = max(1, cfg.steps * cfg.ppo_epochs * cfg.mini_batches)
+
+        def schedule(i):
+            warm = min(1.0, (i + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            if cfg.lr_schedule == "cosine":
+                return warm * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+            return warm
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        # --- tools, grader, reward ---
+        if tool is None and self.template.tools and cfg.max_tool_calls > 0:
+            import sandbox
+            tool = (sandbox.RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout_s) if cfg.sandbox_url
+                    else sandbox.Sandbox(cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, workers=cfg.sandbox_workers))
+        self.tool = _TimedTool(tool) if tool is not None else None
+        self.grader = Grader(workers=2)
+        self.reward_cfg = RewardConfig(format_penalty=cfg.format_penalty, truncation_penalty=cfg.truncation_penalty)
+        self.reward_fn = reward_fn
+        # --- run directory ---
+        if resume:
+            self.run_dir = Path(resume)
+            self._load_checkpoint()
+        else:
+            name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+            self.run_dir = Path(cfg.run_dir) / name
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    # --------------------------------------------------------------------------------------------
+    def _load_data(self, problems, eval_problems):
+        cfg = self.cfg
+        if problems is None:
+            if cfg.data == "synthetic":
+                problems = synthetic_problems(cfg.synthetic_size + cfg.eval_size, seed=cfg.seed,
+                                              difficulty=cfg.synthetic_difficulty)
+            elif Path(cfg.data).exists():
+                problems, report = load_problems(cfg.data, cfg.question_field, cfg.answer_field)
+                self._report_skips(cfg.data, report)
+            else:
+                problems, report = load_benchmark(cfg.data, cfg.data_dir)
+                self._report_skips(cfg.data, report)
+        if eval_problems is None and cfg.eval_size > 0:
+            if cfg.eval_data:
+                eval_problems, report = load_benchmark(cfg.eval_data, cfg.data_dir, limit=cfg.eval_size)
+                self._report_skips(cfg.eval_data, report)
+            else:  # hold out the tail of the training source
+                if len(problems) <= cfg.eval_size:
+                    raise ConfigError(f"--eval-size {cfg.eval_size} leaves no training problems out of {len(problems)}")
+                problems, eval_problems = problems[:-cfg.eval_size], problems[-cfg.eval_size:]
+        if not problems:
+            raise ConfigError(f"no training problems in {cfg.data!r}")
+        return problems, eval_problems or []
+
+    @staticmethod
+    def _report_skips(name, report):
+        if report.skipped_no_answer:
+            print(f"{name}: skipped {report.skipped_no_answer} records without a gold answer "
+                  f"(lines {report.skipped_lines[:10]}{' ...' if len(report.skipped_lines) > 10 else ''})")
+
+    def _next_problems(self, k: int) -> list[Problem]:
+        """The next k problems of a seeded permutation per epoch (position saved in checkpoints)."""
+        out = []
+        while len(out) < k:
+            order = list(range(len(self.problems)))
+            random.Random(self.cfg.seed * 7919 + self.data_epoch).shuffle(order)
+            take = order[self.data_pos:self.data_pos + k - len(out)]
+            out += [self.problems[i] for i in take]
+            self.data_pos += len(take)
+            if self.data_pos >= len(order):
+                self.data_epoch, self.data_pos = self.data_epoch + 1, 0
+        return out
+
+    def _prompt_ids(self, p: Problem) -> list[int]:
+        return self.tok(render_prompt(self.template, p.question, self.tok)).input_ids
+
+    # --------------------------------------------------------------------------------------------
+    def _generate(self, problems: list[Problem], n: int, temperature: float, seed: int):
+        """-> (completions grouped per problem [P][n], prompt token ids [P])."""
+        cfg = self.cfg
+        prompts = [self._prompt_ids(p) for p in problems]
+        gen_cfg = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, stop=self.template.stop,
+            seed=seed, max_tool_calls=cfg.max_tool_calls if self.template.tools else 0,
+            max_tool_output_tokens=cfg.max_tool_output_tokens, max_batch=cfg.max_batch,
+            max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+        self.model.eval()
+        outs = Generator(self.model, self.tok, gen_cfg, self.tool).generate([p for p in prompts for _ in range(n)])
+        return [outs[i * n:(i + 1) * n] for i in range(len(problems))], prompts
+
+    def _sample_groups(self, timing: dict):
+        """-> (samples kept for the update, every sample generated, group statistics)."""
+        cfg, kept, stats = self.cfg, [], {"groups_sampled": 0, "groups_kept": 0}
+        all_samples = []
+        for rnd in range(cfg.max_refill_rounds if cfg.filter_groups else 1):
+            want = cfg.prompts_per_step - len(kept) // cfg.n_samples
+            if want <= 0:
+                break
+            problems = self._next_problems(want)
+            t = time.perf_counter()
+            groups, prompts = self._generate(problems, cfg.n_samples, cfg.temperature,
+                                             seed=cfg.seed * 1_000_003 + self.step * 101 + rnd)
+            timing["generate"] += time.perf_counter() - t
+            t = time.perf_counter()
+            batch = [Sample(prompt_ids=ids, completion=c, gold=p.answer)
+                     for p, ids, comps in zip(problems, prompts, groups) for c in comps]
+            self._grade(batch)
+            timing["grade"] += time.perf_counter() - t
+            all_samples += batch
+            stats["groups_sampled"] += len(problems)
+            for i in range(0, len(batch), cfg.n_samples):
+                group = batch[i:i + cfg.n_samples]
+                acc = sum(s.correct for s in group) / len(group)
+                if not cfg.filter_groups or cfg.filter_min_acc <= acc <= cfg.filter_max_acc:
+                    kept += group
+        stats["groups_kept"] = len(kept) // cfg.n_samples
+        return kept, all_samples, stats
+
+    def _grade(self, batch: list[Sample]):
+        answers = [extract_answer(s.completion.text) for s in batch]
+        correct = self.grader.math_equal_many([(a, s.gold) for a, s in zip(answers, batch)])
+        for s, ok in zip(batch, correct):
+            c = s.completion
+            s.correct = bool(ok)
+            truncated = c.finish_reason == "length"
+            if self.reward_fn is not None:
+                s.reward = float(self.reward_fn(c.text, s.gold, {"correct": s.correct, "finish_reason": c.finish_reason,
+                                                                 "num_tool_calls": c.num_tool_calls}))
+            else:
+                s.reward = outcome_reward(s.correct, c.text, truncated, self.reward_cfg)
+            drop = self.cfg.mask_truncated and truncated
+            s.loss_mask = [0] * len(c.tokens) if drop else list(c.policy_mask)
+
+    # --------------------------------------------------------------------------------------------
+    def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        """Greedy packing in order under the token budget (validate() made sure one sequence fits)."""
+        out, cur, used = [], [], 0
+        for s in samples:
+            n = len(s.prompt_ids) + len(s.completion.tokens)
+            if cur and used + n > self.cfg.micro_batch_tokens:
+                out.append(cur)
+                cur, used = [], 0
+            cur.append(s)
+            used += n
+        return out + ([cur] if cur else [])
+
+    def _forward(self, model: nn.Module, samples: list[Sample], with_entropy: bool, value_head=None):
+        """Packed forward over the samples -> per policy token (compacted to loss_mask == 1, in order):
+        log-probs [M] (entropy [M]) or, with value_head, values [M]; plus seq index [M]."""
+        ids, cu, sel, seq_index = [], [0], [], []
+        for i, s in enumerate(samples):
+            start = cu[-1] + len(s.prompt_ids)
+            ids += s.prompt_ids + s.completion.tokens
+            sel += [start + j for j, m in enumerate(s.loss_mask) if m]
+            seq_index += [i] * sum(s.loss_mask)
+            cu.append(len(ids))
+        dev = self.device
+        ids_t = torch.tensor(ids, device=dev)
+        sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
+        hidden = model.hidden_packed(ids_t, torch.tensor(cu, dtype=torch.int32, device=dev))   # [N, D]
+        h = hidden[sel_t - 1]                               # the state before each policy token [M, D]
+        seq_t = torch.tensor(seq_index, dtype=torch.long, device=dev)
+        if value_head is not None:
+            return value_head(h).squeeze(-1).float(), None, seq_t
+        logp, ent = token_logprobs(h, model.lm_head.weight, ids_t[sel_t], temperature=self.cfg.temperature,
+                                   with_entropy=with_entropy)
+        return logp, ent, seq_t
+
+    def _per_sample(self, flat: torch.Tensor, samples: list[Sample], seq_t: torch.Tensor) -> list[list[float]]:
+        out = [[] for _ in samples]
+        for v, i in zip(flat.tolist(), seq_t.tolist()):
+            out[i].append(v)
+        return out
+
+    @torch.no_grad()
+    def _prepare(self, samples: list[Sample], metrics: dict):
+        """Old log-probs (with several updates per step), reference log-probs and old values before any
+        update; then advantages. With one update per step the old log-probs come from the update's own
+        forward (detached): the same numbers without a second forward pass."""
+        cfg = self.cfg
+        self.model.eval()
+        need_old = cfg.ppo_epochs * cfg.mini_batches > 1 or (self.ref is not None and cfg.kl_in_reward)
+        for mb in self._micro_batches(samples):
+            if need_old:
+                logp, _, seq_t = self._forward(self.model, mb, False)
+                for s, lps in zip(mb, self._per_sample(logp, mb, seq_t)):
+                    s.old_logp = lps
+            if self.ref is not None:
+                ref, _, seq_t = self._forward(self.ref, mb, False)
+                for s, lps in zip(mb, self._per_sample(ref, mb, seq_t)):
+                    s.ref_logp = lps
+            if self.critic is not None:
+                vals, _, seq_t = self._forward(self.critic.body, mb, False, self.critic.value_head)
+                for s, vs in zip(mb, self._per_sample(vals, mb, seq_t)):
+                    s.old_values = vs
+        # --- rewards -> advantages ---
+        rewards = [s.reward for s in samples]
+        if self.ref is not None and cfg.kl_in_reward:
+            for k, s in enumerate(samples):
+                kl = rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
+                rewards[k] -= cfg.kl_coef * float(kl.sum())
+        if cfg.algo == "ppo":
+            T = max(max(len(s.old_values) for s in samples), 1)
+            R, V, M = (torch.zeros(len(samples), T) for _ in range(3))
+            for k, s in enumerate(samples):
+                L = len(s.old_values)
+                if L:
+                    V[k, :L] = torch.tensor(s.old_values)
+                    M[k, :L] = 1
+                    R[k, L - 1] = rewards[k]   # outcome reward at the last policy token
+            adv, ret = rl.gae(R, V, M, cfg.gamma, cfg.lam)
+            adv = rl.whiten(adv.flatten(), M.flatten()).view_as(adv)  # PPO's usual advantage normalisation
+            for k, s in enumerate(samples):
+                L = len(s.old_values)
+                s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
+            return
+        n = cfg.n_samples
+        r = torch.tensor(rewards, dtype=torch.float32).view(-1, n)               # [G, n]
+        adv = rl.group_advantages(r, "reinforce_pp" if cfg.algo == "reinforce_pp" else cfg.algo).flatten()
+        if cfg.algo == "reinforce_pp":  # whiten over all policy tokens of the batch
+            tok = torch.cat([torch.full((sum(s.loss_mask),), float(a)) for s, a in zip(samples, adv)])
+            tok = rl.whiten(tok, torch.ones_like(tok))
+            i = 0
+            for s in samples:
+                L = sum(s.loss_mask)
+                s.adv, i = tok[i:i + L].tolist(), i + L
+        else:
+            for s, a in zip(samples, adv.tolist()):
+                s.adv = [a] * sum(s.loss_mask)
+
+    # --------------------------------------------------------------------------------------------
+    def _update(self, samples: list[Sample], metrics: dict):
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 7_777 + self.step)
+        acc = {"loss": [], "clipfrac": [], "entropy": [], "kl": [], "grad_norm": [], "value_loss": []}
+        gaps = []  # |generator log-prob - trainer log-prob| on the first pass over each sample
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(samples), generator=gen).tolist()
+            per = math.ceil(len(samples) / cfg.mini_batches)
+            for b in range(0, len(samples), per):
+                mini = [samples[i] for i in order[b:b + per]]
+                ntok = sum(sum(s.loss_mask) for s in mini)
+                if ntok == 0:
+                    continue
+                # token weights of the whole mini-batch, so micro-batch losses simply add up
+                seq_index = torch.cat([torch.full((sum(s.loss_mask),), i, dtype=torch.long) for i, s in enumerate(mini)])
+                weights = rl.token_weights(torch.ones(ntok), seq_index, len(mini), cfg.loss_agg, cfg.max_new_tokens)
+                self.opt.zero_grad(set_to_none=True)
+                if self.critic_opt is not None:
+                    self.critic_opt.zero_grad(set_to_none=True)
+                offset = 0
+                for mb in self._micro_batches(mini):
+                    logp, ent, _ = self._forward(self.model, mb, with_entropy=True)      # [M]
+                    M = logp.shape[0]
+                    w = weights[offset:offset + M].to(self.device)
+                    offset += M
+                    if epoch == 0:
+                        gen_lp = torch.tensor([lp for s in mb for lp, k in zip(s.completion.logprobs, s.loss_mask) if k],
+                                              device=self.device)
+                        gaps.append((gen_lp - logp.detach().float()).abs())
+                    if mb[0].old_logp:
+                        old = torch.tensor([v for s in mb for v in s.old_logp], device=self.device)
+                    else:  # one update per step: the policy that generated is the current one
+                        old = logp.detach()
+                    adv = torch.tensor([v for s in mb for v in s.adv], device=self.device)
+                    tok_loss, clipped = rl.policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high,
+                                                       cfg.dual_clip or None)
+                    if self.ref is not None:
+                        ref = torch.tensor([v for s in mb for v in s.ref_logp], device=self.device)
+                        kl = rl.kl_estimate(logp, ref, cfg.kl_estimator)
+                        if not cfg.kl_in_reward:
+                            tok_loss = tok_loss + cfg.kl_coef * kl
+                        acc["kl"].append(float((kl.detach() * w).sum() / w.sum()))
+                    if cfg.entropy_coef:
+                        tok_loss = tok_loss - cfg.entropy_coef * ent
+                    loss = (tok_loss * w).sum()
+                    loss.backward()
+                    acc["loss"].append(float(loss.detach()))
+                    acc["clipfrac"].append(float((clipped.float() * w).sum() / w.sum()))
+                    acc["entropy"].append(float((ent.detach() * w).sum() / w.sum()))
+                    if self.critic is not None:
+                        vals, _, _ = self._forward(self.critic.body, mb, False, self.critic.value_head)
+                        old_v = torch.tensor([v for s in mb for v in s.old_values], device=self.device)
+                        ret = torch.tensor([v for s in mb for v in s.returns], device=self.device)
+                        vloss = (rl.value_loss(vals, old_v, ret, cfg.value_clip) * w).sum()
+                        vloss.backward()
+                        acc["value_loss"].append(float(vloss.detach()))
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                acc["grad_norm"].append(float(gn))
+                self.opt.step()
+                self.sched.step()
+                if self.critic_opt is not None:
+                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+                    self.critic_opt.step()
+        for k, v in acc.items():
+            if v:
+                metrics[k] = sum(v) / len(v)
+        if gaps:
+            g = torch.cat(gaps)
+            metrics["logprob_gap_mean"], metrics["logprob_gap_max"] = float(g.mean()), float(g.max())
+        metrics["lr"] = self.sched.get_last_lr()[0]
+
+    # --------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        timing = {"generate": 0.0, "grade": 0.0, "train": 0.0}
+        tool_before = self.tool.seconds if self.tool else 0.0
+        kept, sampled, stats = self._sample_groups(timing)
+        m = {"step": self.step + 1, **stats}
+        m.update(_rollout_metrics(sampled))
+        t = time.perf_counter()
+        if kept:
+            self._prepare(kept, m)
+            self._update(kept, m)
+        timing["train"] = time.perf_counter() - t
+        self.step += 1
+        m.update({f"time/{k}_s": v for k, v in timing.items()})
+        m["time/tools_s"] = (self.tool.seconds - tool_before) if self.tool else 0.0
+        gen_tokens = sum(len(s.completion.tokens) for s in sampled)
+        m["tokens_per_s"] = gen_tokens / max(timing["generate"], 1e-9)
+        if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+            m.update(self.evaluate())
+        self._log(m)
+        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+            self.save_checkpoint()
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        groups, _ = self._generate(self.eval_problems, 1, 0.0, seed=self.cfg.seed)
+        samples = [Sample(prompt_ids=[], completion=g[0], gold=p.answer) for p, g in zip(self.eval_problems, groups)]
+        self._grade(samples)
+        r = _rollout_metrics(samples)
+        return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
+                "eval/response_length": r["response_length"]}
+
+    def train(self):
+        from tqdm import tqdm
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout)
+        while self.step < self.cfg.steps:
+            m = self.train_step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", code=f"{m['code_ratio']:.2f}",
+                            len=f"{m['response_length']:.0f}")
+        bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        return self.run_dir
+
+    def _log(self, m: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, m["step"])
+
+    # --------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """run_dir/checkpoints/step-N/{model files, trainer_state.pt}, written under a temporary name and
+        renamed, so a crash mid-write leaves the previous checkpoint as the latest complete one."""
+        ck = self.run_dir / "checkpoints"
+        ck.mkdir(parents=True, exist_ok=True)
+        final = ck / f"step-{self.step:06d}"
+        tmp = ck / f".tmp-step-{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(self.model, self.tok, tmp)
+        state = {"step": self.step, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+            state["critic_optimizer"] = self.critic_opt.state_dict()
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ck.glob("step-*"))[:-max(self.cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_checkpoint(self):
+        ck = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.pt").exists())
+        if not ck:
+            raise ConfigError(f"--resume {self.run_dir}: no complete checkpoint under {self.run_dir / 'checkpoints'}")
+        path = ck[-1]
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        fresh = load_model(path, dtype=self.model.dtype, device=self.device)
+        self.model.load_state_dict(fresh.state_dict())
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step, self.data_epoch, self.data_pos = state["step"], state["data_epoch"], state["data_pos"]
+        # metrics after the checkpoint belong to the abandoned run: drop them so the log stays one history
+        mp = self.run_dir / "metrics.jsonl"
+        if mp.exists():
+            lines = [l for l in mp.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            mp.write_text("".join(l + "\n" for l in lines))
+
+    def close(self):
+        self.grader.close()
+        if self.tool is not None and hasattr(self.tool.tool, "close"):
+            self.tool.tool.close()
+
+
+def _rollout_metrics(samples: list[Sample]) -> dict:
+    """The quantities whose growth with training the paper reports."""
+    n = max(len(samples), 1)
+    comps = [s.completion for s in samples]
+    calls = sum(c.num_tool_calls for c in comps)
+    policy_len = [sum(c.policy_mask) for c in comps]
+    return {
+        "reward": sum(s.reward for s in samples) / n,
+        "accuracy": sum(s.correct for s in samples) / n,
+        "code_ratio": sum(c.num_tool_calls > 0 for c in comps) / n,
+        "tool_calls_per_response": calls / n,
+        "tool_error_rate": sum(c.num_tool_errors for c in comps) / max(calls, 1),
+        "response_length": sum(policy_len) / n,                 # policy tokens only
+        "response_length_all": sum(len(c.tokens) for c in comps) / n,
+        "truncation_rate": sum(c.finish_reason == "length" for c in comps) / n,
+    }
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
