@@ -170,7 +170,8 @@ def _drop_privileges(uid: int):
 
 def _spare_child(workdir: str, uid: int | None, vm_base: int, req_r: int, out_w: int, err_w: int):
     """In a child forked *before* its request arrives (so the fork is off the critical path): isolate,
-    drop privileges, wait for the request, set the limits it asks for, run. Never returns."""
+    wait for the request, drop privileges, set the limits it asks for, run. Never returns. It stays root
+    while it waits, so the uid sweep after the previous run cannot touch it."""
     import resource
     try:
         os.setsid()
@@ -184,8 +185,6 @@ def _spare_child(workdir: str, uid: int | None, vm_base: int, req_r: int, out_w:
                     os.close(fd)
                 except OSError:
                     pass
-        if uid is not None:
-            _drop_privileges(uid)
         os.chdir(workdir)
         os.environ.clear()
         os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8",
@@ -196,6 +195,8 @@ def _spare_child(workdir: str, uid: int | None, vm_base: int, req_r: int, out_w:
             req = json.loads(f.read() or b"null")
         if req is None:  # the fork server is shutting down
             os._exit(0)
+        if uid is not None:
+            _drop_privileges(uid)
         limits = [(resource.RLIMIT_CPU, int(float(req["timeout_s"])) + 1),
                   (resource.RLIMIT_AS, vm_base + int(req["memory_mb"]) * 2 ** 20),
                   (resource.RLIMIT_FSIZE, 16 * 2 ** 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
@@ -234,43 +235,37 @@ def _vm_size() -> int:
     return 0
 
 
-def _kill_children():
-    """Kill and reap every child of this process (as a subreaper, that is everything a run left behind)."""
-    for _ in range(100):
-        kids = _children()
+def _reap():
+    """Collect every child that has exited (orphans of a run end up as our children: we are a subreaper)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] != 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _kill_children(keep: set[int]):
+    """Kill and reap every child of this process but `keep` (the next spare): as a subreaper, that is
+    everything a run left behind, daemonised or not."""
+    for _ in range(10_000):
+        _reap()
+        kids = [p for p in _children() if p not in keep]
+        if not kids:
+            return
         for pid in kids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        reaped = False
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                break
-            reaped = True
-        if not kids and not reaped:
-            time.sleep(0.001)
-
-
-def _has_children(except_pid=None) -> bool:
-    """As a subreaper, every process a run left behind is a descendant of ours: none means clean."""
-    try:
-        while True:
-            pid, _ = os.waitpid(-1, os.WNOHANG)  # reap finished orphans; 0 = some child still runs
-            if pid == 0:
-                break
-    except ChildProcessError:
-        return False
-    if except_pid is None:
-        return True
-    return any(p != except_pid for p in _children())
+        time.sleep(0.0005)
 
 
 def _children() -> list[int]:
+    try:  # one read, where the kernel has it
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        pass
     me, kids = str(os.getpid()), []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -337,12 +332,14 @@ def _fork_spare(uid: int | None, vm_base: int, base_dir: str) -> _Spare:
     return _Spare(pid, req_w, out_r, err_r, workdir)
 
 
-def _execute(req: dict, spare: _Spare, uid: int | None) -> dict:
+def _execute(req: dict, spare: _Spare, uid: int | None, fork_next) -> tuple[dict, _Spare]:
+    """Run req in the spare; fork the next spare while it runs. -> (result, next spare)."""
     start = time.time()
     t0 = time.perf_counter()
     pid, out_r, err_r, workdir = spare.pid, spare.out_r, spare.err_r, spare.workdir
     with os.fdopen(spare.req_w, "wb") as f:  # the spare is blocked reading it, so any size goes through
         f.write(json.dumps(req).encode())
+    nxt = fork_next()
     cap = int(req["max_output_bytes"])
     bufs = {out_r: bytearray(), err_r: bytearray()}
     dropped = {out_r: 0, err_r: 0}
@@ -372,7 +369,8 @@ def _execute(req: dict, spare: _Spare, uid: int | None) -> dict:
             r, _, _ = select.select(list(open_fds), [], [], 0.01)
             if not r:
                 break
-    if status is None or _has_children(except_pid=pid if status is None else None):
+    _reap()
+    if status is None or any(p != nxt.pid for p in _children()):
         # something is still running: the child (deadline) or what it started, maybe daemonised
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -382,7 +380,7 @@ def _execute(req: dict, spare: _Spare, uid: int | None) -> dict:
             _kill_uid(uid)
         if status is None:
             _, status = os.waitpid(pid, 0)
-        _kill_children()
+        _kill_children(keep={nxt.pid})
     for fd in (out_r, err_r, pidfd):
         os.close(fd)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -402,7 +400,7 @@ def _execute(req: dict, spare: _Spare, uid: int | None) -> dict:
         code = os.WEXITSTATUS(status)
         st = "ok" if code == 0 else "memory" if code == MEMORY_EXIT else "error"
     return dict(status=st, stdout=text(out_r), stderr=text(err_r), exit_code=code,
-                duration_s=time.perf_counter() - t0)
+                duration_s=time.perf_counter() - t0), nxt
 
 
 def fork_server():
@@ -434,8 +432,8 @@ def fork_server():
     spare = _fork_spare(uid, vm_base, base_dir)
     try:
         while (req := _read_msg(stdin)) is not None:
-            _write_msg(stdout, _execute(req, spare, uid))
-            spare = _fork_spare(uid, vm_base, base_dir)  # while the host reads the result
+            result, spare = _execute(req, spare, uid, lambda: _fork_spare(uid, vm_base, base_dir))
+            _write_msg(stdout, result)
     finally:
         os.close(spare.req_w)  # the spare reads an empty request and exits
         os.waitpid(spare.pid, 0)

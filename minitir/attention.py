@@ -104,12 +104,13 @@ def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True):
     """Self-attention over packed sequences (keys = queries), the training/scoring call site."""
-    fn = _flash_varlen if flash_available(q) else varlen_attention_torch
+    fn = _flash_varlen if flash_available(q) and q.dtype == k.dtype == v.dtype else varlen_attention_torch
     return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
 
 
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
     """Append k/v to the cache rows and attend causally, the decoding/chunked-prefill call site."""
-    fn = _flash_kvcache if flash_available(q) else kvcache_attention_torch
+    k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+    fn = _flash_kvcache if flash_available(q) and q.dtype == k_cache.dtype else kvcache_attention_torch
     return fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
               causal=True)

@@ -60,6 +60,7 @@ class GenerationConfig:
     prefill_tokens: int = 4096 # token budget of one prefill batch
     tool_workers: int = 8
     reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
+    ignore_eos: bool = False   # generate max_new_tokens whatever is sampled (benchmarks)
 
 
 @dataclass(eq=False)
@@ -94,7 +95,7 @@ class Generator:
     def __init__(self, model: Transformer, tokenizer, config: GenerationConfig, tool=None):
         self.model, self.tok, self.cfg, self.tool = model, tokenizer, config, tool
         eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos = set() if config.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
         # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
         longest = max([len(s) for s in config.stop] + [len("```")])
         self.window = 4 * longest + 4
@@ -166,7 +167,10 @@ class Generator:
             return []
         self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
         rows = min(c.max_batch, len(prompts))
-        cache = KVCache(model.config, rows, self.max_len, dtype=model.dtype, device=model.device)
+        dev = torch.device(model.device)
+        # under autocast the attention inputs are in the autocast dtype, and so must the cache be
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype
+        cache = KVCache(model.config, rows, self.max_len, dtype=dtype, device=dev)
         seqs = []
         for i, p in enumerate(prompts):
             gen = None

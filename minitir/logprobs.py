@@ -29,6 +29,7 @@ def _acc(t):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
         n = hidden.shape[0]
         acc = _acc(hidden)
@@ -48,6 +49,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return (logp, ent) if with_entropy else (logp, torch.empty(0, device=hidden.device))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse_all, ent = ctx.saved_tensors
         T, n = ctx.temperature, hidden.shape[0]

@@ -95,7 +95,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
 
 def apply_rope(x, cos, sin):
     """x [..., T, H, D]; cos/sin [..., T, D] broadcast over heads."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # keeps autocast's dtype
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

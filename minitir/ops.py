@@ -52,6 +52,7 @@ class _NormLinears(torch.autograd.Function):
     """y_i = (rmsnorm(x) * w) @ W_i^T + b_i for several linears sharing one normalised input."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, norm_w, eps, *wb):
         # x [N, D]; wb = (W_0, b_0, W_1, b_1, ...) with b_i possibly None
         _, n, rstd = _norm(x, norm_w, eps)
@@ -59,6 +60,7 @@ class _NormLinears(torch.autograd.Function):
         return tuple(F.linear(n, wb[i], wb[i + 1]) for i in range(0, len(wb), 2))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, *gys):
         x, rstd, norm_w, *wb = ctx.saved_tensors
         has_b = [wb[i + 1] is not None for i in range(0, len(wb), 2)]
@@ -78,12 +80,14 @@ class _SwiGLUDown(torch.autograd.Function):
     """(silu(g) * u) @ W^T + b, keeping g and u only."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, g, u, W, b):
         ctx.save_for_backward(g, u, W)
         ctx.has_b = b is not None
         return F.linear(F.silu(g) * u, W, b)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gout):
         g, u, W = ctx.saved_tensors
         return _swiglu_down_backward(g, u, W, gout, ctx.has_b)
@@ -94,6 +98,7 @@ class _RecomputedMLP(torch.autograd.Function):
     backward (two of the layer's seven matrix products) instead of stored (over half its activations)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, norm_w, eps, Wg, bg, Wu, bu, Wd, bd):
         _, n, rstd = _norm(x, norm_w, eps)
         ctx.save_for_backward(x, rstd, norm_w, Wg, bg, Wu, bu, Wd)
@@ -101,6 +106,7 @@ class _RecomputedMLP(torch.autograd.Function):
         return F.linear(F.silu(F.linear(n, Wg, bg)) * F.linear(n, Wu, bu), Wd, bd)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gout):
         x, rstd, norm_w, Wg, bg, Wu, bu, Wd = ctx.saved_tensors
         n = norm_w * (x.float() * rstd).to(x.dtype)                      # recomputed [N, D]

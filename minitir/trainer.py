@@ -193,7 +193,10 @@ class Trainer:
         # --- data first: a bad file fails in seconds, not after loading a model ---
         self.problems, self.eval_problems = self._load_data(problems, eval_problems)
         # --- model ---
-        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        # on CUDA, "auto" keeps float32 master weights and computes in bfloat16 under autocast: with
+        # lr 1e-6, AdamW updates to bfloat16 weights would round away
+        self.autocast = cfg.dtype == "auto" and self.device.type == "cuda"
+        dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
         if model is None:
             model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=self.device)
         self.model, self.tok = model, tokenizer
@@ -299,7 +302,8 @@ class Trainer:
             max_tool_output_tokens=cfg.max_tool_output_tokens, max_batch=cfg.max_batch,
             max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
         self.model.eval()
-        outs = Generator(self.model, self.tok, gen_cfg, self.tool).generate([p for p in prompts for _ in range(n)])
+        with self._autocast():
+            outs = Generator(self.model, self.tok, gen_cfg, self.tool).generate([p for p in prompts for _ in range(n)])
         return [outs[i * n:(i + 1) * n] for i in range(len(problems))], prompts
 
     def _sample_groups(self, timing: dict):
@@ -371,14 +375,18 @@ class Trainer:
         dev = self.device
         ids_t = torch.tensor(ids, device=dev)
         sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
-        hidden = model.hidden_packed(ids_t, torch.tensor(cu, dtype=torch.int32, device=dev))   # [N, D]
-        h = hidden[sel_t - 1]                               # the state before each policy token [M, D]
-        seq_t = torch.tensor(seq_index, dtype=torch.long, device=dev)
-        if value_head is not None:
-            return value_head(h).squeeze(-1).float(), None, seq_t
-        logp, ent = token_logprobs(h, model.lm_head.weight, ids_t[sel_t], temperature=self.cfg.temperature,
-                                   with_entropy=with_entropy)
+        with self._autocast():
+            hidden = model.hidden_packed(ids_t, torch.tensor(cu, dtype=torch.int32, device=dev))   # [N, D]
+            h = hidden[sel_t - 1]                           # the state before each policy token [M, D]
+            seq_t = torch.tensor(seq_index, dtype=torch.long, device=dev)
+            if value_head is not None:
+                return value_head(h).squeeze(-1).float(), None, seq_t
+            logp, ent = token_logprobs(h, model.lm_head.weight, ids_t[sel_t], temperature=self.cfg.temperature,
+                                       with_entropy=with_entropy)
         return logp, ent, seq_t
+
+    def _autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
     def _per_sample(self, flat: torch.Tensor, samples: list[Sample], seq_t: torch.Tensor) -> list[list[float]]:
         out = [[] for _ in samples]

@@ -100,3 +100,18 @@ def test_token_weights_by_hand():
     assert torch.allclose(rl.token_weights(mask, seq, 2, "seq_mean_token_sum_norm", max_len=10), torch.full((5,), 1 / 20))
     masked = rl.token_weights(torch.tensor([1.0, 0, 1, 1, 0]), seq, 2, "token_mean")
     assert torch.allclose(masked, torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3, 0.0]))
+
+
+def test_masked_tokens_get_exactly_zero_gradient():
+    logp = torch.randn(6, requires_grad=True)
+    old = logp.detach() + 0.1 * torch.randn(6)
+    adv = torch.randn(6)
+    mask = torch.tensor([1.0, 0, 1, 0, 0, 1])          # 0 = tool output / prompt / truncated
+    seq = torch.tensor([0, 0, 0, 1, 1, 1])
+    for agg in rl.AGGREGATIONS:
+        logp.grad = None
+        w = rl.token_weights(mask, seq, 2, agg, max_len=8)
+        loss, _ = rl.policy_loss(logp, old, adv, 0.2, 0.28)
+        kl = rl.kl_estimate(logp, old, "k3")
+        ((loss + 0.1 * kl) * w).sum().backward()
+        assert torch.all(logp.grad[mask == 0] == 0) and torch.all(logp.grad[mask == 1] != 0)

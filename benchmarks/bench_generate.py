@@ -1,0 +1,138 @@
+"""Rollout speed on CPU with SmolLM2-135M, float32.
+
+1. Decode throughput against transformers' `generate` (greedy, 256 new tokens) at batch 1 and 16.
+2. A tool-interleaved rollout: 16 responses, each making 2 tool calls with a fixed tool latency, against
+   - re-prefill: the same engine, but after each tool call the row's cache is dropped and the whole prefix
+     is prefilled again (what a framework does when it sends the prefix back to an inference server);
+   - rounds: the multi-turn loop of the peer frameworks: generate until every response closes a code
+     block, run the tools, then start generation again on each whole prefix.
+   Every variant produces the same tokens: the model's real forward passes run, but each response is
+   forced to a fixed script (filler text around two code blocks), so only the engine differs.
+
+    python benchmarks/bench_generate.py [--threads 2] [--latency 0.2]
+"""
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minitir import load_pretrained  # noqa: E402
+from minitir.checkpoint import embedded_checkpoint  # noqa: E402
+from minitir.generate import ToolOutput, generate  # noqa: E402
+from minitir.tasks import TEMPLATES, render_prompt, synthetic_problems  # noqa: E402
+
+
+def bench_decode(model, tok, hf, batch, new_tokens):
+    prompts = [tok.encode(f"Story number {i}: once upon a time, in a land far away,") for i in range(batch)]
+    t = time.perf_counter()
+    outs = generate(model, tok, prompts, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    ours = sum(len(o.tokens) for o in outs) / (time.perf_counter() - t)
+    tok.padding_side = "left"
+    enc = tok([tok.decode(p) for p in prompts], return_tensors="pt", padding=True)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tok.eos_token_id)
+    theirs = batch * (out.shape[1] - enc.input_ids.shape[1]) / (time.perf_counter() - t)
+    return ours, theirs
+
+
+class Forced(torch.nn.Module):
+    """Real forward passes, forced choices: response k of prompt id i emits script[k]."""
+
+    def __init__(self, model, script, eos):
+        super().__init__()
+        self.m, self.script, self.eos, self.config = model, script, eos, model.config
+        self.k, self.seq_of_row = {}, {}
+
+    dtype = property(lambda self: self.m.dtype)
+    device = property(lambda self: self.m.device)
+
+    def forward_cached(self, ids, cache, rows, n_new=None, all_logits=False):
+        fresh = [int(cache.seqlens[r]) == 0 for r in rows.tolist()]
+        logits = self.m.forward_cached(ids, cache, rows, n_new)
+        for b, r in enumerate(rows.tolist()):
+            if fresh[b]:
+                self.seq_of_row[r] = int(ids[b, 0])      # prompts start with a unique id token
+            sid = self.seq_of_row[r]
+            k = self.k.get(sid, 0)
+            self.k[sid] = k + 1                          # one forward call = one choice (no chunked prefill)
+            logits[b, self.script[k] if k < len(self.script) else self.eos] += 1e4
+        return logits
+
+
+def tool_rollout(model, tok, latency, batch=16, mode="keep"):
+    block = tok.encode(" ```python\nprint(sum(range(10)))\n```", add_special_tokens=False)
+    filler = tok.encode(" and so on", add_special_tokens=False)
+    script = (filler * 30)[:80] + block + (filler * 30)[:60] + block + (filler * 30)[:70]
+    probs = synthetic_problems(batch, seed=0)
+    prompts = [[1000 + i] + tok.encode(render_prompt(TEMPLATES["zero_tir"], p.question)) for i, p in enumerate(probs)]
+    forced = Forced(model, script, tok.eos_token_id)
+
+    def tool(code):
+        time.sleep(latency)
+        return ToolOutput("45")
+
+    max_new = 400
+    kw = dict(max_new_tokens=max_new, temperature=0, prefill_tokens=1 << 16)
+    t = time.perf_counter()
+    if mode in ("keep", "reprefill"):
+        outs = generate(forced, tok, prompts, tool=tool, max_tool_calls=2, reprefill_after_tool=mode == "reprefill", **kw)
+        tokens = [o.tokens for o in outs]
+    else:  # rounds: stop at each closed block, run the tools together, restart on the whole prefix
+        responses = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        for _ in range(3):
+            outs = generate(forced, tok, [prompts[i] + responses[i] for i in active], stop=["\n```"],
+                            **{**kw, "max_new_tokens": max_new - min(len(responses[i]) for i in active)})
+            calls = []
+            for i, o in zip(active, outs):
+                responses[i] += o.tokens
+                if o.finish_reason == "stop" and tok.decode(responses[i]).rstrip().endswith("```"):
+                    calls.append(i)
+            with ThreadPoolExecutor(len(calls) or 1) as pool:
+                results = list(pool.map(lambda i: tool("x"), calls))
+            for i, r in zip(calls, results):
+                responses[i] += tok.encode("\n```output\n" + r.text + "\n```\n", add_special_tokens=False)
+            active = calls
+            if not active:
+                break
+        tokens = responses
+    dt = time.perf_counter() - t
+    return dt, sum(len(x) for x in tokens), tokens
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = load_pretrained("smollm2-135m")
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=torch.float32).eval()
+    generate(model, tok, [tok.encode("warm up")], max_new_tokens=8, temperature=0)
+    print(f"SmolLM2-135M, float32, {a.threads} threads, greedy, {a.new_tokens} new tokens")
+    print("| batch | transformers tok/s | minitir tok/s | speed-up |")
+    print("|---|---|---|---|")
+    for batch in (1, 16):
+        ours, theirs = bench_decode(model, tok, hf, batch, a.new_tokens)
+        print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
+    print(f"\ntool-interleaved rollout: 16 responses x 2 tool calls, tool latency {a.latency * 1000:.0f} ms")
+    print("| engine | seconds | tokens | tokens/s | minitir speed-up |")
+    print("|---|---|---|---|---|")
+    res = {m: tool_rollout(model, tok, a.latency, mode=m) for m in ("keep", "reprefill", "rounds")}
+    assert res["keep"][2] == res["reprefill"][2] == res["rounds"][2], "the engines must produce the same tokens"
+    for m, label in (("keep", "minitir (KV cache kept)"), ("reprefill", "re-prefill after each call"),
+                     ("rounds", "rounds, restart on the prefix")):
+        dt, n, _ = res[m]
+        print(f"| {label} | {dt:.1f} | {n} | {n / dt:.1f} | {dt / res['keep'][0]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
