@@ -65,7 +65,8 @@ def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError("kvcache_attention_torch supports q/k/v, cache_seqlens, cache_batch_idx, "
                                   "softmax_scale and causal only")
     B, Tq = q.shape[:2]
-    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(B, device=q.device)
+    row_list = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(B))
+    rows = torch.tensor(row_list, device=q.device)
     if cache_seqlens is None:
         seqlens = torch.zeros(B, dtype=torch.long, device=q.device)
     elif isinstance(cache_seqlens, int):
@@ -75,20 +76,20 @@ def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Tn = 0
     if k is not None:
         Tn = k.shape[1]
-        cols = seqlens[:, None] + torch.arange(Tn, device=q.device)  # [B, Tn]
+        cols = seqlens[:, None] + torch.arange(Tn, device=q.device) if Tn > 1 else seqlens[:, None]  # [B, Tn]
         k_cache[rows[:, None], cols] = k
         v_cache[rows[:, None], cols] = v
     total = seqlens + Tn                                               # keys per row [B]
     S = int(total.max())
-    first = int(rows[0])
-    if torch.equal(rows, torch.arange(first, first + B, device=rows.device)):  # contiguous rows: a view, no copy
+    first = row_list[0]
+    if row_list == list(range(first, first + B)):  # contiguous rows: a view of the cache, no copy
         keys, vals = k_cache[first:first + B, :S], v_cache[first:first + B, :S]
     else:
         keys, vals = k_cache[rows, :S], v_cache[rows, :S]
     keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)            # [B, Hkv, S, D]
     j = torch.arange(S, device=q.device)
     allowed = j[None, None, :] < total[:, None, None]                  # [B, 1, S]
-    if causal:
+    if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
         i = torch.arange(Tq, device=q.device)
         allowed = allowed & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=allowed.unsqueeze(1),

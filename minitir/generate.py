@@ -133,14 +133,16 @@ class Generator:
         if tok in self.eos:
             s.finish = "stop"
             return
-        tail = self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
+        watch_code = pool is not None and s.tool_calls < self.cfg.max_tool_calls
+        tail = (self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
+                if self.cfg.stop or watch_code else "")
         if any(st in tail for st in self.cfg.stop):
             s.finish = "stop"
             return
         if len(s.tokens) >= self.cfg.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
             s.finish = "length"
             return
-        if pool is not None and "```" in tail and s.tool_calls < self.cfg.max_tool_calls:
+        if watch_code and "```" in tail:
             segment = self.tok.decode(s.tokens[s.segment_start:])
             blocks = list(CODE_BLOCK.finditer(segment))
             if blocks:

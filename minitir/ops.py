@@ -71,6 +71,9 @@ class _NormLinears(torch.autograd.Function):
 def norm_linears(x: torch.Tensor, norm, linears) -> tuple[torch.Tensor, ...]:
     """RMSNorm module `norm` then each nn.Linear in `linears`, on x [..., D] -> tuple of [..., out_i]."""
     shape = x.shape[:-1]
+    if not torch.is_grad_enabled():  # decoding: the same math without autograd's bookkeeping
+        _, n, _ = _norm(x, norm.weight, norm.eps)
+        return tuple(F.linear(n, lin.weight, lin.bias) for lin in linears)
     wb = [t for lin in linears for t in (lin.weight, lin.bias)]
     ys = _NormLinears.apply(x.reshape(-1, x.shape[-1]), norm.weight, norm.eps, *wb)
     return tuple(y.view(*shape, -1) for y in ys)
@@ -119,6 +122,8 @@ class _RecomputedMLP(torch.autograd.Function):
 
 def swiglu_down(g: torch.Tensor, u: torch.Tensor, down) -> torch.Tensor:
     """down(silu(g) * u) for g, u [..., F] and an nn.Linear `down`."""
+    if not torch.is_grad_enabled():
+        return F.linear(F.silu(g) * u, down.weight, down.bias)
     shape = g.shape[:-1]
     out = _SwiGLUDown.apply(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), down.weight, down.bias)
     return out.view(*shape, -1)
