@@ -422,13 +422,13 @@ def fork_server():
     isolated_net = ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) == 0
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing may write on the protocol channel by accident
-    _write_msg(stdout, {"ready": True, "root": root, "net_isolated": isolated_net, "uid": uid,
-                        "pid": os.getpid()})
-    _warm_up()
-    vm_base = _vm_size()
     # runs get directories under one private parent, so /tmp itself changes only when a run writes there
     base_dir = tempfile.mkdtemp(prefix="minitir-sandbox-")
     os.chmod(base_dir, 0o711)
+    _write_msg(stdout, {"ready": True, "root": root, "net_isolated": isolated_net, "uid": uid,
+                        "pid": os.getpid(), "base_dir": base_dir})
+    _warm_up()
+    vm_base = _vm_size()
     spare = _fork_spare(uid, vm_base, base_dir)
     try:
         while (req := _read_msg(stdin)) is not None:
@@ -461,7 +461,7 @@ def _warm_up():
 # =============================================================================================
 class _Worker:
     def __init__(self):
-        self.proc = None
+        self.proc, self.base_dir = None, None
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "_forkserver"],
@@ -470,6 +470,7 @@ class _Worker:
         hello = _read_msg(self.proc.stdout)
         if not hello:
             raise RuntimeError("sandbox worker failed to start")
+        self.base_dir = hello["base_dir"]
         return hello
 
     def run(self, req: dict) -> dict:
@@ -489,14 +490,23 @@ class _Worker:
             return dict(status="killed", stdout="", stderr="sandbox worker died", exit_code=None, duration_s=0.0)
         return result[0]
 
-    def stop(self):
-        if self.proc is not None:
+    def stop(self, graceful: bool = False):
+        if self.proc is None:
+            return
+        if graceful:  # end of input: the fork server ends its spare and removes its directory itself
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
-            self.proc.wait()
-            self.proc = None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        if self.base_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+        self.proc = None
 
 
 _warned = False
@@ -532,7 +542,7 @@ class Sandbox:
                 fut.set_result(ExecResult(**worker.run(req)))
             except Exception as e:  # never lose a run: report it as killed
                 fut.set_result(ExecResult("killed", stderr=f"sandbox failure: {e}"))
-        worker.stop()
+        worker.stop(graceful=True)
 
     def submit(self, code: str, timeout_s: float | None = None, memory_mb: int | None = None) -> Future:
         fut: Future = Future()

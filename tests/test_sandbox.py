@@ -19,6 +19,8 @@ ROOT = os.geteuid() == 0
 def sb():
     with Sandbox(timeout_s=2.0, memory_mb=256, max_output_bytes=4096, workers=2) as s:
         yield s
+    for w in s.worker_info:  # closing removes every worker's directory and process
+        assert not os.path.exists(w["base_dir"]) and not os.path.exists(f"/proc/{w['pid']}")
 
 
 def procs_of_uid(uid):
