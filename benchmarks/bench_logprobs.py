@@ -73,8 +73,8 @@ def main():
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]
     print(f"{a.batch}x{a.seqlen} tokens, float32, {a.threads} threads, best of {a.repeats}")
-    print(f"| variant | forward+backward s | peak RSS GB | time vs transformers | memory vs transformers |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | forward+backward s | peak RSS GB | time vs transformers | memory vs transformers |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / base['seconds']:.2f}x "
               f"| {r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x |")

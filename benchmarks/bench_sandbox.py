@@ -37,8 +37,8 @@ def main():
     a = ap.parse_args()
     with Sandbox(workers=a.workers) as sb:
         sb.run_many(["1"] * 10)  # warm
-        print(f"| snippet | naive p50 ms | sandbox p50 ms | speed-up |")
-        print(f"|---|---|---|---|")
+        print("| snippet | naive p50 ms | sandbox p50 ms | speed-up |")
+        print("|---|---|---|---|")
         for name, code in SNIPPETS.items():
             assert sb.run(code).stdout == naive(code)
             nv, ours = p50_ms(naive, code, max(a.n // 5, 5)), p50_ms(sb.run, code, a.n)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -215,7 +215,6 @@ class Generator:
         if not waiting:
             return
         if block:  # nothing else to do: wait for the first tool to answer
-            from concurrent.futures import FIRST_COMPLETED, wait
             wait([s.future for s in waiting], return_when=FIRST_COMPLETED)
         for s in waiting:
             if not s.future.done():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
