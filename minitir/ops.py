@@ -29,7 +29,7 @@ def _norm_linears_backward(x, rstd, norm_w, wb, gys, needs_bias):
         if gy is None:
             grads += [None, None]
             continue
-        gn = gy @ wb[2 * i] if gn is None else gn.addmm_(gy, wb[2 * i])  # [N, D]
+        gn = gy @ wb[2 * i] if gn is None else gn + gy @ wb[2 * i]      # [N, D] (out of place: autocast)
         grads += [gy.t() @ n, gy.sum(0) if needs_bias[i] else None]
     g_norm_w = (gn * xhat).sum(0)
     gxhat, xh = (gn * norm_w).float(), xhat.float()
