@@ -21,7 +21,7 @@ from minitir import load_pretrained
 from minitir.evaluate import format_table, summarize
 from minitir.generate import GenerationConfig, Generator
 from minitir.reward import Grader, extract_answer
-from minitir.tasks import get_template, load_benchmark, render_prompt
+from minitir.tasks import get_template, iter_jsonl, load_benchmark, render_prompt
 
 
 def parse(argv):
@@ -69,11 +69,9 @@ def main(argv=None):
         benches[Path(name).stem if Path(name).exists() else name] = problems
     done, records = set(), []
     if samples_path.exists():  # resume
-        for line in samples_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records.append(r)
-                done.add((r["benchmark"], r["problem_id"], r["max_tool_calls"]))
+        for _, r in iter_jsonl(samples_path):
+            records.append(r)
+            done.add((r["benchmark"], r["problem_id"], r["max_tool_calls"]))
         print(f"resuming: {len(done)} problem runs already in {samples_path}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_pretrained(a.model, device=device)

@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from minitir.tasks import iter_jsonl
+
 METRICS = {"code_ratio": "code ratio (responses with code)", "response_length": "response length (policy tokens)",
            "accuracy": "training accuracy", "eval/accuracy": "evaluation accuracy"}
 
@@ -27,14 +29,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         raise MetricsError(f"{path}: not found (pass a run directory written by train.py or its metrics.jsonl)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MetricsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    for n, row in iter_jsonl(path, MetricsError):
+        if not isinstance(row.get("step"), int):
             raise MetricsError(f"{path}:{n}: each line must be an object with an integer 'step'")
         rows.append(row)
     if not rows:

@@ -114,21 +114,28 @@ def gold_answer(record: dict, answer_field: str | None = None) -> str | None:
     return None
 
 
+def iter_jsonl(path: Path, error=None):
+    """(line number, object) for each non-empty line of a JSONL file; a bad line raises `error`
+    (default DatasetError) naming the file and line."""
+    error = error or DatasetError
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(rec, dict):
+                raise error(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            yield n, rec
+
+
 def _read_records(path: Path):
     """-> iterator of (line number or index, record dict)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
-                if not isinstance(rec, dict):
-                    raise DatasetError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-                yield n, rec
+        yield from iter_jsonl(path)
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
