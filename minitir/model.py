@@ -174,13 +174,6 @@ class KVCache:
         self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
         self.max_len = max_len
 
-    @property
-    def rows(self) -> int:
-        return self.k.shape[1]
-
-    def reset(self, rows):
-        self.seqlens[rows] = 0
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -301,9 +294,6 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         last = (n_new.long() - 1).clamp(min=0)
         return self.lm_head(x[torch.arange(B, device=x.device), last])
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def init_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:
