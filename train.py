@@ -4,6 +4,7 @@
     python train.py --model Qwen2.5-1.5B              # configs/qwen2.5-1.5b-grpo.json (GPU)
     python train.py --config qwen2.5-1.5b-ppo --lr 5e-7
     python train.py --resume runs/NAME                # continue where a run stopped
+    torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B   # data parallel, FSDP2-sharded (any N)
 
 Every field of minitir.trainer.TrainConfig is a flag (`python train.py --help` lists them); a preset from
 configs/ sets the defaults those flags override.
@@ -70,12 +71,17 @@ def main(argv=None):
         trainer = Trainer(cfg, resume=resume)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-    print(f"run: {trainer.run_dir}  ({cfg.model}, {cfg.algo}, {cfg.steps} steps, "
-          f"{cfg.prompts_per_step} prompts x {cfg.n_samples} responses per step)")
+    main_rank = trainer.dist.main
+    if main_rank:
+        ranks = f", {trainer.dist.world} ranks" if trainer.dist.enabled else ""
+        print(f"run: {trainer.run_dir}  ({cfg.model}, {cfg.algo}, {cfg.steps} steps, "
+              f"{cfg.prompts_per_step} prompts x {cfg.n_samples} responses per step{ranks})")
     try:
         run_dir = trainer.train()
     finally:
         trainer.close()
+    if not main_rank:
+        return
     last = sorted((run_dir / "checkpoints").glob("step-*"))
     print(f"done. metrics: {run_dir / 'metrics.jsonl'}")
     if last:

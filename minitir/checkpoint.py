@@ -202,11 +202,12 @@ def hf_config_dict(model: Transformer) -> dict:
     return d
 
 
-def save_pretrained(model: Transformer, tokenizer, path) -> Path:
-    """Write config.json, safetensors (sharded above 4 GiB) and the tokenizer files to `path`."""
+def save_pretrained(model: Transformer, tokenizer, path, state_dict: dict | None = None) -> Path:
+    """Write config.json, safetensors (sharded above 4 GiB) and the tokenizer files to `path`.
+    state_dict: the full weights when `model` itself is sharded across processes (FSDP)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().to("cpu").contiguous() for n, p in model.state_dict().items()}
+    state = {n: p.detach().to("cpu").contiguous() for n, p in (state_dict or model.state_dict()).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens
     shards, current, size = [], {}, 0

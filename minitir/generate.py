@@ -53,6 +53,7 @@ class GenerationConfig:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    seed_offset: int = 0       # index of prompts[0] in a larger batch split across processes
     max_tool_calls: int = 0
     max_tool_output_tokens: int = 256
     max_batch: int = 32        # rows of the KV cache = sequences decoded at once
@@ -177,7 +178,7 @@ class Generator:
         for i, p in enumerate(prompts):
             gen = None
             if c.seed is not None:
-                gen = torch.Generator(device=model.device).manual_seed(c.seed * 1_000_003 + i)
+                gen = torch.Generator(device=model.device).manual_seed(c.seed * 1_000_003 + c.seed_offset + i)
             seqs.append(_Seq(idx=i, prompt=list(p), gen=gen))
         waiting = deque()
         for s in seqs:

@@ -38,12 +38,16 @@ def group_advantages(rewards: torch.Tensor, kind: str, eps: float = 1e-6) -> tor
     raise ValueError(f"unknown advantage estimator {kind!r}; choose from {ADVANTAGES}")
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries become 0. values, mask [N]."""
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_reduce=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries become 0. values, mask [N].
+
+    all_reduce: sums a tensor across data-parallel ranks in place, so mean and std are the global batch's."""
+    reduce = all_reduce or (lambda t: t)
     m = mask.to(values.dtype)
-    count = m.sum().clamp(min=1)
-    mean = (values * m).sum() / count
-    var = (((values - mean) * m) ** 2).sum() / count
+    count_sum = reduce(torch.stack([m.sum(), (values * m).sum()]))                    # [2]
+    count = count_sum[0].clamp(min=1)
+    mean = count_sum[1] / count
+    var = reduce((((values - mean) * m) ** 2).sum()) / count
     return (values - mean) * torch.rsqrt(var + eps) * m
 
 
@@ -122,10 +126,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 # aggregation: per-token weights computed once per mini-batch, so micro-batches simply add up
 # ------------------------------------------------------------------------------------------------
 def token_weights(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, kind: str,
-                  max_len: int | None = None) -> torch.Tensor:
+                  max_len: int | None = None, total_tokens: float | None = None) -> torch.Tensor:
     """Weights w [N] such that loss = sum(w * loss_token) over the mini-batch.
 
-    mask [N]; seq_index [N] (which sequence each token belongs to, 0..num_seqs-1).
+    mask [N]; seq_index [N] (which sequence each token belongs to, 0..S-1 for this process's S sequences).
+    With data parallelism, num_seqs and total_tokens (default: mask.sum()) are the global mini-batch's, so
+    the weights of all ranks together sum to 1.
     token_mean:              every policy token of the mini-batch counts the same
     seq_mean_token_mean:     mean over sequences of each sequence's token mean
     seq_mean_token_sum_norm: token sums divided by a constant, num_seqs * max_len (Dr. GRPO), so longer
@@ -133,9 +139,10 @@ def token_weights(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, ki
     """
     m = mask.to(torch.float32)
     if kind == "token_mean":
-        return m / m.sum().clamp(min=1)
+        return m / (m.sum() if total_tokens is None else torch.tensor(total_tokens)).clamp(min=1)
     if kind == "seq_mean_token_mean":
-        per_seq = torch.zeros(num_seqs, device=m.device).index_add_(0, seq_index, m)   # [S] tokens per sequence
+        S = int(seq_index.max()) + 1 if len(seq_index) else 0
+        per_seq = torch.zeros(S, device=m.device).index_add_(0, seq_index, m)          # [S] tokens per sequence
         return m / (per_seq[seq_index].clamp(min=1) * num_seqs)
     if kind == "seq_mean_token_sum_norm":
         if not max_len:

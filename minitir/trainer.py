@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minitir import rl
+from minitir import distributed, rl
 from minitir.checkpoint import load_model, load_pretrained, save_pretrained
 from minitir.generate import Completion, GenerationConfig, Generator
 from minitir.logprobs import token_logprobs
@@ -183,8 +183,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, problems: list[Problem] | None = None,
                  eval_problems: list[Problem] | None = None, tool=None, reward_fn=None, resume: str = ""):
         self.cfg = cfg
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)
+        # under torchrun: one process per GPU (or CPU process with gloo), each with its share of the prompts
+        self.dist, self.device = distributed.init(cfg.device)
         validate(cfg, self.device)
         torch.manual_seed(cfg.seed)
         self.template = get_template(cfg.prompt)
@@ -192,7 +192,18 @@ class Trainer:
         self.data_epoch, self.data_pos = 0, 0
         # --- data first: a bad file fails in seconds, not after loading a model ---
         self.problems, self.eval_problems = self._load_data(problems, eval_problems)
-        # --- model ---
+        # --- run directory (rank 0 names it) ---
+        if resume:
+            self.run_dir = Path(resume)
+            ckpt = self._latest_checkpoint()
+        else:
+            name = self.dist.broadcast(cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+            self.run_dir = Path(cfg.run_dir) / name
+            ckpt = None
+            if self.dist.main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        # --- models ---
         # on CUDA, "auto" keeps float32 master weights and computes in bfloat16 under autocast: with
         # lr 1e-6, AdamW updates to bfloat16 weights would round away
         self.autocast = cfg.dtype == "auto" and self.device.type == "cuda"
@@ -202,9 +213,24 @@ class Trainer:
         self.model, self.tok = model, tokenizer
         self.model.checkpointing = cfg.checkpointing
         self.ref = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0:  # the starting policy, also when resuming
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.critic = Critic(self.model) if cfg.algo == "ppo" else None
+        state = self._load_weights(ckpt) if ckpt else None
+        # the generator decodes with a plain copy when the trained weights are sharded (FSDP) or float32
+        # masters under autocast (casting every weight at every decode step would dominate decoding)
+        self.gen_model, self.gen_version, self.version = None, -1, 0
+        if self.dist.enabled or self.autocast:
+            self.gen_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            if self.autocast:
+                self.gen_model.to(torch.bfloat16)
+        if self.dist.enabled:
+            for m in (self.model, self.ref, self.critic.body if self.critic else None):
+                if m is not None:
+                    distributed.shard(m)
+            if self.critic is not None:
+                from torch.distributed.fsdp import fully_shard
+                fully_shard(self.critic.value_head)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.critic_opt = (torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
                            if self.critic is not None else None)
@@ -217,6 +243,8 @@ class Trainer:
             return warm
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        if state is not None:
+            self._load_state(state)
         # --- tools, grader, reward ---
         if tool is None and self.template.tools and cfg.max_tool_calls > 0:
             import sandbox
@@ -226,18 +254,9 @@ class Trainer:
         self.grader = Grader(workers=2)
         self.reward_cfg = RewardConfig(format_penalty=cfg.format_penalty, truncation_penalty=cfg.truncation_penalty)
         self.reward_fn = reward_fn
-        # --- run directory ---
-        if resume:
-            self.run_dir = Path(resume)
-            self._load_checkpoint()
-        else:
-            name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-            self.run_dir = Path(cfg.run_dir) / name
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and self.dist.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
@@ -269,9 +288,8 @@ class Trainer:
             raise ConfigError(f"no training problems in {cfg.data!r}")
         return problems, eval_problems or []
 
-    @staticmethod
-    def _report_skips(name, report):
-        if report.skipped_no_answer:
+    def _report_skips(self, name, report):
+        if report.skipped_no_answer and self.dist.main:
             print(f"{name}: skipped {report.skipped_no_answer} records without a gold answer "
                   f"(lines {report.skipped_lines[:10]}{' ...' if len(report.skipped_lines) > 10 else ''})")
 
@@ -292,32 +310,47 @@ class Trainer:
         return self.tok(render_prompt(self.template, p.question, self.tok)).input_ids
 
     # --------------------------------------------------------------------------------------------
-    def _generate(self, problems: list[Problem], n: int, temperature: float, seed: int):
-        """-> (completions grouped per problem [P][n], prompt token ids [P])."""
+    def _decoder(self) -> nn.Module:
+        """The model the generator runs: the policy itself, or its plain copy refreshed after each update."""
+        if self.gen_model is None:
+            return self.model
+        if self.gen_version != self.version:
+            distributed.gather_weights(self.model, self.gen_model)
+            self.gen_version = self.version
+        return self.gen_model
+
+    def _generate(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0):
+        """-> (completions grouped per problem [P][n], prompt token ids [P]). `first` is the index of
+        problems[0] in the global batch: sampling streams are per sequence and global, so a response does
+        not depend on how many ranks share the batch."""
         cfg = self.cfg
         prompts = [self._prompt_ids(p) for p in problems]
         gen_cfg = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, stop=self.template.stop,
-            seed=seed, max_tool_calls=cfg.max_tool_calls if self.template.tools else 0,
+            seed=seed, seed_offset=first * n, max_tool_calls=cfg.max_tool_calls if self.template.tools else 0,
             max_tool_output_tokens=cfg.max_tool_output_tokens, max_batch=cfg.max_batch,
             max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
-        self.model.eval()
+        model = self._decoder()
+        model.eval()
         with self._autocast():
-            outs = Generator(self.model, self.tok, gen_cfg, self.tool).generate([p for p in prompts for _ in range(n)])
+            outs = Generator(model, self.tok, gen_cfg, self.tool).generate([p for p in prompts for _ in range(n)])
         return [outs[i * n:(i + 1) * n] for i in range(len(problems))], prompts
 
     def _sample_groups(self, timing: dict):
-        """-> (samples kept for the update, every sample generated, group statistics)."""
+        """-> (this rank's samples kept for the update, every sample it generated, global group statistics).
+        Each rank generates whole groups for its contiguous share of the step's problems."""
         cfg, kept, stats = self.cfg, [], {"groups_sampled": 0, "groups_kept": 0}
         all_samples = []
         for rnd in range(cfg.max_refill_rounds if cfg.filter_groups else 1):
-            want = cfg.prompts_per_step - len(kept) // cfg.n_samples
+            want = cfg.prompts_per_step - int(self.dist.sum(len(kept))) // cfg.n_samples
             if want <= 0:
                 break
-            problems = self._next_problems(want)
+            everyone = self._next_problems(want)  # the same on every rank
+            lo, hi = distributed.split(want, self.dist)
+            problems = everyone[lo:hi]
             t = time.perf_counter()
             groups, prompts = self._generate(problems, cfg.n_samples, cfg.temperature,
-                                             seed=cfg.seed * 1_000_003 + self.step * 101 + rnd)
+                                             seed=cfg.seed * 1_000_003 + self.step * 101 + rnd, first=lo)
             timing["generate"] += time.perf_counter() - t
             t = time.perf_counter()
             batch = [Sample(prompt_ids=ids, completion=c, gold=p.answer)
@@ -325,13 +358,13 @@ class Trainer:
             self._grade(batch)
             timing["grade"] += time.perf_counter() - t
             all_samples += batch
-            stats["groups_sampled"] += len(problems)
+            stats["groups_sampled"] += want
             for i in range(0, len(batch), cfg.n_samples):
                 group = batch[i:i + cfg.n_samples]
                 acc = sum(s.correct for s in group) / len(group)
                 if not cfg.filter_groups or cfg.filter_min_acc <= acc <= cfg.filter_max_acc:
                     kept += group
-        stats["groups_kept"] = len(kept) // cfg.n_samples
+        stats["groups_kept"] = int(self.dist.sum(len(kept))) // cfg.n_samples
         return kept, all_samples, stats
 
     def _grade(self, batch: list[Sample]):
@@ -351,20 +384,31 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
-        """Greedy packing in order under the token budget (validate() made sure one sequence fits)."""
+        """Greedy packing in order under the token budget (validate() made sure one sequence fits); samples
+        without loss tokens are left out. Under FSDP every forward is a collective, so ranks with fewer
+        micro-batches get empty ones ([]) up to the largest count of any rank."""
         out, cur, used = [], [], 0
         for s in samples:
+            if not any(s.loss_mask):
+                continue
             n = len(s.prompt_ids) + len(s.completion.tokens)
             if cur and used + n > self.cfg.micro_batch_tokens:
                 out.append(cur)
                 cur, used = [], 0
             cur.append(s)
             used += n
-        return out + ([cur] if cur else [])
+        out += [cur] if cur else []
+        return out + [[] for _ in range(int(self.dist.max(len(out))) - len(out))]
 
     def _forward(self, model: nn.Module, samples: list[Sample], with_entropy: bool, value_head=None):
         """Packed forward over the samples -> per policy token (compacted to loss_mask == 1, in order):
-        log-probs [M] (entropy [M]) or, with value_head, values [M]; plus seq index [M]."""
+        log-probs [M] (entropy [M]) or, with value_head, values [M]; plus seq index [M].
+        An empty list runs a one-token placeholder (this rank's share of a collective step); its outputs
+        [1] must be multiplied by 0."""
+        if not samples:
+            eos = self.tok.eos_token_id or 0
+            samples = [Sample(prompt_ids=[eos], completion=Completion([eos], [0.0], [1], "", "stop"), gold="",
+                              loss_mask=[1])]
         ids, cu, sel, seq_index = [], [0], [], []
         for i, s in enumerate(samples):
             start = cu[-1] + len(s.prompt_ids)
@@ -389,6 +433,8 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
     def _per_sample(self, flat: torch.Tensor, samples: list[Sample], seq_t: torch.Tensor) -> list[list[float]]:
+        if not samples:  # a placeholder micro-batch
+            return []
         out = [[] for _ in samples]
         for v, i in zip(flat.tolist(), seq_t.tolist()):
             out[i].append(v)
@@ -415,14 +461,14 @@ class Trainer:
                 vals, _, seq_t = self._forward(self.critic.body, mb, False, self.critic.value_head)
                 for s, vs in zip(mb, self._per_sample(vals, mb, seq_t)):
                     s.old_values = vs
-        # --- rewards -> advantages ---
+        # --- rewards -> advantages (group statistics stay on one rank; batch statistics are global) ---
         rewards = [s.reward for s in samples]
         if self.ref is not None and cfg.kl_in_reward:
             for k, s in enumerate(samples):
                 kl = rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
                 rewards[k] -= cfg.kl_coef * float(kl.sum())
         if cfg.algo == "ppo":
-            T = max(max(len(s.old_values) for s in samples), 1)
+            T = max([len(s.old_values) for s in samples] + [1])
             R, V, M = (torch.zeros(len(samples), T) for _ in range(3))
             for k, s in enumerate(samples):
                 L = len(s.old_values)
@@ -431,7 +477,8 @@ class Trainer:
                     M[k, :L] = 1
                     R[k, L - 1] = rewards[k]   # outcome reward at the last policy token
             adv, ret = rl.gae(R, V, M, cfg.gamma, cfg.lam)
-            adv = rl.whiten(adv.flatten(), M.flatten()).view_as(adv)  # PPO's usual advantage normalisation
+            # PPO's usual advantage normalisation, over the global batch
+            adv = rl.whiten(adv.flatten(), M.flatten(), all_reduce=self.dist.all_reduce).view_as(adv)
             for k, s in enumerate(samples):
                 L = len(s.old_values)
                 s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
@@ -439,9 +486,9 @@ class Trainer:
         n = cfg.n_samples
         r = torch.tensor(rewards, dtype=torch.float32).view(-1, n)               # [G, n]
         adv = rl.group_advantages(r, "reinforce_pp" if cfg.algo == "reinforce_pp" else cfg.algo).flatten()
-        if cfg.algo == "reinforce_pp":  # whiten over all policy tokens of the batch
-            tok = torch.cat([torch.full((sum(s.loss_mask),), float(a)) for s, a in zip(samples, adv)])
-            tok = rl.whiten(tok, torch.ones_like(tok))
+        if cfg.algo == "reinforce_pp":  # whiten over all policy tokens of the (global) batch
+            tok = torch.cat([torch.zeros(0)] + [torch.full((sum(s.loss_mask),), float(a)) for s, a in zip(samples, adv)])
+            tok = rl.whiten(tok, torch.ones_like(tok), all_reduce=self.dist.all_reduce)
             i = 0
             for s in samples:
                 L = sum(s.loss_mask)
@@ -452,35 +499,50 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def _update(self, samples: list[Sample], metrics: dict):
-        cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.seed * 7_777 + self.step)
+        """Each rank holds its share of every mini-batch; token weights are normalised over the global
+        mini-batch, so the sum of all ranks' losses is the single-process loss. FSDP averages gradients
+        over ranks, hence the loss is scaled by the number of ranks before backward."""
+        cfg, d = self.cfg, self.dist
+        gen = torch.Generator().manual_seed(cfg.seed * 7_777 + self.step + 1_000_003 * d.rank)
         acc = {"loss": [], "clipfrac": [], "entropy": [], "kl": [], "grad_norm": [], "value_loss": []}
-        gaps = []  # |generator log-prob - trainer log-prob| on the first pass over each sample
+        gap = torch.zeros(3, dtype=torch.float64)  # |generator log-prob - trainer log-prob|: sum, count, max
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(samples), generator=gen).tolist()
-            per = math.ceil(len(samples) / cfg.mini_batches)
-            for b in range(0, len(samples), per):
-                mini = [samples[i] for i in order[b:b + per]]
-                ntok = sum(sum(s.loss_mask) for s in mini)
-                if ntok == 0:
+            for b in range(cfg.mini_batches):
+                mini = [samples[i] for i in order[b * len(samples) // cfg.mini_batches:
+                                                   (b + 1) * len(samples) // cfg.mini_batches]]
+                local_tok = sum(sum(s.loss_mask) for s in mini)
+                total = d.all_reduce(torch.tensor([float(local_tok), float(len(mini))]))  # global tokens, sequences
+                if total[0] == 0:
                     continue
-                # token weights of the whole mini-batch, so micro-batch losses simply add up
-                seq_index = torch.cat([torch.full((sum(s.loss_mask),), i, dtype=torch.long) for i, s in enumerate(mini)])
-                weights = rl.token_weights(torch.ones(ntok), seq_index, len(mini), cfg.loss_agg, cfg.max_new_tokens)
+                # token weights of the whole (global) mini-batch, so micro-batch losses simply add up
+                seq_index = torch.cat([torch.zeros(0, dtype=torch.long)] +
+                                      [torch.full((sum(s.loss_mask),), i, dtype=torch.long) for i, s in enumerate(mini)])
+                weights = rl.token_weights(torch.ones(local_tok), seq_index, int(total[1]), cfg.loss_agg,
+                                           cfg.max_new_tokens, total_tokens=float(total[0]))
                 self.opt.zero_grad(set_to_none=True)
                 if self.critic_opt is not None:
                     self.critic_opt.zero_grad(set_to_none=True)
+                # weighted sums over this rank's tokens: loss, clipped, entropy, kl, value loss
+                sums = torch.zeros(5, dtype=torch.float64)
                 offset = 0
                 for mb in self._micro_batches(mini):
                     logp, ent, _ = self._forward(self.model, mb, with_entropy=True)      # [M]
+                    if not mb:  # placeholder: keeps this rank in step with the others' collectives
+                        (logp.sum() * 0).backward()
+                        if self.critic is not None:
+                            (self._forward(self.critic.body, mb, False, self.critic.value_head)[0].sum() * 0).backward()
+                        continue
                     M = logp.shape[0]
-                    w = weights[offset:offset + M].to(self.device)
+                    w = weights[offset:offset + M].to(self.device)                         # [M]
                     offset += M
                     if epoch == 0:
                         gen_lp = torch.tensor([lp for s in mb for lp, k in zip(s.completion.logprobs, s.loss_mask) if k],
                                               device=self.device)
-                        gaps.append((gen_lp - logp.detach().float()).abs())
+                        g = (gen_lp - logp.detach().float()).abs()
+                        gap += torch.tensor([float(g.sum()), len(g), 0.0], dtype=torch.float64)
+                        gap[2] = max(gap[2], float(g.max()))
                     if mb[0].old_logp:
                         old = torch.tensor([v for s in mb for v in s.old_logp], device=self.device)
                     else:  # one update per step: the policy that generated is the current one
@@ -493,54 +555,64 @@ class Trainer:
                         kl = rl.kl_estimate(logp, ref, cfg.kl_estimator)
                         if not cfg.kl_in_reward:
                             tok_loss = tok_loss + cfg.kl_coef * kl
-                        acc["kl"].append(float((kl.detach() * w).sum() / w.sum()))
+                        sums[3] += float((kl.detach() * w).sum())
                     if cfg.entropy_coef:
                         tok_loss = tok_loss - cfg.entropy_coef * ent
                     loss = (tok_loss * w).sum()
-                    loss.backward()
-                    acc["loss"].append(float(loss.detach()))
-                    acc["clipfrac"].append(float((clipped.float() * w).sum() / w.sum()))
-                    acc["entropy"].append(float((ent.detach() * w).sum() / w.sum()))
+                    (loss * d.world).backward()
+                    sums[0] += float(loss.detach())
+                    sums[1] += float((clipped.float() * w).sum())
+                    sums[2] += float((ent.detach() * w).sum())
                     if self.critic is not None:
                         vals, _, _ = self._forward(self.critic.body, mb, False, self.critic.value_head)
                         old_v = torch.tensor([v for s in mb for v in s.old_values], device=self.device)
                         ret = torch.tensor([v for s in mb for v in s.returns], device=self.device)
                         vloss = (rl.value_loss(vals, old_v, ret, cfg.value_clip) * w).sum()
-                        vloss.backward()
-                        acc["value_loss"].append(float(vloss.detach()))
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                acc["grad_norm"].append(float(gn))
+                        (vloss * d.world).backward()
+                        sums[4] += float(vloss.detach())
+                gn = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                 self.opt.step()
                 self.sched.step()
+                self.version += 1
                 if self.critic_opt is not None:
                     torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
                     self.critic_opt.step()
+                sums = d.all_reduce(sums)  # the weights sum to 1 over all ranks: these are global means
+                acc["loss"].append(float(sums[0]))
+                acc["clipfrac"].append(float(sums[1]))
+                acc["entropy"].append(float(sums[2]))
+                acc["grad_norm"].append(float(gn))
+                if self.ref is not None:
+                    acc["kl"].append(float(sums[3]))
+                if self.critic is not None:
+                    acc["value_loss"].append(float(sums[4]))
         for k, v in acc.items():
             if v:
                 metrics[k] = sum(v) / len(v)
-        if gaps:
-            g = torch.cat(gaps)
-            metrics["logprob_gap_mean"], metrics["logprob_gap_max"] = float(g.mean()), float(g.max())
+        gap_sum = d.all_reduce(gap[:2].clone())
+        gap_max = d.all_reduce(gap[2:].clone(), "max")
+        if gap_sum[1] > 0:
+            metrics["logprob_gap_mean"], metrics["logprob_gap_max"] = float(gap_sum[0] / gap_sum[1]), float(gap_max[0])
         metrics["lr"] = self.sched.get_last_lr()[0]
 
     # --------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        cfg = self.cfg
+        cfg, d = self.cfg, self.dist
         timing = {"generate": 0.0, "grade": 0.0, "train": 0.0}
         tool_before = self.tool.seconds if self.tool else 0.0
         kept, sampled, stats = self._sample_groups(timing)
         m = {"step": self.step + 1, **stats}
-        m.update(_rollout_metrics(sampled))
+        m.update(_rollout_metrics(sum(d.gather([_row(s) for s in sampled]), [])))
         t = time.perf_counter()
-        if kept:
+        if stats["groups_kept"]:
             self._prepare(kept, m)
             self._update(kept, m)
         timing["train"] = time.perf_counter() - t
         self.step += 1
-        m.update({f"time/{k}_s": v for k, v in timing.items()})
+        m.update({f"time/{k}_s": v for k, v in timing.items()})   # rank 0's
         m["time/tools_s"] = (self.tool.seconds - tool_before) if self.tool else 0.0
-        gen_tokens = sum(len(s.completion.tokens) for s in sampled)
-        m["tokens_per_s"] = gen_tokens / max(timing["generate"], 1e-9)
+        gen_tokens = d.sum(sum(len(s.completion.tokens) for s in sampled))
+        m["tokens_per_s"] = gen_tokens / max(d.max(timing["generate"]), 1e-9)   # all ranks together
         if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
             m.update(self.evaluate())
         self._log(m)
@@ -550,16 +622,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        groups, _ = self._generate(self.eval_problems, 1, 0.0, seed=self.cfg.seed)
-        samples = [Sample(prompt_ids=[], completion=g[0], gold=p.answer) for p, g in zip(self.eval_problems, groups)]
+        """Greedy, one response per held-out problem; ranks split the problems."""
+        lo, hi = distributed.split(len(self.eval_problems), self.dist)
+        problems = self.eval_problems[lo:hi]
+        groups, _ = self._generate(problems, 1, 0.0, seed=self.cfg.seed)
+        samples = [Sample(prompt_ids=[], completion=g[0], gold=p.answer) for p, g in zip(problems, groups)]
         self._grade(samples)
-        r = _rollout_metrics(samples)
+        r = _rollout_metrics(sum(self.dist.gather([_row(s) for s in samples]), []))
         return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
                 "eval/response_length": r["response_length"]}
 
     def train(self):
         from tqdm import tqdm
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout,
+                   disable=not self.dist.main)
         while self.step < self.cfg.steps:
             m = self.train_step()
             bar.update(1)
@@ -571,6 +647,8 @@ class Trainer:
         return self.run_dir
 
     def _log(self, m: dict):
+        if not self.dist.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         if self.tb is not None:
@@ -580,46 +658,61 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """run_dir/checkpoints/step-N/{model files, trainer_state.pt}, written under a temporary name and
-        renamed, so a crash mid-write leaves the previous checkpoint as the latest complete one."""
-        ck = self.run_dir / "checkpoints"
-        ck.mkdir(parents=True, exist_ok=True)
-        final = ck / f"step-{self.step:06d}"
-        tmp = ck / f".tmp-step-{self.step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.model, self.tok, tmp)
+        """run_dir/checkpoints/step-N/{model files, trainer_state.pt}, written by rank 0 under a temporary
+        name and renamed, so a crash mid-write leaves the previous checkpoint as the latest complete one.
+        Model and optimizer state are full (unsharded), so any number of ranks can resume from them."""
+        d = self.dist
+        model = distributed.model_state(self.model, d)                 # collectives: every rank takes part
         state = {"step": self.step, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "optimizer": distributed.optimizer_state(self.model, self.opt, d),
+                 "scheduler": self.sched.state_dict(),
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
-            state["critic_optimizer"] = self.critic_opt.state_dict()
-        torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(ck.glob("step-*"))[:-max(self.cfg.keep_checkpoints, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+            state["critic"] = distributed.model_state(self.critic, d)
+            state["critic_optimizer"] = distributed.optimizer_state(self.critic, self.critic_opt, d)
+        ck = self.run_dir / "checkpoints"
+        final = ck / f"step-{self.step:06d}"
+        if d.main:
+            ck.mkdir(parents=True, exist_ok=True)
+            tmp = ck / f".tmp-step-{self.step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(self.model, self.tok, tmp, state_dict=model)
+            torch.save(state, tmp / "trainer_state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(ck.glob("step-*"))[:-max(self.cfg.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
         return final
 
-    def _load_checkpoint(self):
+    def _latest_checkpoint(self) -> Path:
         ck = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.pt").exists())
         if not ck:
             raise ConfigError(f"--resume {self.run_dir}: no complete checkpoint under {self.run_dir / 'checkpoints'}")
-        path = ck[-1]
+        return ck[-1]
+
+    def _load_weights(self, path: Path) -> dict:
+        """Model (and critic) weights from a checkpoint, into the unsharded models; -> the trainer state."""
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         fresh = load_model(path, dtype=self.model.dtype, device=self.device)
         self.model.load_state_dict(fresh.state_dict())
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
-            self.critic_opt.load_state_dict(state["critic_optimizer"])
+        return state
+
+    def _load_state(self, state: dict):
+        """Optimizer, schedule, RNG and data position; after sharding (the optimizer state is resharded)."""
+        distributed.load_optimizer_state(self.model, self.opt, state["optimizer"], self.dist)
+        self.sched.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            distributed.load_optimizer_state(self.critic, self.critic_opt, state["critic_optimizer"], self.dist)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.data_epoch, self.data_pos = state["step"], state["data_epoch"], state["data_pos"]
+        self.version = 1  # the decoding copy (if any) was made before loading: refresh it
         # metrics after the checkpoint belong to the abandoned run: drop them so the log stays one history
         mp = self.run_dir / "metrics.jsonl"
-        if mp.exists():
+        if self.dist.main and mp.exists():
             lines = [l for l in mp.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
             mp.write_text("".join(l + "\n" for l in lines))
 
@@ -627,23 +720,29 @@ class Trainer:
         self.grader.close()
         if self.tool is not None and hasattr(self.tool.tool, "close"):
             self.tool.tool.close()
+        distributed.shutdown()
 
 
-def _rollout_metrics(samples: list[Sample]) -> dict:
+def _row(s: Sample) -> dict:
+    """What the rollout metrics need about one sample (small: gathered from every rank)."""
+    c = s.completion
+    return {"reward": s.reward, "correct": s.correct, "calls": c.num_tool_calls, "errors": c.num_tool_errors,
+            "policy_len": sum(c.policy_mask), "len": len(c.tokens), "truncated": c.finish_reason == "length"}
+
+
+def _rollout_metrics(rows: list[dict]) -> dict:
     """The quantities whose growth with training the paper reports."""
-    n = max(len(samples), 1)
-    comps = [s.completion for s in samples]
-    calls = sum(c.num_tool_calls for c in comps)
-    policy_len = [sum(c.policy_mask) for c in comps]
+    n = max(len(rows), 1)
+    calls = sum(r["calls"] for r in rows)
     return {
-        "reward": sum(s.reward for s in samples) / n,
-        "accuracy": sum(s.correct for s in samples) / n,
-        "code_ratio": sum(c.num_tool_calls > 0 for c in comps) / n,
+        "reward": sum(r["reward"] for r in rows) / n,
+        "accuracy": sum(r["correct"] for r in rows) / n,
+        "code_ratio": sum(r["calls"] > 0 for r in rows) / n,
         "tool_calls_per_response": calls / n,
-        "tool_error_rate": sum(c.num_tool_errors for c in comps) / max(calls, 1),
-        "response_length": sum(policy_len) / n,                 # policy tokens only
-        "response_length_all": sum(len(c.tokens) for c in comps) / n,
-        "truncation_rate": sum(c.finish_reason == "length" for c in comps) / n,
+        "tool_error_rate": sum(r["errors"] for r in rows) / max(calls, 1),
+        "response_length": sum(r["policy_len"] for r in rows) / n,    # policy tokens only
+        "response_length_all": sum(r["len"] for r in rows) / n,
+        "truncation_rate": sum(r["truncated"] for r in rows) / n,
     }
 
 

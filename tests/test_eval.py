@@ -45,7 +45,7 @@ def test_summary_of_a_scripted_model():
 def test_eval_py_end_to_end_and_resume(tmp_path, smollm):
     import eval as evaluate_cli
     args = ["--model", "smollm2-135m", "--benchmarks", "math500,aime24", "--data-dir", str(DATA_DIR), "--limit", "2",
-            "--n", "2", "--max-new-tokens", "24", "--max-tool-calls", "0,1", "--out", str(tmp_path)]
+            "--n-samples", "2", "--max-new-tokens", "24", "--max-tool-calls", "0,1", "--out", str(tmp_path)]
     summary = evaluate_cli.main(args)
     assert set(summary) == {"math500@0", "math500@1", "aime24@0", "aime24@1"}
     lines = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
