@@ -95,19 +95,29 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, bf16: bool = False) -> nn.Module:
     """FSDP2 over a minitir Transformer (in place): one unit per decoder layer plus the root.
 
+    bf16: gather and compute with bfloat16 copies of the float32 master weights and reduce gradients in
+    float32 (on GPUs; what autocast does for one process, at half the all-gather traffic).
     The root keeps its parameters gathered after forward (FSDP2's default for a root, stated here because
     the trainer relies on it): the log-prob head reads `model.lm_head.weight` right after `hidden_packed`.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model, reshard_after_forward=False)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, reshard_after_forward=False, mp_policy=mp)
     # FSDP hooks run on __call__; the packed path is a separate method, so register it too
     register_fsdp_forward_method(model, "hidden_packed")
     return model
+
+
+def reshard(model: nn.Module):
+    """Free the gathered root parameters a forward-only model keeps (no backward will free them)."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def full_tensor(p: torch.Tensor) -> torch.Tensor:

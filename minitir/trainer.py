@@ -227,7 +227,7 @@ class Trainer:
         if self.dist.enabled:
             for m in (self.model, self.ref, self.critic.body if self.critic else None):
                 if m is not None:
-                    distributed.shard(m)
+                    distributed.shard(m, bf16=self.autocast)
             if self.critic is not None:
                 from torch.distributed.fsdp import fully_shard
                 fully_shard(self.critic.value_head)
@@ -461,6 +461,8 @@ class Trainer:
                 vals, _, seq_t = self._forward(self.critic.body, mb, False, self.critic.value_head)
                 for s, vs in zip(mb, self._per_sample(vals, mb, seq_t)):
                     s.old_values = vs
+        if self.ref is not None:
+            distributed.reshard(self.ref)
         # --- rewards -> advantages (group statistics stay on one rank; batch statistics are global) ---
         rewards = [s.reward for s in samples]
         if self.ref is not None and cfg.kl_in_reward:

@@ -95,6 +95,7 @@ def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
             torch.testing.assert_close(dist["grads"][n], g, atol=1e-6, rtol=1e-4, msg=n)
         for n, p in single.items():
             torch.testing.assert_close(dist["params"][n], p, atol=1e-5, rtol=0, msg=n)
+            assert torch.equal(dist["decoder"][n], dist["params"][n]), n  # refreshed after the update
             moved = max(moved, float((p - full_params(tiny_model())[n]).abs().max()))
         assert moved > 1e-4  # the step did change the weights
         if case == "ppo":
@@ -166,8 +167,9 @@ def _worker(case: str, out: str):
     t, m = one_step(case)
     params, grads = full_params(t.model), full_params(t.model, grads=True)
     critic = full_params(t.critic) if t.critic is not None else None
+    decoder = {n: p.clone() for n, p in t._decoder().named_parameters()}  # the generator's gathered copy
     if t.dist.main:
-        torch.save({"params": params, "grads": grads, "critic": critic, "metrics": m}, out)
+        torch.save({"params": params, "grads": grads, "critic": critic, "metrics": m, "decoder": decoder}, out)
     t.close()
 
 
