@@ -31,13 +31,23 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     assert dropout_p == 0.0, "dropout is not supported"
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
-        n, m = q1 - q0, k1 - k0
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    i, S = 0, len(bq) - 1
+    while i < S:
+        # a run of consecutive sequences with the same lengths is one batched SDPA call (the CPU kernels
+        # parallelise over batch x heads, so one call per sequence leaves threads idle)
+        n, m = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        j = i + 1
+        while j < S and bq[j + 1] - bq[j] == n and bk[j + 1] - bk[j] == m:
+            j += 1
+        q0, q1, k0, k1 = bq[i], bq[j], bk[i], bk[j]
+        i = j
         if n == 0:
             continue
-        qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        b = (q1 - q0) // n
+        qi = q[q0:q1].view(b, n, *q.shape[1:]).transpose(1, 2)          # [b, H, n, D]
+        ki = k[k0:k1].view(b, m, *k.shape[1:]).transpose(1, 2)          # [b, Hkv, m, D]
+        vi = v[k0:k1].view(b, m, *v.shape[1:]).transpose(1, 2)
         mask, is_causal = None, False
         if causal and n == m:
             is_causal = True  # lets SDPA use its fused causal kernel
@@ -45,7 +55,9 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             mask = _bottom_right_mask(n, m, q.device)
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=is_causal,
                                            scale=softmax_scale, enable_gqa=gqa)
-        out[q0:q1] = o[0].transpose(0, 1)
+        if q0 == 0 and q1 == q.shape[0]:  # one run covers everything: no copy
+            return o.transpose(1, 2).reshape(q.shape)
+        out[q0:q1] = o.transpose(1, 2).reshape(q1 - q0, *q.shape[1:])
     return out
 
 

@@ -10,40 +10,47 @@ from __future__ import annotations
 import torch
 
 
-def _scaled_logits(h, w, temperature):
-    """h [C, D], w [V, D] -> z [C, V] = (h w^T) / temperature, at least float32."""
-    z = (h @ w.t()).to(_acc(h))
-    return z if temperature == 1.0 else z.div_(temperature)
-
-
-def _chunk_stats(h, w, targets, temperature):
-    """-> (z [C, V] scaled logits, lse [C], target logit [C])."""
-    z = _scaled_logits(h, w, temperature)
-    lse = torch.logsumexp(z, dim=-1)
-    return z, lse, z.gather(-1, targets[:, None]).squeeze(-1)
-
-
 def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def _scaled_logits(h, w, temperature, out):
+    """h [C, D], w [V, D] -> z [C, V] = (h w^T) / temperature, at least float32, written into `out` [>=C, V]
+    when the dtypes allow: one buffer per call instead of a fresh vocabulary-sized tensor per chunk
+    (on CPU every fresh allocation of that size is page-faulted in again)."""
+    if h.dtype == out.dtype and not torch.is_autocast_enabled(h.device.type):
+        z = torch.mm(h, w.t(), out=out[:h.shape[0]])
+    else:
+        z = (h @ w.t()).to(out.dtype)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
-        n = hidden.shape[0]
+        n, V = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
         lse_all = torch.empty(n, dtype=acc, device=hidden.device)
+        buf = torch.empty(min(chunk_size, n), V, dtype=acc, device=hidden.device)
+        ebuf = torch.empty_like(buf) if with_entropy else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z, lse, zt = _chunk_stats(hidden[s:e], weight, targets[s:e], temperature)
+            z = _scaled_logits(hidden[s:e], weight, temperature, buf)                  # [C, V]
+            zt = z.gather(-1, targets[s:e, None]).squeeze(-1)                         # [C]
+            m = z.amax(-1, keepdim=True)                                              # [C, 1]
+            d = z.sub_(m)                                                             # z - max, in place
+            ex = torch.exp(d, out=ebuf[:e - s]) if with_entropy else d.exp_()        # [C, V]
+            se = ex.sum(-1)                                                           # [C]
+            lse = m.squeeze(-1) + se.log()
             logp[s:e] = zt - lse
             lse_all[s:e] = lse
             if with_entropy:
-                p = torch.exp(z - lse[:, None])
-                ent[s:e] = lse - (p * z).sum(-1)  # H = lse - E_p[z]
+                # H = lse - E_p[z] = log(se) - E_p[z - max]; row-wise dot products via bmm (no [C, V] temporary)
+                ed = torch.bmm(ex.unsqueeze(1), d.unsqueeze(2)).view(-1)
+                ent[s:e] = se.log() - ed / se
         ctx.save_for_backward(hidden, weight, targets, lse_all, ent if with_entropy else lse_all)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return (logp, ent) if with_entropy else (logp, torch.empty(0, device=hidden.device))
@@ -56,12 +63,15 @@ class _TokenLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_hidden = torch.empty_like(hidden) if need_h else None
         g_weight = torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device) if need_w else None
+        with_ent = ctx.with_entropy and g_ent is not None
+        buf = torch.empty(min(ctx.chunk_size, n), weight.shape[0], dtype=_acc(hidden), device=hidden.device)
+        pbuf = torch.empty_like(buf) if with_ent else None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            logp_full = _scaled_logits(h, weight, T).sub_(lse_all[s:e, None])   # [C, V], in place
-            if ctx.with_entropy and g_ent is not None:
-                p = logp_full.exp()
+            logp_full = _scaled_logits(h, weight, T, buf).sub_(lse_all[s:e, None])   # [C, V], in place
+            if with_ent:
+                p = torch.exp(logp_full, out=pbuf[:e - s])
                 # dH/dz_j = -p_j (log p_j + H)
                 gz = logp_full.add_(ent[s:e, None]).mul_(p).mul_(-g_ent[s:e, None])
                 gz.sub_(p.mul_(g_logp[s:e, None]))
@@ -72,7 +82,10 @@ class _TokenLogprobs(torch.autograd.Function):
                 gz.div_(T)
             gz = gz.to(hidden.dtype)                               # [C, V], d/d(h W^T)
             if need_h:
-                g_hidden[s:e] = gz @ weight
+                if gz.dtype == weight.dtype == g_hidden.dtype and not torch.is_autocast_enabled(gz.device.type):
+                    torch.mm(gz, weight, out=g_hidden[s:e])
+                else:
+                    g_hidden[s:e] = gz @ weight
             if need_w:
                 g_weight.addmm_(gz.t().to(g_weight.dtype), h.to(g_weight.dtype))
         return g_hidden, (g_weight.to(weight.dtype) if need_w else None), None, None, None, None

@@ -29,22 +29,22 @@ def _norm_linears_backward(x, rstd, norm_w, wb, gys, needs_bias):
         if gy is None:
             grads += [None, None]
             continue
-        gn = gy @ wb[2 * i] if gn is None else gn + gy @ wb[2 * i]      # [N, D] (out of place: autocast)
+        gn = gy @ wb[2 * i] if gn is None else torch.addmm(gn, gy, wb[2 * i])  # [N, D] (out of place: autocast)
         grads += [gy.t() @ n, gy.sum(0) if needs_bias[i] else None]
     g_norm_w = (gn * xhat).sum(0)
     gxhat, xh = (gn * norm_w).float(), xhat.float()
-    gx = rstd * (gxhat - xh * (gxhat * xh).mean(-1, keepdim=True))
+    gx = torch.addcmul(gxhat, xh, (gxhat * xh).mean(-1, keepdim=True), value=-1).mul_(rstd)
     return gx.to(x.dtype), g_norm_w, grads
 
 
 def _swiglu_down_backward(g, u, W, gout, has_b):
-    """Gradients of (silu(g) * u) @ W^T + b -> (dg, du, dW, db)."""
-    s = torch.sigmoid(g)
-    silu = g * s
-    g_prod = gout @ W                                                   # [N, F]
+    """Gradients of (silu(g) * u) @ W^T + b -> (dg, du, dW, db). Five elementwise passes over [N, F]:
+    these tensors are the largest of the layer, so passes, not FLOPs, are the cost."""
+    silu = F.silu(g)                                                    # [N, F]
     g_W = gout.t() @ (silu * u)                                         # [D, F]
+    g_prod = gout @ W                                                   # [N, F]
     g_u = g_prod * silu
-    g_g = g_prod.mul_(u).mul_(s * (1 + g * (1 - s)))                    # d silu/dg = s (1 + g (1 - s))
+    g_g = torch.ops.aten.silu_backward(g_prod.mul_(u), g)               # (g_prod * u) * silu'(g)
     return g_g, g_u, g_W, gout.sum(0) if has_b else None
 
 

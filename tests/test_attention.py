@@ -3,6 +3,7 @@ and match a naive attention loop, including bottom-right causal alignment and in
 import inspect
 import math
 
+import pytest
 import torch
 
 from minitir import attention
@@ -37,17 +38,24 @@ def test_signatures_match_flash_attn():
     assert list(inspect.signature(kvcache_attention_torch).parameters) == FLASH_KVCACHE_PARAMS
 
 
-def test_varlen_matches_naive_with_unequal_q_and_k():
+@pytest.mark.parametrize("lq,lk", [
+    ([3, 1, 5], [3, 4, 9]),                     # fewer queries than keys (bottom-right alignment)
+    ([4, 4, 4, 2, 2, 6, 0, 3], [4, 4, 6, 2, 2, 6, 0, 3]),  # runs of equal lengths share one batched call
+    ([5, 5, 5], [5, 5, 5]),                     # one run covering the whole pack
+])
+def test_varlen_matches_naive(lq, lk):
     g = torch.Generator().manual_seed(0)
-    lq, lk = [3, 1, 5], [3, 4, 9]  # second and third sequences: fewer queries than keys (bottom-right)
     q = torch.randn(sum(lq), 4, 8, generator=g)
     k = torch.randn(sum(lk), 2, 8, generator=g)
     v = torch.randn(sum(lk), 2, 8, generator=g)
-    cq = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
-    ck = torch.tensor([0, 3, 7, 16], dtype=torch.int32)
+    cq = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0).to(torch.int32)
+    ck = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0).to(torch.int32)
     for causal in (True, False):
-        out = varlen_attention_torch(q, k, v, cq, ck, 5, 9, causal=causal)
-        for i in range(3):
+        out = varlen_attention_torch(q, k, v, cq, ck, max(lq), max(lk), causal=causal)
+        assert out.shape == q.shape
+        for i in range(len(lq)):
+            if lq[i] == 0:
+                continue
             ref = naive(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], causal)
             assert (out[cq[i]:cq[i + 1]] - ref).abs().max() < 1e-5
 
