@@ -711,7 +711,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.data_epoch, self.data_pos = state["step"], state["data_epoch"], state["data_pos"]
-        self.version = 1  # the decoding copy (if any) was made before loading: refresh it
         # metrics after the checkpoint belong to the abandoned run: drop them so the log stays one history
         mp = self.run_dir / "metrics.jsonl"
         if self.dist.main and mp.exists():
