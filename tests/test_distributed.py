@@ -124,28 +124,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_train_py_under_torchrun_resumes_across_rank_counts(tmp_path, tiny_checkpoint):
-    """1 process (step 1) -> 2 processes (steps 2-3) -> 1 process (step 4), one run directory."""
+    """2 processes (steps 1-2) -> 1 process (step 3) -> 2 processes (step 4), one run directory; each run
+    checkpoints at its last step."""
     import train
     flags = ["--model", str(tiny_checkpoint), "--prompts-per-step", "2", "--n-samples", "2",
-             "--max-new-tokens", "16", "--max-prompt-tokens", "200", "--eval-size", "2", "--save-every", "1",
+             "--max-new-tokens", "16", "--max-prompt-tokens", "200", "--eval-size", "2", "--save-every", "0",
              "--run-dir", str(tmp_path / "runs"), "--run-name", "r", "--no-tensorboard", "--sandbox-workers", "1"]
     run = tmp_path / "runs" / "r"
-    train.main(flags + ["--steps", "1"])
-    torchrun(["train.py", "--resume", str(run), "--steps", "3"])
-    train.main(["--resume", str(run), "--steps", "4"])
-    assert sorted(p.name for p in run.iterdir() if p.suffix == ".jsonl") == ["metrics.jsonl"]
+    torchrun(["train.py"] + flags + ["--steps", "2"])
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["config.json", "metrics.jsonl"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    train.main(["--resume", str(run), "--steps", "3"])
+    torchrun(["train.py", "--resume", str(run), "--steps", "4"])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     ck = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ck == ["step-000003", "step-000004"]  # keep_checkpoints = 2
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-000003")  # written by 2 processes
     from minitir.checkpoint import load_model
-    ours = load_model(run / "checkpoints" / "step-000003")
+    last = run / "checkpoints" / "step-000004"  # written by 2 processes
+    hf = AutoModelForCausalLM.from_pretrained(last)
     ids = torch.tensor([[1, 2, 3, 4]])
-    torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=0)
-    state = torch.load(run / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 3 and "model.layers.0.mlp.up_proj.weight" in state["optimizer"]["state"]
+    torch.testing.assert_close(hf(ids).logits, load_model(last)(ids), atol=1e-5, rtol=0)
+    state = torch.load(last / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and "model.layers.0.mlp.up_proj.weight" in state["optimizer"]["state"]
 
 
 def test_eval_py_shards_problems_and_matches_one_process(tmp_path, tiny_checkpoint):
