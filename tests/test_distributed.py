@@ -58,11 +58,11 @@ def batch() -> list[Sample]:
     return out
 
 
-def one_step(case: str) -> tuple[Trainer, dict]:
+def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
     """Build a trainer for `case` and run _prepare + _update on this process's share of batch()."""
     tc = TrainConfig(prompt="{question}", prompts_per_step=2, n_samples=4, max_prompt_tokens=6, max_new_tokens=14,
                      micro_batch_tokens=20, max_tool_calls=0, lr=1e-3, grad_clip=1e3, eval_size=0,
-                     tensorboard=False, run_dir=os.environ.get("MINITIR_TEST_RUNS", "/tmp"), run_name="dist",
+                     tensorboard=False, run_dir=str(run_dir), run_name="dist",
                      save_every=0, seed=1, **CASES[case])
     tok = SimpleNamespace(eos_token_id=0)
     t = Trainer(tc, model=tiny_model(), tokenizer=tok, problems=[Problem("p", "q", "1")], eval_problems=[])
@@ -85,7 +85,7 @@ def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
     out = tmp_path / "dist.pt"
     torchrun(["-m", "tests.test_distributed", "step", case, str(out)])
     dist = torch.load(out)
-    t, m = one_step(case)
+    t, m = one_step(case, tmp_path)
     try:
         single = full_params(t.model)
         assert set(single) == set(dist["params"])
@@ -166,7 +166,7 @@ def test_eval_py_shards_problems_and_matches_one_process(tmp_path, tiny_checkpoi
 
 def _worker(case: str, out: str):
     torch.set_num_threads(1)
-    t, m = one_step(case)
+    t, m = one_step(case, Path(out).parent / "workers")
     params, grads = full_params(t.model), full_params(t.model, grads=True)
     critic = full_params(t.critic) if t.critic is not None else None
     decoder = {n: p.clone() for n, p in t._decoder().named_parameters()}  # the generator's gathered copy
