@@ -21,6 +21,17 @@ except ImportError:  # pragma: no cover - depends on the machine
     _flash_varlen = _flash_kvcache = None
 
 
+# The kernels' own ops (what an autograd trace of the call sites sees): selective checkpointing keeps their
+# outputs (attention output and logsumexp, which their backward needs) instead of running them twice.
+KERNEL_OPS = [getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)]
+if _flash_varlen is not None and hasattr(torch.ops, "flash_attn") and \
+        hasattr(torch.ops.flash_attn, "_flash_attn_varlen_forward"):  # pragma: no cover - GPU machines
+    KERNEL_OPS.append(torch.ops.flash_attn._flash_attn_varlen_forward.default)
+
+
 def flash_available(t: torch.Tensor) -> bool:
     return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
@@ -78,22 +89,34 @@ def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                   "softmax_scale and causal only")
     B, Tq = q.shape[:2]
     row_list = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(B))
-    rows = torch.tensor(row_list, device=q.device)
     if cache_seqlens is None:
-        seqlens = torch.zeros(B, dtype=torch.long, device=q.device)
+        lens = [0] * B
     elif isinstance(cache_seqlens, int):
-        seqlens = torch.full((B,), cache_seqlens, dtype=torch.long, device=q.device)
+        lens = [cache_seqlens] * B
     else:
-        seqlens = cache_seqlens.long()
-    Tn = 0
-    if k is not None:
-        Tn = k.shape[1]
+        lens = cache_seqlens.tolist()
+    Tn = k.shape[1] if k is not None else 0
+    first = row_list[0]
+    if row_list == list(range(first, first + B)) and lens.count(lens[0]) == B:
+        # contiguous rows of one length (always so at batch 1): slices of the cache, no padding mask
+        L, last = lens[0], first + B
+        if Tn:
+            k_cache[first:last, L:L + Tn] = k
+            v_cache[first:last, L:L + Tn] = v
+        keys, vals = k_cache[first:last, :L + Tn].transpose(1, 2), v_cache[first:last, :L + Tn].transpose(1, 2)
+        top_left = causal and Tq > 1 and L + Tn == Tq  # a first chunk: SDPA's own causal kernel
+        mask = _bottom_right_mask(Tq, L + Tn, q.device) if causal and Tq > 1 and not top_left else None
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=top_left,
+                                           scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
+        return o.transpose(1, 2)
+    rows = torch.tensor(row_list, device=q.device)
+    seqlens = torch.tensor(lens, dtype=torch.long, device=q.device)
+    if Tn:
         cols = seqlens[:, None] + torch.arange(Tn, device=q.device) if Tn > 1 else seqlens[:, None]  # [B, Tn]
         k_cache[rows[:, None], cols] = k
         v_cache[rows[:, None], cols] = v
     total = seqlens + Tn                                               # keys per row [B]
-    S = int(total.max())
-    first = row_list[0]
+    S = max(lens) + Tn
     if row_list == list(range(first, first + B)):  # contiguous rows: a view of the cache, no copy
         keys, vals = k_cache[first:first + B, :S], v_cache[first:first + B, :S]
     else:

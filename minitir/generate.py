@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitir.model import KVCache, Transformer
+from minitir.ops import packed_weights
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -190,20 +191,21 @@ class Generator:
         active: list[_Seq] = []
         pool = ThreadPoolExecutor(c.tool_workers) if (self.tool is not None and c.max_tool_calls > 0) else None
         try:
-            while waiting or active:
-                while waiting and free:
-                    s = waiting.popleft()
-                    s.row, s.pending, s.cached = free.pop(), list(s.prompt), 0
-                    cache.seqlens[s.row] = 0
-                    active.append(s)
-                self._resume_tools(active, cache, block=all(s.future is not None for s in active))
-                ready = [s for s in active if s.future is None and s.finish is None]
-                self._prefill([s for s in ready if len(s.pending) > 1], cache, pool)
-                self._decode([s for s in ready if len(s.pending) == 1 and s.finish is None and s.future is None],
-                             cache, pool)
-                for s in [s for s in active if s.finish is not None]:
-                    active.remove(s)
-                    free.append(s.row)
+            with packed_weights():  # CPU: weights in oneDNN's layout for this call
+                while waiting or active:
+                    while waiting and free:
+                        s = waiting.popleft()
+                        s.row, s.pending, s.cached = free.pop(), list(s.prompt), 0
+                        cache.seqlens[s.row] = 0
+                        active.append(s)
+                    self._resume_tools(active, cache, block=all(s.future is not None for s in active))
+                    ready = [s for s in active if s.future is None and s.finish is None]
+                    self._prefill([s for s in ready if len(s.pending) > 1], cache, pool)
+                    self._decode([s for s in ready if len(s.pending) == 1 and s.finish is None
+                                  and s.future is None], cache, pool)
+                    for s in [s for s in active if s.finish is not None]:
+                        active.remove(s)
+                        free.append(s.row)
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)

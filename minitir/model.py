@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from minitir.attention import kvcache_attention, varlen_attention
-from minitir.ops import mlp, norm_linears
+from minitir.attention import KERNEL_OPS, kvcache_attention, varlen_attention
+from minitir.ops import linear, mlp, norm_linears
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -113,12 +113,14 @@ class Attention(nn.Module):
 
     def forward(self, x, norm, cos, sin, attend, recompute=False):
         """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE.
-        With recompute, q/k/v are not stored: norm, projections, RoPE and attention rerun in backward."""
+        With recompute, q/k/v are not stored: norm, projections and RoPE rerun in backward; the attention
+        kernel's output and logsumexp are kept, so the kernel itself runs once."""
         if recompute:
-            out = checkpoint(self._core, x, norm, cos, sin, attend, use_reentrant=False)
+            out = checkpoint(self._core, x, norm, cos, sin, attend, use_reentrant=False,
+                             context_fn=lambda: create_selective_checkpoint_contexts(KERNEL_OPS))
         else:
             out = self._core(x, norm, cos, sin, attend)
-        return self.o_proj(out)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
     def _core(self, x, norm, cos, sin, attend):
         shape = x.shape[:-1]
@@ -184,8 +186,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # activation memory vs time in training: "none" stores every activation; "selective" stores per
-        # layer only its input, its attention output and its middle residual, and recomputes the rest in
-        # backward (the q/k/v and gate/up products, attention) but never the o/down products; "full"
+        # layer only its input, its attention output (with the kernel's logsumexp) and its middle residual,
+        # and recomputes the rest in backward (the q/k/v and gate/up products) but never the o/down
+        # products or the attention kernel; "full"
         # stores only layer inputs and reruns each layer's forward
         self.checkpointing = "none"
 
@@ -245,7 +248,7 @@ class Transformer(nn.Module):
             return o.transpose(1, 2)
 
         cos, sin = self._rope(positions)
-        return self.lm_head(self._layers(self.model.embed_tokens(input_ids), cos, sin, attend))
+        return linear(self._layers(self.model.embed_tokens(input_ids), cos, sin, attend), self.lm_head.weight)
 
     # --- path 2: packed variable-length sequences -----------------------------------------------
     def hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -291,9 +294,9 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         cache.seqlens[rows] = start + n_new
         if all_logits:
-            return self.lm_head(x)
+            return linear(x, self.lm_head.weight)
         last = (n_new.long() - 1).clamp(min=0)
-        return self.lm_head(x[torch.arange(B, device=x.device), last])
+        return linear(x[torch.arange(B, device=x.device), last], self.lm_head.weight)
 
 
 def init_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:

@@ -60,25 +60,32 @@ def test_varlen_matches_naive(lq, lk):
             assert (out[cq[i]:cq[i + 1]] - ref).abs().max() < 1e-5
 
 
-def test_kvcache_updates_in_place_and_matches_naive():
+# (rows, lengths, new tokens): scattered rows of different lengths take the masked path; contiguous rows of
+# one length take the slice path, with and without earlier tokens, for a chunk and for a single query
+@pytest.mark.parametrize("rows,lens,T", [([2, 0], [5, 0], 3), ([1, 2], [4, 4], 3), ([1, 2], [0, 0], 3),
+                                          ([3], [7], 1), ([0, 1, 2], [3, 6, 1], 1)])
+def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T):
     g = torch.Generator().manual_seed(1)
+    B = len(rows)
     k_cache = torch.randn(4, 12, 2, 8, generator=g)
     v_cache = torch.randn(4, 12, 2, 8, generator=g)
     before_k = k_cache.clone()
-    q = torch.randn(2, 3, 4, 8, generator=g)
-    k = torch.randn(2, 3, 2, 8, generator=g)
-    v = torch.randn(2, 3, 2, 8, generator=g)
-    seqlens = torch.tensor([5, 0], dtype=torch.int32)
-    idx = torch.tensor([2, 0], dtype=torch.int32)
+    q = torch.randn(B, T, 4, 8, generator=g)
+    k = torch.randn(B, T, 2, 8, generator=g)
+    v = torch.randn(B, T, 2, 8, generator=g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    idx = torch.tensor(rows, dtype=torch.int32)
     out = kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
                                   causal=True)
-    for b in range(2):
-        r, s = int(idx[b]), int(seqlens[b])
-        assert torch.equal(k_cache[r, s:s + 3], k[b]) and torch.equal(v_cache[r, s:s + 3], v[b])
+    for b in range(B):
+        r, s = rows[b], lens[b]
+        assert torch.equal(k_cache[r, s:s + T], k[b]) and torch.equal(v_cache[r, s:s + T], v[b])
         assert torch.equal(k_cache[r, :s], before_k[r, :s])          # earlier entries untouched
-        ref = naive(q[b], k_cache[r, :s + 3], v_cache[r, :s + 3], causal=True)
+        assert torch.equal(k_cache[r, s + T:], before_k[r, s + T:])  # and later ones
+        ref = naive(q[b], k_cache[r, :s + T], v_cache[r, :s + T], causal=True)
         assert (out[b] - ref).abs().max() < 1e-5
-    assert torch.equal(k_cache[[1, 3]], before_k[[1, 3]])             # other rows untouched
+    others = [r for r in range(4) if r not in rows]
+    assert torch.equal(k_cache[others], before_k[others])             # other rows untouched
 
 
 def test_call_sites_dispatch_to_flash_functions(monkeypatch):

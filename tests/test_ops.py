@@ -1,0 +1,51 @@
+"""The linear products behind the model: oneDNN on x86 CPUs (forward), F.linear elsewhere and for gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minitir import ops
+
+
+def _data(bias: bool, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 24, generator=g, dtype=torch.float64).float()
+    w = torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_values_and_gradients_equal_f_linear(monkeypatch, onednn, bias):
+    monkeypatch.setattr(ops, "_ONEDNN", onednn and ops._ONEDNN)
+    x, w, b = _data(bias)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    y = ops.linear(leaves[0], leaves[1], leaves[2] if bias else None)
+    y_ref = F.linear(ref[0], ref[1], ref[2] if bias else None)
+    assert y.shape == y_ref.shape == (3, 5, 40)
+    assert (y - y_ref).abs().max() < 1e-5
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for a, r in zip(leaves, ref):
+        assert (a.grad - r.grad).abs().max() < 1e-4
+    with torch.no_grad():  # the inference path (no autograd node)
+        assert (ops.linear(x, w, b) - y_ref).abs().max() < 1e-5
+
+
+def test_packed_weights_group_products_and_follow_in_place_updates():
+    lins = [torch.nn.Linear(24, n, bias=True) for n in (16, 8, 8)]  # q/k/v-like: one input, three outputs
+    x = torch.randn(4, 24)
+    with torch.no_grad(), ops.packed_weights():
+        ys = ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
+        for y, m in zip(ys, lins):
+            assert (y - F.linear(x, m.weight, m.bias)).abs().max() < 1e-5
+        lins[1].weight.mul_(2.0)  # an optimizer step inside the block must not leave a stale packed copy
+        lins[2].bias.add_(1.0)
+        ys = ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
+        for y, m in zip(ys, lins):
+            assert (y - F.linear(x, m.weight, m.bias)).abs().max() < 1e-5
+        if ops._ONEDNN:
+            assert len(ops._packed) == 1  # re-packed in place of the stale entry, not beside it
+    assert ops._packed is None  # the copies are dropped on exit
