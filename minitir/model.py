@@ -188,8 +188,7 @@ class Transformer(nn.Module):
         # activation memory vs time in training: "none" stores every activation; "selective" stores per
         # layer only its input, its attention output (with the kernel's logsumexp) and its middle residual,
         # and recomputes the rest in backward (the q/k/v and gate/up products) but never the o/down
-        # products or the attention kernel; "full"
-        # stores only layer inputs and reruns each layer's forward
+        # products or the attention kernel; "full" stores only layer inputs and reruns each layer's forward
         self.checkpointing = "none"
 
     @property

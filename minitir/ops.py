@@ -1,10 +1,13 @@
-"""Two fused operations with hand-written backward passes, for training memory.
+"""The model's products and its two fused operations with hand-written backward passes.
+
+`linear` is F.linear with the forward product in oneDNN on x86 CPUs (see _ONEDNN); inside
+`packed_weights()` the weights are reordered once for a whole `generate` call.
 
 Autograd would keep every intermediate of RMSNorm and SwiGLU alive until backward: per token and layer,
 the normalised input twice and three [intermediate]-sized tensors (silu(gate), silu(gate)*up, ...).
-These functions keep only what cannot be recomputed cheaply (the norm's input and 1/rms, gate and up)
-and redo the elementwise work in backward. No matrix product is recomputed, so this costs no time;
-it cuts activation memory roughly in half (see benchmarks/bench_logprobs.py).
+`norm_linears` and `mlp` keep only what cannot be recomputed cheaply (the norm's input and 1/rms, gate
+and up) and redo the elementwise work in backward, which cuts activation memory roughly in half at no
+cost in matrix products; `mlp(..., recompute=True)` (selective checkpointing) also reruns gate/up.
 """
 from __future__ import annotations
 
