@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minitir.checkpoint import embedded_checkpoint, load_model
-from minitir.generate import ToolOutput, generate
+from minitir.generate import GenerationConfig, Generator, ToolOutput, _Seq, generate
 from tests.conftest import make_hf_model
 
 
@@ -69,6 +69,31 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, t
     c = generate(m, tok, PROMPTS, **{**kw, "seed": 8})
     assert [o.tokens for o in a] == [o.tokens for o in b]
     assert [o.tokens for o in a] != [o.tokens for o in c]
+
+
+# logits [2, 1, .5, 0, -1, -3]: at T=1, p = .561 .206 .125 .076 .028 .004 (cumulative .561 .767 .892 ...).
+# top_k=3 keeps {0, 1, 2}; top_p=0.7 keeps the smallest prefix reaching 0.7: {0, 1}; at T=2, top_p=0.5
+# keeps {0, 1} (p = .363 .220 .172 ...); each kept set is renormalised.
+@pytest.mark.parametrize("temperature,top_k,top_p,kept", [(1.0, 0, 1.0, [0, 1, 2, 3, 4, 5]), (1.0, 3, 1.0, [0, 1, 2]),
+                                                         (1.0, 0, 0.7, [0, 1]), (2.0, 0, 0.5, [0, 1])])
+def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, kept):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 4000
+    g = Generator.__new__(Generator)  # only the sampler: no model needed
+    g.cfg = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    seqs = [_Seq(idx=i, prompt=[], gen=torch.Generator().manual_seed(i)) for i in range(n)]
+    ids, lps = g._sample(logits.repeat(n, 1), seqs)
+    logp = torch.log_softmax(logits / temperature, -1)
+    assert set(ids) <= set(kept)
+    expected = logp[kept].exp() / logp[kept].exp().sum()
+    for k, p in zip(kept, expected.tolist()):
+        freq = ids.count(k) / n
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (k, freq, p)
+    # the reported log-prob is the unfiltered tempered one (what the trainer recomputes)
+    assert max(abs(lp - logp[i].item()) for i, lp in zip(ids, lps)) < 1e-6
+    again, _ = g._sample(logits.repeat(n, 1), [_Seq(idx=i, prompt=[], gen=torch.Generator().manual_seed(i))
+                                               for i in range(n)])
+    assert again == ids
 
 
 def test_top_k_one_is_greedy(tmp_path, tok):
