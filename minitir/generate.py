@@ -1,7 +1,8 @@
 """KV-cached, continuously batched generation with tool-call interruption and resume (ZeroTIR).
 
 Each sequence owns one row of a preallocated `KVCache`. Every tick of the engine:
-  1. admits waiting prompts into free rows;
+  1. admits waiting prompts into free rows (a prompt already cached in a sibling's row, as the n responses
+     of a GRPO group are, is copied from there instead of prefilled again);
   2. takes the finished tool calls and queues their output tokens;
   3. prefills every row with more than one queued token (new prompts, tool outputs) in one batch,
      bounded by a token budget (longer inputs go in chunks);
@@ -81,6 +82,7 @@ class _Seq:
     tool_errors: int = 0
     finish: str | None = None
     future: Future | None = None
+    donor: _Seq | None = None  # an active sequence with the same prompt, whose cached prompt this one copies
 
 
 def _to_tool_output(r) -> ToolOutput:
@@ -202,12 +204,16 @@ class Generator:
                 while waiting or active:
                     while waiting and free:
                         s = waiting.popleft()
-                        s.row, s.pending, s.cached = free.pop(), list(s.prompt), 0
+                        s.row, s.cached = free.pop(), 0
                         cache.seqlens[s.row] = 0
+                        if len(s.prompt) > 1:  # a sibling's prompt already in the cache is copied, not prefilled
+                            s.donor = next((t for t in active if t.prompt == s.prompt and t.donor is None), None)
+                        s.pending = [] if s.donor is not None else list(s.prompt)
                         active.append(s)
                     self._resume_tools(active, cache, block=all(s.future is not None for s in active))
                     ready = [s for s in active if s.future is None and s.finish is None]
                     self._prefill([s for s in ready if len(s.pending) > 1], cache, pool)
+                    self._copy_prompts([s for s in active if s.donor is not None], active, cache)
                     self._decode([s for s in ready if len(s.pending) == 1 and s.finish is None
                                   and s.future is None], cache, pool)
                     for s in [s for s in active if s.finish is not None]:
@@ -219,6 +225,20 @@ class Generator:
         return [Completion(tokens=s.tokens, logprobs=s.logprobs, policy_mask=s.mask, finish_reason=s.finish,
                            text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls,
                            num_tool_errors=s.tool_errors, prompt_len=len(s.prompt)) for s in seqs]
+
+    def _copy_prompts(self, seqs: list[_Seq], active: list[_Seq], cache: KVCache):
+        """The n responses of a GRPO group share their prompt: it is prefilled once, and each sibling copies
+        the donor's cached keys/values of all but the prompt's last token, which it then decodes itself, so
+        it samples its first token from its own logits and generator."""
+        for s in seqs:
+            d, n = s.donor, len(s.prompt) - 1
+            if d not in active:  # the donor finished and its row was reused: prefill after all
+                s.donor, s.pending = None, list(s.prompt)
+            elif d.cached >= n:  # its row holds the prompt (a chunked prefill may still be under way)
+                cache.k[:, s.row, :n] = cache.k[:, d.row, :n]
+                cache.v[:, s.row, :n] = cache.v[:, d.row, :n]
+                cache.seqlens[s.row], s.cached = n, n
+                s.donor, s.pending = None, s.prompt[-1:]
 
     def _resume_tools(self, active: list[_Seq], cache: KVCache, block: bool):
         waiting = [s for s in active if s.future is not None]

@@ -61,6 +61,43 @@ def test_continuous_batching_with_few_rows_equals_one_at_a_time(tmp_path, tok):
         assert o.tokens == alone.tokens and o.finish_reason == alone.finish_reason
 
 
+class CountingModel:
+    """Records how many tokens each forward_cached call appends."""
+
+    def __init__(self, m):
+        self.m, self.config, self.calls = m, m.config, []
+
+    dtype = property(lambda self: self.m.dtype)
+    device = property(lambda self: self.m.device)
+
+    def forward_cached(self, ids, cache, rows, n_new=None, all_logits=False):
+        self.calls.append(n_new.tolist() if n_new is not None else [ids.shape[1]] * ids.shape[0])
+        return self.m.forward_cached(ids, cache, rows, n_new, all_logits)
+
+
+def test_group_prompts_are_prefilled_once(tmp_path, tok):
+    """A GRPO group repeats its prompt: one row prefills it, its siblings copy the cached prefix."""
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    a, b = PROMPTS[0], PROMPTS[2]
+    prompts = [a, a, b, a, b, [44], [44]]
+    model = CountingModel(m)
+    outs = generate(model, tok, prompts, max_new_tokens=8, temperature=0)
+    prefilled = sum(n for call in model.calls for n in call if n > 1)
+    assert prefilled == len(a) + len(b)  # each distinct prompt once (one-token prompts go straight to decoding)
+    for p, o in zip(prompts, outs):
+        assert o.tokens == generate(m, tok, [p], max_new_tokens=8, temperature=0)[0].tokens
+    # sampled: each sibling has its own first token and stream, and its log-probs are the model's
+    outs = generate(m, tok, [a] * 6, max_new_tokens=6, temperature=1.0, seed=5)
+    assert len({tuple(o.tokens) for o in outs}) > 1
+    for o in outs:
+        logp = torch.log_softmax(m(torch.tensor([a + o.tokens]))[0].detach(), -1)
+        for i, (t, lp) in enumerate(zip(o.tokens, o.logprobs)):
+            assert abs(lp - float(logp[len(a) + i - 1, t])) <= 1e-4
+    # a copied row is independent of how rows are shared: the same samples with one row at a time
+    alone = generate(m, tok, [a] * 6, max_new_tokens=6, temperature=1.0, seed=5, max_batch=1)
+    assert [o.tokens for o in outs] == [o.tokens for o in alone]
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, tok):
     _, m = tiny("qwen2-gqa-untied", tmp_path)
     kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
