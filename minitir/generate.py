@@ -119,10 +119,20 @@ class Generator:
                 kth = torch.topk(filt, min(c.top_k, filt.shape[-1]), dim=-1).values[:, -1:]
                 filt = filt.masked_fill(filt < kth, float("-inf"))
             if c.top_p < 1.0:
-                sorted_lp, order = filt.sort(dim=-1, descending=True)
-                cum = sorted_lp.exp().cumsum(-1)
-                drop = cum - sorted_lp.exp() > c.top_p                            # keep the smallest prefix reaching top_p
-                filt = filt.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+                if c.top_k > 0:
+                    filt = filt.log_softmax(-1)  # top-p measures the mass of what top-k kept (as HF and vLLM do)
+                # keep the smallest prefix, by probability, whose mass reaches top_p. Sorting the whole
+                # vocabulary dominated a sampling step: take the k most likely tokens instead, k growing
+                # until their mass exceeds top_p in every row, so that nothing past them can be kept.
+                k = min(64, filt.shape[-1])
+                while True:
+                    top_lp, order = filt.topk(k, dim=-1)                           # [B, k], descending
+                    cum = top_lp.exp().cumsum(-1)
+                    if k == filt.shape[-1] or bool((cum[:, -1] > c.top_p).all()):
+                        break
+                    k = min(4 * k, filt.shape[-1])
+                drop = cum - top_lp.exp() > c.top_p                               # mass before the token
+                filt = torch.full_like(filt, float("-inf")).scatter(-1, order, top_lp.masked_fill(drop, float("-inf")))
             # Gumbel-max: argmax_i (log p_i - log(-log u_i)) is i with probability p_i (-log u_i ~ Exp(1): the
             # exponential race torch.multinomial runs too). Each sequence draws its uniforms from its own
             # generator, so its samples do not depend on which others share the batch; the race changes its

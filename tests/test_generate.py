@@ -110,9 +110,12 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, t
 
 # logits [2, 1, .5, 0, -1, -3]: at T=1, p = .561 .206 .125 .076 .028 .004 (cumulative .561 .767 .892 ...).
 # top_k=3 keeps {0, 1, 2}; top_p=0.7 keeps the smallest prefix reaching 0.7: {0, 1}; at T=2, top_p=0.5
-# keeps {0, 1} (p = .363 .220 .172 ...); each kept set is renormalised.
+# keeps {0, 1} (p = .363 .220 .172 ...); each kept set is renormalised. top_k=4 then top_p=0.78: top-p
+# measures the top 4's renormalised mass (.579 .213 .129 .078, so .792 before token 2) and keeps {0, 1},
+# where the unrenormalised mass (.767 before token 2) would have kept token 2 too.
 @pytest.mark.parametrize("temperature,top_k,top_p,kept", [(1.0, 0, 1.0, [0, 1, 2, 3, 4, 5]), (1.0, 3, 1.0, [0, 1, 2]),
-                                                         (1.0, 0, 0.7, [0, 1]), (2.0, 0, 0.5, [0, 1])])
+                                                         (1.0, 0, 0.7, [0, 1]), (2.0, 0, 0.5, [0, 1]),
+                                                         (1.0, 4, 0.78, [0, 1])])
 def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, kept):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 4000
