@@ -1,6 +1,7 @@
 """Rollout speed on CPU with SmolLM2-135M, float32.
 
-1. Decode throughput against transformers' `generate` (greedy, 256 new tokens) at batch 1 and 16.
+1. Decode throughput against transformers' `generate` (greedy, 256 new tokens) at batch 1 and 16, and the
+   RL workload: 2 prompts x 8 sampled responses at temperature 1 (a GRPO step's groups).
 2. A tool-interleaved rollout: 16 responses, each making 2 tool calls with a fixed tool latency, against
    - re-prefill: the same engine, but after each tool call the row's cache is dropped and the whole prefix
      is prefilled again (what a framework does when it sends the prefix back to an inference server);
@@ -39,6 +40,26 @@ def bench_decode(model, tok, hf, batch, new_tokens):
                           pad_token_id=tok.eos_token_id)
     theirs = batch * (out.shape[1] - enc.input_ids.shape[1]) / (time.perf_counter() - t)
     return ours, theirs
+
+
+def bench_groups(model, tok, hf, prompts_n, group, new_tokens):
+    """Sampled groups at temperature 1: minitir prefills each prompt once; transformers' generate expands
+    the input to num_return_sequences copies and prefills each."""
+    probs = synthetic_problems(prompts_n, seed=0)
+    texts = [render_prompt(TEMPLATES["zero_tir"], p.question) for p in probs]
+    prompts = [tok.encode(t) for t in texts for _ in range(group)]
+    t = time.perf_counter()
+    outs = generate(model, tok, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    ours = sum(len(o.tokens) for o in outs) / (time.perf_counter() - t)
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                          temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=group,
+                          pad_token_id=tok.eos_token_id)
+    theirs = out.shape[0] * (out.shape[1] - enc.input_ids.shape[1]) / (time.perf_counter() - t)
+    return ours, theirs, len(prompts[0])
 
 
 class Forced(torch.nn.Module):
@@ -123,6 +144,8 @@ def main():
     for batch in (1, 16):
         ours, theirs = bench_decode(model, tok, hf, batch, a.new_tokens)
         print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
+    ours, theirs, plen = bench_groups(model, tok, hf, 2, 8, a.new_tokens)
+    print(f"| 2 prompts x 8 sampled (T=1, ~{plen}-token prompts) | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
     print(f"\ntool-interleaved rollout: 16 responses x 2 tool calls, tool latency {a.latency * 1000:.0f} ms")
     print("| engine | seconds | tokens | tokens/s | minitir speed-up |")
     print("|---|---|---|---|---|")

@@ -242,7 +242,7 @@ class Generator:
         it samples its first token from its own logits and generator."""
         for s in seqs:
             d, n = s.donor, len(s.prompt) - 1
-            if d not in active:  # the donor finished and its row was reused: prefill after all
+            if d not in active:  # the donor ended while re-prefilling (reprefill_after_tool): prefill after all
                 s.donor, s.pending = None, list(s.prompt)
             elif d.cached >= n:  # its row holds the prompt (a chunked prefill may still be under way)
                 cache.k[:, s.row, :n] = cache.k[:, d.row, :n]
