@@ -96,38 +96,38 @@ def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         lens = cache_seqlens.tolist()
     Tn = k.shape[1] if k is not None else 0
-    first = row_list[0]
-    if row_list == list(range(first, first + B)) and lens.count(lens[0]) == B:
-        # contiguous rows of one length (always so at batch 1): slices of the cache, no padding mask
-        L, last = lens[0], first + B
-        if Tn:
-            k_cache[first:last, L:L + Tn] = k
-            v_cache[first:last, L:L + Tn] = v
-        keys, vals = k_cache[first:last, :L + Tn].transpose(1, 2), v_cache[first:last, :L + Tn].transpose(1, 2)
-        top_left = causal and Tq > 1 and L + Tn == Tq  # a first chunk: SDPA's own causal kernel
-        mask = _bottom_right_mask(Tq, L + Tn, q.device) if causal and Tq > 1 and not top_left else None
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=top_left,
-                                           scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
-        return o.transpose(1, 2)
-    rows = torch.tensor(row_list, device=q.device)
-    seqlens = torch.tensor(lens, dtype=torch.long, device=q.device)
-    if Tn:
-        cols = seqlens[:, None] + torch.arange(Tn, device=q.device) if Tn > 1 else seqlens[:, None]  # [B, Tn]
+    first, S = row_list[0], max(lens) + Tn
+    contiguous = row_list == list(range(first, first + B))   # the rows are a slice of the cache: no copy
+    uniform = contiguous and lens.count(lens[0]) == B        # and of one length (always at batch 1): no padding
+    if not uniform:
+        rows = torch.tensor(row_list, device=q.device)
+        seqlens = torch.tensor(lens, device=q.device)
+    if Tn and uniform:
+        k_cache[first:first + B, lens[0]:S] = k
+        v_cache[first:first + B, lens[0]:S] = v
+    elif Tn:
+        cols = seqlens[:, None] + torch.arange(Tn, device=q.device)   # [B, Tn]
         k_cache[rows[:, None], cols] = k
         v_cache[rows[:, None], cols] = v
-    total = seqlens + Tn                                               # keys per row [B]
-    S = max(lens) + Tn
-    if row_list == list(range(first, first + B)):  # contiguous rows: a view of the cache, no copy
+    if contiguous:
         keys, vals = k_cache[first:first + B, :S], v_cache[first:first + B, :S]
     else:
         keys, vals = k_cache[rows, :S], v_cache[rows, :S]
     keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)            # [B, Hkv, S, D]
-    j = torch.arange(S, device=q.device)
-    allowed = j[None, None, :] < total[:, None, None]                  # [B, 1, S]
-    if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
-        i = torch.arange(Tq, device=q.device)
-        allowed = allowed & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=allowed.unsqueeze(1),
+    is_causal, mask = False, None
+    if uniform:  # one mask for all rows, or SDPA's own causal kernel for a first chunk
+        is_causal = causal and Tq > 1 and S == Tq
+        if causal and Tq > 1 and not is_causal:
+            mask = _bottom_right_mask(Tq, S, q.device)
+    else:
+        total = seqlens + Tn                                           # keys per row [B]
+        j = torch.arange(S, device=q.device)
+        mask = j[None, None, :] < total[:, None, None]                 # [B, 1, S]
+        if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
+            i = torch.arange(Tq, device=q.device)
+            mask = mask & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
+        mask = mask.unsqueeze(1)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=is_causal,
                                        scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
     return o.transpose(1, 2)
 

@@ -127,11 +127,12 @@ class Generator:
                 k = min(64, filt.shape[-1])
                 while True:
                     top_lp, order = filt.topk(k, dim=-1)                           # [B, k], descending
-                    cum = top_lp.exp().cumsum(-1)
+                    probs = top_lp.exp()
+                    cum = probs.cumsum(-1)
                     if k == filt.shape[-1] or bool((cum[:, -1] > c.top_p).all()):
                         break
                     k = min(4 * k, filt.shape[-1])
-                drop = cum - top_lp.exp() > c.top_p                               # mass before the token
+                drop = cum - probs > c.top_p                                       # mass before the token
                 filt = torch.full_like(filt, float("-inf")).scatter(-1, order, top_lp.masked_fill(drop, float("-inf")))
             # Gumbel-max: argmax_i (log p_i - log(-log u_i)) is i with probability p_i (-log u_i ~ Exp(1): the
             # exponential race torch.multinomial runs too). Each sequence draws its uniforms from its own
