@@ -39,15 +39,21 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
     else:
-        from minitir.logprobs import sequence_logprobs
+        from minitir.logprobs import token_loss
         model = load_model(path)
         model.train()
         model.checkpointing = checkpointing
         cu = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32)
+        flat = ids.flatten()
+        sel = torch.arange(batch * seqlen).view(batch, seqlen)[:, :-1].flatten()   # positions with a next token
+        n = sel.numel()
         for _ in range(repeats):
             t = time.perf_counter()
-            logp, _ = sequence_logprobs(model, ids.flatten(), cu, chunk_size=1024)
-            (-logp.sum() / (batch * (seqlen - 1))).backward()
+            # what the trainer does: the mean next-token NLL (transformers' loss with labels), fused into the head
+            hidden = model.hidden_packed(flat, cu)
+            loss, _, _ = token_loss(hidden[sel], model.lm_head.weight, flat[sel + 1],
+                                    lambda lp, ent, rows: -lp.sum() / n, chunk_size=1024)
+            loss.backward()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
     print(json.dumps({"variant": variant + (f" checkpointing={checkpointing}" if variant == "minitir" else ""), "seconds": min(times),

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# oneDNN runs the x @ W^T products on x86 CPUs in float32: on the AMD EPYC these benchmarks ran on, MKL's
-# sgemm (what F.linear calls) is ~1.3x slower at training shapes and ~2x at decoding's few-row shapes.
-# The gradient products (gy @ W, gy^T @ x) stay in MKL, which was as fast or faster for them.
-# MINITIR_ONEDNN=0 keeps every product in F.linear.
+# oneDNN runs the x @ W^T and gy @ W products on x86 CPUs in float32: on the AMD EPYC these benchmarks ran
+# on, MKL's sgemm (what F.linear calls) is ~1.3x slower at training shapes and ~2x at decoding's few-row
+# shapes. The weight gradients (gy^T @ x) stay in MKL, which was as fast or faster for them.
+# MINITIR_ONEDNN=0 keeps every product in F.linear / torch.mm.
 _ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
            and os.environ.get("MINITIR_ONEDNN", "1") != "0")
 
@@ -77,6 +77,16 @@ def _product(x, w, b):
     return _products(x, (w,), (b,))[0]
 
 
+def grad_input(gy: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """acc + gy @ W: the gradient of x for y = x @ W^T, summed over the linears that share x.
+    oneDNN takes W^T as a weight (a weight-sized copy per call, small next to the product) and runs
+    these ~1.3x faster than MKL does given W as it is."""
+    if _onednn_ok(gy, w):
+        g = torch.ops.mkldnn._linear_pointwise(gy.contiguous(), w.t().contiguous(), None, "none", [], "")
+        return g if acc is None else acc.add_(g)
+    return gy @ w if acc is None else torch.addmm(acc, gy, w)   # out of place: autocast may change dtypes
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
@@ -88,7 +98,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = (gy2 @ w).view(x.shape) if ctx.needs_input_grad[0] else None
+        gx = grad_input(gy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
         gw = gy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         gb = gy2.sum(0) if ctx.has_b and ctx.needs_input_grad[2] else None
         return gx, gw, gb
@@ -120,7 +130,7 @@ def _norm_linears_backward(x, rstd, norm_w, wb, gys, needs_bias):
         if gy is None:
             grads += [None, None]
             continue
-        gn = gy @ wb[2 * i] if gn is None else torch.addmm(gn, gy, wb[2 * i])  # [N, D] (out of place: autocast)
+        gn = grad_input(gy, wb[2 * i], gn)                               # [N, D]
         grads += [gy.t() @ n, gy.sum(0) if needs_bias[i] else None]
     g_norm_w = (gn * xhat).sum(0)
     gxhat, xh = (gn * norm_w).float(), xhat.float()
@@ -133,7 +143,7 @@ def _swiglu_down_backward(g, u, W, gout, has_b):
     these tensors are the largest of the layer, so passes, not FLOPs, are the cost."""
     silu = F.silu(g)                                                    # [N, F]
     g_W = gout.t() @ (silu * u)                                         # [D, F]
-    g_prod = gout @ W                                                   # [N, F]
+    g_prod = grad_input(gout, W)                                        # [N, F]
     g_u = g_prod * silu
     g_g = torch.ops.aten.silu_backward(g_prod.mul_(u), g)               # (g_prod * u) * silu'(g)
     return g_g, g_u, g_W, gout.sum(0) if has_b else None

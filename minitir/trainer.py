@@ -26,7 +26,7 @@ import torch.nn as nn
 from minitir import distributed, rl
 from minitir.checkpoint import load_model, load_pretrained, save_pretrained
 from minitir.generate import Completion, GenerationConfig, Generator
-from minitir.logprobs import token_logprobs
+from minitir.logprobs import token_logprobs, token_loss
 from minitir.reward import Grader, RewardConfig, extract_answer, outcome_reward
 from minitir.tasks import (Problem, get_template, load_benchmark, load_problems, render_prompt,
                            synthetic_problems)
@@ -400,11 +400,11 @@ class Trainer:
         out += [cur] if cur else []
         return out + [[] for _ in range(int(self.dist.max(len(out))) - len(out))]
 
-    def _forward(self, model: nn.Module, samples: list[Sample], with_entropy: bool, value_head=None):
-        """Packed forward over the samples -> per policy token (compacted to loss_mask == 1, in order):
-        log-probs [M] (entropy [M]) or, with value_head, values [M]; plus seq index [M].
-        An empty list runs a one-token placeholder (this rank's share of a collective step); its outputs
-        [1] must be multiplied by 0."""
+    def _policy_states(self, model: nn.Module, samples: list[Sample]):
+        """Packed forward over the samples -> for each policy token (loss_mask == 1, in order) the final
+        hidden state before it [M, D], the token [M] and its sequence's index [M].
+        An empty list runs a one-token placeholder (this rank's share of a collective step); what is
+        computed from it must be multiplied by 0."""
         if not samples:
             eos = self.tok.eos_token_id or 0
             samples = [Sample(prompt_ids=[eos], completion=Completion([eos], [0.0], [1], "", "stop"), gold="",
@@ -421,11 +421,16 @@ class Trainer:
         sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
         with self._autocast():
             hidden = model.hidden_packed(ids_t, torch.tensor(cu, dtype=torch.int32, device=dev))   # [N, D]
-            h = hidden[sel_t - 1]                           # the state before each policy token [M, D]
-            seq_t = torch.tensor(seq_index, dtype=torch.long, device=dev)
+        return hidden[sel_t - 1], ids_t[sel_t], torch.tensor(seq_index, dtype=torch.long, device=dev)
+
+    def _forward(self, model: nn.Module, samples: list[Sample], with_entropy: bool, value_head=None):
+        """-> per policy token (see _policy_states): log-probs [M] (entropy [M]) or, with value_head,
+        values [M]; plus seq index [M]."""
+        h, targets, seq_t = self._policy_states(model, samples)
+        with self._autocast():
             if value_head is not None:
                 return value_head(h).squeeze(-1).float(), None, seq_t
-            logp, ent = token_logprobs(h, model.lm_head.weight, ids_t[sel_t], temperature=self.cfg.temperature,
+            logp, ent = token_logprobs(h, model.lm_head.weight, targets, temperature=self.cfg.temperature,
                                        with_entropy=with_entropy)
         return logp, ent, seq_t
 
@@ -530,41 +535,48 @@ class Trainer:
                 sums = torch.zeros(5, dtype=torch.float64)
                 offset = 0
                 for mb in self._micro_batches(mini):
-                    logp, ent, _ = self._forward(self.model, mb, with_entropy=True)      # [M]
                     if not mb:  # placeholder: keeps this rank in step with the others' collectives
-                        (logp.sum() * 0).backward()
+                        (self._forward(self.model, mb, False)[0].sum() * 0).backward()
                         if self.critic is not None:
                             (self._forward(self.critic.body, mb, False, self.critic.value_head)[0].sum() * 0).backward()
                         continue
-                    M = logp.shape[0]
+                    h, targets, _ = self._policy_states(self.model, mb)                  # [M, D], [M]
+                    M = targets.shape[0]
                     w = weights[offset:offset + M].to(self.device)                         # [M]
                     offset += M
+                    adv = torch.tensor([v for s in mb for v in s.adv], device=self.device)
+                    # without old log-probs (one update per step) the policy that generated is the current one
+                    old = torch.tensor([v for s in mb for v in s.old_logp], device=self.device) if mb[0].old_logp else None
+                    ref = (torch.tensor([v for s in mb for v in s.ref_logp], device=self.device)
+                           if self.ref is not None else None)
+
+                    def chunk_loss(lp, en, rows):   # lp, en [C]: the micro-batch's tokens `rows`
+                        tok_loss, _ = rl.policy_loss(lp, lp.detach() if old is None else old[rows], adv[rows],
+                                                     cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
+                        if ref is not None and not cfg.kl_in_reward:
+                            tok_loss = tok_loss + cfg.kl_coef * rl.kl_estimate(lp, ref[rows], cfg.kl_estimator)
+                        if cfg.entropy_coef:
+                            tok_loss = tok_loss - cfg.entropy_coef * en
+                        return (tok_loss * w[rows]).sum()
+
+                    # the loss's gradient w.r.t. the logits is taken chunk by chunk inside the head's forward
+                    with self._autocast():
+                        loss, logp, ent = token_loss(h, self.model.lm_head.weight, targets, chunk_loss,
+                                                     temperature=cfg.temperature, with_entropy=True)
+                    (loss * d.world).backward()
                     if epoch == 0:
                         gen_lp = torch.tensor([lp for s in mb for lp, k in zip(s.completion.logprobs, s.loss_mask) if k],
                                               device=self.device)
-                        g = (gen_lp - logp.detach().float()).abs()
+                        g = (gen_lp - logp.float()).abs()
                         gap += torch.tensor([float(g.sum()), len(g), 0.0], dtype=torch.float64)
                         gap[2] = max(gap[2], float(g.max()))
-                    if mb[0].old_logp:
-                        old = torch.tensor([v for s in mb for v in s.old_logp], device=self.device)
-                    else:  # one update per step: the policy that generated is the current one
-                        old = logp.detach()
-                    adv = torch.tensor([v for s in mb for v in s.adv], device=self.device)
-                    tok_loss, clipped = rl.policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high,
-                                                       cfg.dual_clip or None)
-                    if self.ref is not None:
-                        ref = torch.tensor([v for s in mb for v in s.ref_logp], device=self.device)
-                        kl = rl.kl_estimate(logp, ref, cfg.kl_estimator)
-                        if not cfg.kl_in_reward:
-                            tok_loss = tok_loss + cfg.kl_coef * kl
-                        sums[3] += float((kl.detach() * w).sum())
-                    if cfg.entropy_coef:
-                        tok_loss = tok_loss - cfg.entropy_coef * ent
-                    loss = (tok_loss * w).sum()
-                    (loss * d.world).backward()
+                    _, clipped = rl.policy_loss(logp, logp if old is None else old, adv, cfg.clip_low, cfg.clip_high,
+                                                cfg.dual_clip or None)
                     sums[0] += float(loss.detach())
                     sums[1] += float((clipped.float() * w).sum())
-                    sums[2] += float((ent.detach() * w).sum())
+                    sums[2] += float((ent * w).sum())
+                    if ref is not None:
+                        sums[3] += float((rl.kl_estimate(logp, ref, cfg.kl_estimator) * w).sum())
                     if self.critic is not None:
                         vals, _, _ = self._forward(self.critic.body, mb, False, self.critic.value_head)
                         old_v = torch.tensor([v for s in mb for v in s.old_values], device=self.device)
