@@ -17,12 +17,14 @@ Token-in/token-out: sampled tokens are kept as ids; text is decoded for stop che
 from __future__ import annotations
 
 import re
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
 
+from minitir.attention import flash_available
 from minitir.model import KVCache, Transformer
 from minitir.ops import packed_weights
 
@@ -64,6 +66,7 @@ class GenerationConfig:
     tool_workers: int = 8
     reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
     ignore_eos: bool = False   # generate max_new_tokens whatever is sampled (benchmarks)
+    cuda_graphs: bool = True   # on CUDA with flash-attn: replay the decode step as a CUDA graph
 
 
 @dataclass(eq=False)
@@ -83,6 +86,64 @@ class _Seq:
     finish: str | None = None
     future: Future | None = None
     donor: _Seq | None = None  # an active sequence with the same prompt, whose cached prompt this one copies
+
+
+def _graphs_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA graphs need a decode step without host syncs: flash-attn's kernel (the PyTorch stand-in reads
+    lengths on the host)."""
+    return flash_available(torch.empty(0, dtype=dtype, device=device))
+
+
+class DecodeGraphs:
+    """The decode step (one token for each of B rows -> logits [B, V]) as CUDA graphs, one per batch
+    size in `sizes`. Launching a small model's ~15 kernels per layer one by one from Python bounds
+    decoding on a GPU; a graph replays them in one launch.
+
+    A graph reads its inputs from static buffers and writes its logits to a static output. A batch of B
+    rows runs the smallest graph of at least B; its spare entries decode into a scratch row (the cache's
+    last, which the engine never hands out), whose length is reset at the end of every step. Off CUDA
+    the same buffers and padding run eagerly (so tests check everything but the capture itself)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, max_rows: int):
+        self.model, self.cache = model, cache
+        self.scratch = cache.k.shape[1] - 1
+        dev = cache.k.device
+        self.ids = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
+        self.rows = torch.full((max_rows,), self.scratch, dtype=torch.int32, device=dev)
+        self.sizes = sorted({min(b, max_rows) for b in (1, 2, 4, 8, *range(16, max_rows + 16, 16))})
+        self.graphs, self.out, pool = {}, {}, None
+        if dev.type != "cuda":
+            return
+        # under autocast, casts made during capture must not be cached outside the graph's memory
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            for b in reversed(self.sizes):   # largest first: the smaller graphs reuse its memory pool
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):   # warm-up: library handles and workspaces exist before capture
+                    self._step(b)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.out[b] = self._step(b)
+                self.graphs[b], pool = g, g.pool()
+
+    def _step(self, b: int) -> torch.Tensor:
+        logits = self.model.forward_cached(self.ids[:b], self.cache, self.rows[:b], check=False)
+        self.cache.seqlens[self.scratch] = 0
+        return logits
+
+    def __call__(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """ids [B, 1], rows [B] -> logits [B, V]: a view of the graph's output, valid until the next call."""
+        B = ids.shape[0]
+        b = next(n for n in self.sizes if n >= B)
+        self.ids[:B].copy_(ids)
+        self.rows[:B].copy_(rows)
+        self.rows[B:b].fill_(self.scratch)
+        if b not in self.graphs:
+            return self._step(b)[:B]
+        self.graphs[b].replay()
+        return self.out[b][:B]
 
 
 def _to_tool_output(r) -> ToolOutput:
@@ -194,7 +255,15 @@ class Generator:
         dev = torch.device(model.device)
         # under autocast the attention inputs are in the autocast dtype, and so must the cache be
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype
-        cache = KVCache(model.config, rows, self.max_len, dtype=dtype, device=dev)
+        graphs = c.cuda_graphs and _graphs_supported(dev, dtype)
+        cache = KVCache(model.config, rows + int(graphs), self.max_len, dtype=dtype, device=dev)  # + a scratch row
+        self.graphs = None
+        if graphs:
+            try:
+                self.graphs = DecodeGraphs(model, cache, rows)
+            except RuntimeError as e:  # decoding still works without them, only slower
+                warnings.warn(f"CUDA-graph capture of the decode step failed ({e}); decoding without graphs "
+                              f"(GenerationConfig.cuda_graphs=False skips the attempt)")
         seqs = []
         for i, p in enumerate(prompts):
             gen = None
@@ -313,7 +382,8 @@ class Generator:
             return
         seqs = sorted(seqs, key=lambda s: s.row)  # contiguous rows let the cache be read without a copy
         ids = torch.tensor([[s.pending[0]] for s in seqs], device=self.model.device)
-        logits = self.model.forward_cached(ids, cache, torch.tensor([s.row for s in seqs]))
+        rows = torch.tensor([s.row for s in seqs], dtype=torch.int32, device=self.model.device)
+        logits = self.graphs(ids, rows) if self.graphs is not None else self.model.forward_cached(ids, cache, rows)
         toks, lps = self._sample(logits, seqs)
         for s, t, lp in zip(seqs, toks, lps):
             s.cached += 1

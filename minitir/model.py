@@ -268,11 +268,13 @@ class Transformer(nn.Module):
     # --- path 3: KV-cached decoding and chunked prefill -----------------------------------------
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor,
-                       n_new: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+                       n_new: torch.Tensor | None = None, all_logits: bool = False,
+                       check: bool = True) -> torch.Tensor:
         """Append input_ids [B, T] (right-padded; row b holds n_new[b] real tokens) to cache rows `rows` [B].
 
         Returns logits at each row's last real token [B, V] (or at every position [B, T, V] with
         all_logits) and advances cache.seqlens. Padding is written past a row's length and overwritten later.
+        check=False skips the overflow check, which reads the lengths on the host (a CUDA graph cannot).
         """
         B, T = input_ids.shape
         rows = rows.to(device=input_ids.device, dtype=torch.int32)
@@ -280,7 +282,7 @@ class Transformer(nn.Module):
             n_new = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
         n_new = n_new.to(device=input_ids.device, dtype=torch.int32)
         start = cache.seqlens[rows]  # [B] int32
-        if int((start + T).max()) > cache.max_len:
+        if check and int((start + T).max()) > cache.max_len:
             raise ValueError(f"KV cache overflow: a row would reach {int((start + T).max())} tokens "
                              f"but the cache holds {cache.max_len}")
         positions = start[:, None].long() + torch.arange(T, device=input_ids.device)

@@ -329,3 +329,55 @@ def test_length_limits_and_long_prompts(tok):
     assert outs[0].finish_reason == "length" and len(outs[0].tokens) == 8
     assert outs[1].finish_reason == "prompt_too_long" and outs[1].tokens == []
     assert outs[2].finish_reason == "length" and len(outs[2].tokens) <= 8
+
+
+def test_decode_graph_buffers_pad_batches_into_a_scratch_row(tmp_path, tok, monkeypatch):
+    """DecodeGraphs off CUDA runs its static buffers and bucket padding eagerly: everything the CUDA graphs
+    do except the capture. 7 prompts on 5 rows (buckets 1, 2, 4, 5) with ragged lengths: batches of 3 are
+    padded to 4 with the scratch row, which must neither disturb the real rows nor keep a length."""
+    import minitir.generate as G
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4], [3] * 9]
+    kw = dict(max_new_tokens=15, temperature=0.8, seed=1, max_batch=5, prefill_tokens=8, ignore_eos=True)
+    plain = generate(m, tok, prompts, **kw)
+    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+    steps, call = [], G.DecodeGraphs.__call__
+
+    def spy(self, ids, rows):
+        out = call(self, ids, rows)
+        steps.append((ids.shape[0], self.cache.k.shape[1], int(self.cache.seqlens[self.scratch]), self.sizes))
+        return out
+
+    monkeypatch.setattr(G.DecodeGraphs, "__call__", spy)
+    graphed = generate(m, tok, prompts, **kw)
+    assert {s[1] for s in steps} == {6} and steps[0][3] == [1, 2, 4, 5]   # 5 rows + the scratch row
+    assert all(s[2] == 0 for s in steps)
+    assert any(s[0] == 3 for s in steps)                                    # a batch that was padded
+    for a, b in zip(plain, graphed):
+        assert a.tokens == b.tokens
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+def test_decode_graph_step_touches_only_its_rows(tmp_path):
+    """One padded step (3 rows -> the graph of 4): logits equal the plain cached forward, and the cache
+    changes only at the 3 rows' new positions; other rows, cached or free, are untouched."""
+    import minitir.generate as G
+    from minitir.model import KVCache
+    _, m = tiny("qwen2-gqa-untied", tmp_path)
+    cache = KVCache(m.config, 6 + 1, 16)                     # 6 rows + scratch
+    g = torch.Generator().manual_seed(0)
+    m.forward_cached(torch.randint(0, 97, (6, 5), generator=g), cache, torch.arange(6),
+                     torch.tensor([5, 3, 4, 5, 2, 1]))
+    graphs = G.DecodeGraphs(m, cache, 6)
+    assert graphs.sizes == [1, 2, 4, 6]
+    ref = KVCache(m.config, 7, 16)
+    ref.k.copy_(cache.k), ref.v.copy_(cache.v), ref.seqlens.copy_(cache.seqlens)
+    ids, rows = torch.tensor([[4], [9], [30]]), torch.tensor([4, 0, 2], dtype=torch.int32)
+    before = cache.seqlens.clone()
+    out = graphs(ids, rows)
+    want = m.forward_cached(ids, ref, rows)
+    assert out.shape == want.shape and (out - want).abs().max() <= 1e-5
+    assert cache.seqlens.tolist() == ref.seqlens.tolist() and int(cache.seqlens[6]) == 0
+    for r in range(6):   # ref got exactly the 3 rows' writes
+        n = int(before[r]) + (r in (0, 2, 4))
+        assert torch.equal(cache.k[:, r, :n], ref.k[:, r, :n]) and torch.equal(cache.v[:, r, :n], ref.v[:, r, :n])
