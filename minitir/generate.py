@@ -302,6 +302,7 @@ class Generator:
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+            self.graphs = None  # they hold the cache and their memory pool: both go when generate returns
         return [Completion(tokens=s.tokens, logprobs=s.logprobs, policy_mask=s.mask, finish_reason=s.finish,
                            text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls,
                            num_tool_errors=s.tool_errors, prompt_len=len(s.prompt)) for s in seqs]

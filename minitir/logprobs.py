@@ -132,9 +132,13 @@ class _TokenLogprobs(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_logp, g_ent, g_loss):
         if ctx.fused:
+            # scaled in place: a copy of the float32 weight gradient would add its size to the peak
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("token_loss: backward runs once per forward (retain_graph is not supported)")
+            ctx.consumed = True
             g_hidden, g_weight = ctx.saved_tensors
-            gh = None if g_hidden is None else g_hidden * g_loss.to(g_hidden.dtype)
-            gw = None if g_weight is None else (g_weight * g_loss).to(ctx.weight_dtype)
+            gh = None if g_hidden is None else g_hidden.mul_(g_loss.to(g_hidden.dtype))
+            gw = None if g_weight is None else g_weight.mul_(g_loss).to(ctx.weight_dtype)
             return gh, gw, None, None, None, None, None
         hidden, weight, targets, lse_all, ent = ctx.saved_tensors
         T, n = ctx.temperature, hidden.shape[0]

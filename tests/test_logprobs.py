@@ -130,3 +130,12 @@ def test_float32_chunked_gradients_match_full():
     rlp, rent = naive(hidden, weight, targets, 1.0)
     (rlp.sum() + 0.5 * rent.sum()).backward()
     assert (gh - hidden.grad).abs().max() <= 1e-4 and (gw - weight.grad).abs().max() <= 1e-4
+
+
+def test_fused_token_loss_backward_runs_once():
+    hidden = torch.randn(6, 8).requires_grad_()
+    weight = torch.randn(20, 8).requires_grad_()
+    loss, _, _ = token_loss(hidden, weight, torch.arange(6), lambda lp, ent, rows: -lp.sum())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
