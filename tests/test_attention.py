@@ -1,5 +1,6 @@
-"""The flash-attn call sites, checked on CPU: the PyTorch stand-ins take flash-attn's exact signatures
-and match a naive attention loop, including bottom-right causal alignment and in-place cache updates."""
+"""The flash-attn call sites: the PyTorch stand-ins take flash-attn's exact signatures and match a naive
+attention loop, including bottom-right causal alignment and in-place cache updates. On a machine with CUDA
+and flash-attn the same checks run on flash-attn's kernels too (bfloat16, looser tolerance)."""
 import inspect
 import math
 
@@ -15,6 +16,17 @@ FLASH_VARLEN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqle
 FLASH_KVCACHE_PARAMS = ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
                         "cache_batch_idx", "cache_leftpad", "block_table", "softmax_scale", "causal", "window_size",
                         "softcap", "rotary_interleaved", "alibi_slopes", "num_splits", "return_softmax_lse"]
+
+
+FLASH = attention._flash_kvcache is not None and torch.cuda.is_available()
+IMPLS = ["torch", pytest.param("flash", marks=pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn"))]
+
+
+def impl_of(name):
+    """-> (varlen kernel, kvcache kernel, device, dtype, tolerance against the float32 naive loop)."""
+    if name == "torch":
+        return varlen_attention_torch, kvcache_attention_torch, "cpu", torch.float32, 1e-5
+    return attention._flash_varlen, attention._flash_kvcache, "cuda", torch.bfloat16, 2e-2
 
 
 def naive(q, k, v, causal):
@@ -43,47 +55,49 @@ def test_signatures_match_flash_attn():
     ([4, 4, 4, 2, 2, 6, 0, 3], [4, 4, 6, 2, 2, 6, 0, 3]),  # runs of equal lengths share one batched call
     ([5, 5, 5], [5, 5, 5]),                     # one run covering the whole pack
 ])
-def test_varlen_matches_naive(lq, lk):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_varlen_matches_naive(lq, lk, impl):
+    fn, _, dev, dt, tol = impl_of(impl)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(sum(lq), 4, 8, generator=g)
-    k = torch.randn(sum(lk), 2, 8, generator=g)
-    v = torch.randn(sum(lk), 2, 8, generator=g)
+    # rounded to the kernel's dtype first, so the float32 reference sees the kernel's inputs
+    q, k, v = (torch.randn(n, h, 8, generator=g).to(dt).float()
+               for n, h in ((sum(lq), 4), (sum(lk), 2), (sum(lk), 2)))
     cq = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0).to(torch.int32)
     ck = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0).to(torch.int32)
     for causal in (True, False):
-        out = varlen_attention_torch(q, k, v, cq, ck, max(lq), max(lk), causal=causal)
+        out = fn(*(x.to(dev, dt) for x in (q, k, v)), cq.to(dev), ck.to(dev), max(lq), max(lk), causal=causal)
         assert out.shape == q.shape
+        out = out.float().cpu()
         for i in range(len(lq)):
             if lq[i] == 0:
                 continue
             ref = naive(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], causal)
-            assert (out[cq[i]:cq[i + 1]] - ref).abs().max() < 1e-5
+            assert (out[cq[i]:cq[i + 1]] - ref).abs().max() < tol
 
 
 # (rows, lengths, new tokens): scattered rows of different lengths take the masked path; contiguous rows of
 # one length take the slice path, with and without earlier tokens, for a chunk and for a single query
 @pytest.mark.parametrize("rows,lens,T", [([2, 0], [5, 0], 3), ([1, 2], [4, 4], 3), ([1, 2], [0, 0], 3),
                                           ([3], [7], 1), ([0, 1, 2], [3, 6, 1], 1)])
-def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T, impl):
+    _, fn, dev, dt, tol = impl_of(impl)
     g = torch.Generator().manual_seed(1)
     B = len(rows)
-    k_cache = torch.randn(4, 12, 2, 8, generator=g)
-    v_cache = torch.randn(4, 12, 2, 8, generator=g)
+    k_cache, v_cache = (torch.randn(4, 12, 2, 8, generator=g).to(dev, dt) for _ in range(2))
     before_k = k_cache.clone()
-    q = torch.randn(B, T, 4, 8, generator=g)
-    k = torch.randn(B, T, 2, 8, generator=g)
-    v = torch.randn(B, T, 2, 8, generator=g)
-    seqlens = torch.tensor(lens, dtype=torch.int32)
-    idx = torch.tensor(rows, dtype=torch.int32)
-    out = kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx,
-                                  causal=True)
+    q = torch.randn(B, T, 4, 8, generator=g).to(dev, dt)
+    k, v = (torch.randn(B, T, 2, 8, generator=g).to(dev, dt) for _ in range(2))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    idx = torch.tensor(rows, dtype=torch.int32, device=dev)
+    out = fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, cache_batch_idx=idx, causal=True)
     for b in range(B):
         r, s = rows[b], lens[b]
         assert torch.equal(k_cache[r, s:s + T], k[b]) and torch.equal(v_cache[r, s:s + T], v[b])
         assert torch.equal(k_cache[r, :s], before_k[r, :s])          # earlier entries untouched
         assert torch.equal(k_cache[r, s + T:], before_k[r, s + T:])  # and later ones
-        ref = naive(q[b], k_cache[r, :s + T], v_cache[r, :s + T], causal=True)
-        assert (out[b] - ref).abs().max() < 1e-5
+        ref = naive(*(x.float().cpu() for x in (q[b], k_cache[r, :s + T], v_cache[r, :s + T])), causal=True)
+        assert (out[b].float().cpu() - ref).abs().max() < tol
     others = [r for r in range(4) if r not in rows]
     assert torch.equal(k_cache[others], before_k[others])             # other rows untouched
 
