@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from minitir import attention
 from minitir.checkpoint import embedded_checkpoint, load_model
 from minitir.generate import GenerationConfig, Generator, ToolOutput, _Seq, generate
 from tests.conftest import make_hf_model
@@ -383,11 +384,11 @@ def test_decode_graph_step_touches_only_its_rows(tmp_path):
         assert torch.equal(cache.k[:, r, :n], ref.k[:, r, :n]) and torch.equal(cache.v[:, r, :n], ref.v[:, r, :n])
 
 
-CUDA_FLASH = torch.cuda.is_available() and __import__("minitir.attention").attention._flash_kvcache is not None
+CUDA_FLASH = torch.cuda.is_available() and attention._flash_kvcache is not None
 
 
 @pytest.mark.skipif(not CUDA_FLASH, reason="needs CUDA and flash-attn")
-def test_cuda_graph_decode_on_gpu(tmp_path, tok):
+def test_cuda_graph_decode_on_gpu(tmp_path, tok, monkeypatch):
     """The capture itself, on a GPU: every bucket is captured (no fallback warning); a replayed padded step
     equals the same step run eagerly (logits, cache writes, lengths, the scratch row's reset); and generate
     with graphs returns log-probs equal to a teacher-forced forward over each final sequence (bfloat16)."""
@@ -424,15 +425,12 @@ def test_cuda_graph_decode_on_gpu(tmp_path, tok):
         replays.append((ids.shape[0], len(self.graphs)))
         return call(self, ids, rows)
 
-    G.DecodeGraphs.__call__ = spy
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="CUDA-graph capture")
-            prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4], [3] * 9]
-            outs = generate(m, tok, prompts, max_new_tokens=15, temperature=0.8, seed=1, max_batch=5,
-                            prefill_tokens=8, ignore_eos=True)
-    finally:
-        G.DecodeGraphs.__call__ = call
+    monkeypatch.setattr(G.DecodeGraphs, "__call__", spy)
+    prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4], [3] * 9]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA-graph capture")
+        outs = generate(m, tok, prompts, max_new_tokens=15, temperature=0.8, seed=1, max_batch=5,
+                        prefill_tokens=8, ignore_eos=True)
     assert replays and all(n > 0 for _, n in replays) and any(b == 3 for b, _ in replays)
     for p, o in zip(prompts, outs):
         seq = p + o.tokens
