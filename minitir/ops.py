@@ -82,7 +82,7 @@ def grad_input(gy: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = Non
     oneDNN takes W^T as a weight (a weight-sized copy per call, small next to the product) and runs
     these ~1.3x faster than MKL does given W as it is."""
     if _onednn_ok(gy, w):
-        g = torch.ops.mkldnn._linear_pointwise(gy.contiguous(), w.t().contiguous(), None, "none", [], "")
+        g = _product(gy.contiguous(), w.t().contiguous(), None)
         return g if acc is None else acc.add_(g)
     return gy @ w if acc is None else torch.addmm(acc, gy, w)   # out of place: autocast may change dtypes
 
