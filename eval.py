@@ -1,125 +1,165 @@
 """Evaluate a model with the training stack: same generator, sandbox, prompt and grader.
 
-    python eval.py --model runs/NAME/checkpoints/step-000100 --benchmarks math500,aime24 --n-samples 8 --data-dir DIR
+    python eval.py --model runs/NAME/checkpoints/step-000100 --benchmarks math500,aime24 --n-samples 8
+    python eval.py --model Qwen2.5-1.5B --benchmarks math500 --paper            # the paper's eval settings
     python eval.py --model Qwen2.5-1.5B --benchmarks math500 --max-tool-calls 0,1,2,4,8,16   # the sweep
     python eval.py --model smollm2-135m --benchmarks math500 --prompt zero_rl                 # no tools
 
-    torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16           # problems split over ranks
+    torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16       # problems split over ranks
 
 Writes OUT/samples.jsonl (one line per response), OUT/summary.json and, for a sweep, OUT/tool_calls.png;
-prints a table. An interrupted evaluation picks up from OUT/samples.jsonl.
+prints a table. An interrupted evaluation picks up from OUT/samples.jsonl. Bad input (a flag, a data file,
+a benchmark name, a checkpoint) prints one line saying what to change and exits with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from minitir import distributed, load_pretrained
+from minitir import cli, distributed, load_pretrained
+from minitir.checkpoint import CheckpointError
+from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
 from minitir.generate import GenerationConfig, Generator
-from minitir.reward import Grader, extract_answer
-from minitir.tasks import get_template, iter_jsonl, load_benchmark, render_prompt
+from minitir.reward import Grader, answer_to_grade
+from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
+
+ROOT = Path(__file__).resolve().parent
 
 
-def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint dir, hub id, short name or smollm2-135m")
-    ap.add_argument("--benchmarks", default="math500", help="comma-separated names (math500, aime24, ...) or files")
-    ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--n-samples", dest="n", type=int, default=1, help="samples per problem")
-    ap.add_argument("--max-tool-calls", default="2", help="one value, or a comma-separated sweep such as 0,1,2,4")
-    ap.add_argument("--prompt", default="zero_tir")
-    ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1.0")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=3072)
-    ap.add_argument("--max-tool-output-tokens", type=int, default=512)
-    ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sandbox-url", default="")
-    ap.add_argument("--sandbox-timeout", type=float, default=5.0)
-    ap.add_argument("--out", default="", help="output directory (default: eval_out/<model name>)")
-    a = ap.parse_args(argv)
+@dataclass
+class EvalConfig:
+    model: str                          # checkpoint dir, hub id, short name (Qwen2.5-1.5B) or smollm2-135m
+    benchmarks: str = "math500"         # comma-separated names (math500, aime24, amc23, ...) or file paths
+    data_dir: str = str(ROOT / "data")  # where benchmark files are looked up (then the Hugging Face hub)
+    n_samples: int = 1                  # responses per problem (avg@n, pass@k, maj@n)
+    max_tool_calls: str = "2"           # one value, or a comma-separated sweep such as 0,1,2,4
+    prompt: str = "zero_tir"            # zero_tir | zero_rl | zero_tir_explained | chat_tir | a text with {question}
+    temperature: float | None = None    # default: 0 (greedy) for one sample, else 1.0
+    top_p: float = 1.0                  # nucleus sampling
+    max_new_tokens: int = 3072          # response budget, tool output included
+    max_tool_output_tokens: int = 256   # an output block over this many tokens is replaced (or cut)
+    tool_output_overflow: Literal["replace", "truncate"] = "replace"   # the paper's message, or keep the start
+    reward: Literal["lenient", "strict"] = "lenient"   # lenient: the last \boxed answer (the paper's eval script);
+                                        # strict: the training reward's format and ended-normally gates too
+    max_batch: int = 64                 # sequences decoded at once (KV-cache rows)
+    limit: int | None = None            # first N problems of each benchmark
+    seed: int = 0                       # sampling seed (streams are per response, independent of batching)
+    sandbox_url: str = ""               # a remote `sandbox.py serve` instead of local workers
+    sandbox_timeout: float = 5.0        # seconds per code run
+    out: str = ""                       # output directory (default: eval_out/<model name>)
+
+
+# the paper's evaluation (evaluation/my_evaluation_tir.sh and the paper's setup): 32 samples at T=1, top-p 1,
+# responses up to 16k tokens
+PAPER = dict(n_samples=32, temperature=1.0, top_p=1.0, max_new_tokens=16384)
+
+
+def parse(argv: list[str]) -> EvalConfig:
+    paper = "--paper" in argv
+    argv = [a for a in argv if a != "--paper"]
+    default = replace(EvalConfig(model=""), **PAPER) if paper else None
+    cfg = cli.parse(EvalConfig, argv, default=default,
+                    description="Evaluate a model with minitir's generator, sandbox and grader. --paper sets the "
+                                "paper's evaluation: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()) + ".")
+    if not cfg.model:
+        raise UsageError("--model is required (a checkpoint directory, a hub id or smollm2-135m)")
     try:
-        a.sweep = [int(x) for x in a.max_tool_calls.split(",")]
+        cfg.sweep = [int(x) for x in cfg.max_tool_calls.split(",")]
     except ValueError:
-        ap.error(f"--max-tool-calls {a.max_tool_calls!r}: expected integers such as 2 or 0,1,2,4")
-    if a.n < 1:
-        ap.error("--n-samples must be >= 1")
-    if a.temperature is None:
-        a.temperature = 0.0 if a.n == 1 else 1.0
-    return a
+        raise UsageError(f"--max-tool-calls {cfg.max_tool_calls!r}: expected integers such as 2 or 0,1,2,4") from None
+    if cfg.n_samples < 1:
+        raise UsageError(f"--n-samples {cfg.n_samples}: must be >= 1")
+    if cfg.temperature is None:
+        cfg.temperature = 0.0 if cfg.n_samples == 1 else 1.0
+    try:
+        get_template(cfg.prompt)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
+    return cfg
 
 
-def main(argv=None):
-    a = parse(sys.argv[1:] if argv is None else argv)
+def load_benchmarks(cfg: EvalConfig, say) -> dict:
+    """Every benchmark, before the model loads: a missing file fails in a second."""
+    benches = {}
+    for name in [b for b in cfg.benchmarks.split(",") if b]:
+        problems, report = load_benchmark(name, cfg.data_dir, limit=cfg.limit)
+        if report.skipped_no_answer:
+            say(f"{name}: skipped {report.skipped_no_answer} records without a gold answer")
+        benches[Path(name).stem if Path(name).exists() else name] = problems
+    return benches
+
+
+def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, calls: int, first: int) -> list[dict]:
+    """Generate cfg.n_samples responses per problem with at most `calls` tool calls; grade them -> records."""
+    template = get_template(cfg.prompt)
+    prompts = [render_prompt(template, p.question, tok) for p in problems]
+    ids = [tok(x).input_ids for x in prompts]
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           stop=template.stop, seed=cfg.seed, seed_offset=first * cfg.n_samples,
+                           max_tool_calls=calls if template.tools else 0,
+                           max_tool_output_tokens=cfg.max_tool_output_tokens,
+                           tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        comps = Generator(model, tok, gen, tool).generate([x for x in ids for _ in range(cfg.n_samples)])
+    answers = [answer_to_grade(c.policy_text, c.finish_reason == "stop", cfg.reward)[0] for c in comps]
+    verdicts = grader.math_equal_many([(a, problems[i // cfg.n_samples].answer) for i, a in enumerate(answers)])
+    rows = []
+    for i, (c, ans, ok) in enumerate(zip(comps, answers, verdicts)):
+        p = problems[i // cfg.n_samples]
+        rows.append({"benchmark": bench, "problem_id": p.id, "sample": i % cfg.n_samples, "max_tool_calls": calls,
+                     "prompt": prompts[i // cfg.n_samples], "response": c.text, "answer": ans, "gold": p.answer,
+                     "correct": bool(ok), "grade_error": ok is None, "num_tool_calls": c.num_tool_calls,
+                     "num_tool_errors": c.num_tool_errors, "length": len(c.tokens),
+                     "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})
+    return rows
+
+
+def run(cfg: EvalConfig) -> dict | None:
     # under torchrun each rank takes a contiguous share of every benchmark and rank 0 writes the results;
     # sampling streams are per response and global, so the samples do not depend on the number of ranks
     d, device = distributed.init()
     say = print if d.main else (lambda *args, **kw: None)
-    out = Path(a.out or Path("eval_out") / Path(a.model.rstrip("/")).name)
+    out = Path(cfg.out or Path("eval_out") / Path(cfg.model.rstrip("/")).name)
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
-    template = get_template(a.prompt)
-    # load every benchmark first: a missing file fails before the model loads
-    benches = {}
-    for name in [b for b in a.benchmarks.split(",") if b]:
-        problems, report = load_benchmark(name, a.data_dir, limit=a.limit)
-        if report.skipped_no_answer:
-            say(f"{name}: skipped {report.skipped_no_answer} records without a gold answer")
-        benches[Path(name).stem if Path(name).exists() else name] = problems
+    benches = load_benchmarks(cfg, say)
     done, records = set(), []
     if samples_path.exists():  # resume
         for _, r in iter_jsonl(samples_path):
             records.append(r)
             done.add((r["benchmark"], r["problem_id"], r["max_tool_calls"]))
         say(f"resuming: {len(done)} problem runs already in {samples_path}")
-    model, tok = load_pretrained(a.model, device=device)
+    model, tok = load_pretrained(cfg.model, device=device)
     tool = None
-    if template.tools and max(a.sweep) > 0:
+    if get_template(cfg.prompt).tools and max(cfg.sweep) > 0:
         import sandbox
-        tool = (sandbox.RemoteSandbox(a.sandbox_url, timeout_s=a.sandbox_timeout) if a.sandbox_url
-                else sandbox.Sandbox(a.sandbox_timeout, workers=2))
+        tool = (sandbox.RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout) if cfg.sandbox_url
+                else sandbox.Sandbox(cfg.sandbox_timeout, workers=2))
     grader = Grader()
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
-        for calls in a.sweep:
+        for calls in cfg.sweep:
             for bench, problems in benches.items():
                 todo = [p for p in problems if (bench, p.id, calls) not in done]
                 if not todo:
                     continue
                 t = time.time()
                 lo, hi = distributed.split(len(todo), d)
-                mine = todo[lo:hi]
-                prompts = [render_prompt(template, p.question, tok) for p in mine]
-                ids = [tok(x).input_ids for x in prompts]
-                cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                       stop=template.stop, seed=a.seed, seed_offset=lo * a.n,
-                                       max_tool_calls=calls if template.tools else 0,
-                                       max_tool_output_tokens=a.max_tool_output_tokens, max_batch=a.max_batch)
-                with autocast:
-                    comps = Generator(model, tok, cfg, tool).generate([x for x in ids for _ in range(a.n)])
-                answers = [extract_answer(c.text) for c in comps]
-                correct = grader.math_equal_many([(ans, mine[i // a.n].answer) for i, ans in enumerate(answers)])
-                rows = []
-                for i, (c, ans, ok) in enumerate(zip(comps, answers, correct)):
-                    p = mine[i // a.n]
-                    rows.append({"benchmark": bench, "problem_id": p.id, "sample": i % a.n, "max_tool_calls": calls,
-                                 "prompt": prompts[i // a.n], "response": c.text, "answer": ans, "gold": p.answer,
-                                 "correct": bool(ok), "num_tool_calls": c.num_tool_calls,
-                                 "num_tool_errors": c.num_tool_errors, "length": len(c.tokens),
-                                 "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})
+                rows = evaluate(cfg, model, tok, tool, grader, todo[lo:hi], bench, calls, lo)
                 rows = sum(d.gather(rows), [])
                 if d.main:
                     with open(samples_path, "a") as f:  # whole problems at a time, so a resume never splits one
                         f.writelines(json.dumps(r) + "\n" for r in rows)
                 records += rows
-                say(f"{bench} (max {calls} tool calls): {len(todo)} problems x {a.n} in {time.time() - t:.0f}s")
+                errors = sum(r["grade_error"] for r in rows)
+                say(f"{bench} (max {calls} tool calls): {len(todo)} problems x {cfg.n_samples} in "
+                    f"{time.time() - t:.0f}s" + (f", {errors} could not be graded" if errors else ""))
     finally:
         grader.close()
         if tool is not None and hasattr(tool, "close"):
@@ -130,7 +170,7 @@ def main(argv=None):
     summary = summarize(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
-    if len(a.sweep) > 1:
+    if len(cfg.sweep) > 1:
         plot_sweep(summary, out / "tool_calls.png")
         print(f"plot: {out / 'tool_calls.png'}")
     print(f"samples: {samples_path}\nsummary: {out / 'summary.json'}")
@@ -149,11 +189,19 @@ def plot_sweep(summary: dict, path: Path):
     ax.set_xlabel("tool calls allowed per response")
     ax.set_ylabel("accuracy (avg@n)")
     ax.set_title("Accuracy vs tool-call budget")
+    ax.set_xticks(sorted({m["max_tool_calls"] for m in summary.values()}))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    """From Python, main([...]) raises input errors; as a command they print one line and exit with 2."""
+    if argv is not None:
+        return run(parse(argv))
+    return cli.run(lambda a: run(parse(a)), "eval.py", (DatasetError, CheckpointError), sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -67,16 +68,17 @@ class ExecResult:
 
     @property
     def text(self) -> str:
-        """What the model sees: output, then the short traceback or the reason the run stopped."""
-        parts = [self.stdout.rstrip("\n")] if self.stdout.strip() else []
-        if self.stderr.strip():
-            parts.append(self.stderr.rstrip("\n"))
+        """What the model sees, as the paper's sandbox client builds it (env/math/sandbox_utils.py): a run
+        that succeeded shows its output; one that failed shows its error, the short traceback with the
+        `File "...", ` prefixes and caret lines taken out, and why it stopped."""
+        if self.status == "ok":
+            return self.stdout.rstrip("\n")
+        err = re.sub(r'File ".*?", ', "", self.stderr)
+        err = re.sub(r"^\s*[\^~]+\s*$\n?", "", err, flags=re.MULTILINE).rstrip("\n")
         reason = {"timeout": "TimeoutError: the code ran past its time limit",
                   "memory": "" if "MemoryError" in self.stderr else "MemoryError: the code ran out of memory",
                   "killed": f"the code was killed (exit status {self.exit_code})"}.get(self.status, "")
-        if reason:
-            parts.append(reason)
-        return "\n".join(parts)
+        return "\n".join(p for p in (err, reason) if p)
 
 
 # =============================================================================================

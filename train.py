@@ -16,8 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import tyro
-
+from minitir import cli
+from minitir.checkpoint import CheckpointError
+from minitir.cli import UsageError
+from minitir.tasks import DatasetError
 from minitir.trainer import ConfigError, TrainConfig, Trainer, config_fields
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -27,12 +29,18 @@ def preset(name: str) -> dict:
     path = Path(name) if name.endswith(".json") else CONFIGS / f"{name}.json"
     if not path.exists():
         names = sorted(p.stem for p in CONFIGS.glob("*.json"))
-        raise SystemExit(f"--config {name}: no such preset (have {names}, or pass a .json path)")
-    d = json.loads(path.read_text())
+        raise UsageError(f"--config {name}: no such preset (have {names}, or pass a .json path)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     unknown = [k for k in d if not k.startswith("_") and k not in config_fields()]
     if unknown:
-        raise SystemExit(f"{path}: unknown fields {unknown}")
-    return {k: v for k, v in d.items() if not k.startswith("_")}
+        raise UsageError(f"{path}: unknown fields {unknown}")
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    if "adam_betas" in d:
+        d["adam_betas"] = tuple(d["adam_betas"])
+    return d
 
 
 def preset_for_model(model: str) -> str:
@@ -53,24 +61,22 @@ def parse(argv: list[str]) -> tuple[TrainConfig, str]:
     if known.resume:
         cfg_file = Path(known.resume) / "config.json"
         if not cfg_file.exists():
-            raise SystemExit(f"--resume {known.resume}: {cfg_file} not found (is this a run directory?)")
+            raise UsageError(f"--resume {known.resume}: {cfg_file} not found (is this a run directory?)")
         base = json.loads(cfg_file.read_text())
+        base["adam_betas"] = tuple(base.get("adam_betas", TrainConfig.adam_betas))
     else:
         base = preset(known.config or preset_for_model(known.model or "smollm2-135m"))
     if known.model:
         rest = ["--model", known.model] + rest
-    cfg = tyro.cli(TrainConfig, default=TrainConfig(**base), args=rest,
-                   description="minitir: agent RL with tool-integrated reasoning. Flags override the preset "
-                               "chosen with --config (or from --model); --resume RUN_DIR continues a run.")
+    cfg = cli.parse(TrainConfig, rest, default=TrainConfig(**base),
+                    description="minitir: agent RL with tool-integrated reasoning. Flags override the preset "
+                                "chosen with --config (or from --model); --resume RUN_DIR continues a run.")
     return cfg, known.resume or ""
 
 
-def main(argv=None):
-    cfg, resume = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        trainer = Trainer(cfg, resume=resume)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+def train(argv: list[str]):
+    cfg, resume = parse(argv)
+    trainer = Trainer(cfg, resume=resume)
     main_rank = trainer.dist.main
     if main_rank:
         ranks = f", {trainer.dist.world} ranks" if trainer.dist.enabled else ""
@@ -86,6 +92,13 @@ def main(argv=None):
     print(f"done. metrics: {run_dir / 'metrics.jsonl'}")
     if last:
         print(f"checkpoint (loads with transformers' from_pretrained and eval.py): {last[-1]}")
+
+
+def main(argv=None):
+    """From Python, main([...]) raises input errors; as a command they print one line and exit with 2."""
+    if argv is not None:
+        return train(argv)
+    return cli.run(train, "train.py", (ConfigError, DatasetError, CheckpointError), sys.argv[1:])
 
 
 if __name__ == "__main__":

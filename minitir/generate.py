@@ -29,6 +29,8 @@ from minitir.model import KVCache, Transformer
 from minitir.ops import packed_weights
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
+OUTPUT_TAIL = "\n```\n\n\n"   # the paper's output-block ending (math_tir_process_single_request.py)
+TOO_LONG = "The output of the code execution is too long, please check your code."   # the paper's message
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Completion:
     finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"
     num_tool_calls: int = 0
     num_tool_errors: int = 0
-    prompt_len: int = 0
+    policy_text: str = ""      # the model's own text: the policy tokens alone, tool output left out
 
 
 @dataclass
@@ -59,7 +61,8 @@ class GenerationConfig:
     seed: int | None = None
     seed_offset: int = 0       # index of prompts[0] in a larger batch split across processes
     max_tool_calls: int = 0
-    max_tool_output_tokens: int = 256
+    max_tool_output_tokens: int = 256  # a whole output block over this many tokens is replaced (or cut)
+    tool_output_overflow: str = "replace"  # replace: the paper's "too long" message | truncate: keep the start
     max_batch: int = 32        # rows of the KV cache = sequences decoded at once
     max_len: int | None = None # tokens per row (prompt + response); default: longest prompt + max_new_tokens
     prefill_tokens: int = 4096 # token budget of one prefill batch
@@ -235,15 +238,22 @@ class Generator:
                 s.segment_start = len(s.tokens)  # this block is handled; the next segment starts after it
 
     def _tool_tokens(self, s: _Seq, out: ToolOutput) -> list[int]:
-        """The output block's tokens, cut to max_tool_output_tokens and to the room left in the response."""
+        """The output block's tokens in the paper's layout ("\\n```output\\n" + result + "\\n```\\n\\n\\n"; the
+        leading newline only when the model's text does not end with one). A block over max_tool_output_tokens
+        is replaced by the paper's message (tool_output_overflow="replace") or cut ("truncate"); then the
+        block is cut to the room left in the response."""
+        c = self.cfg
         enc = lambda x: self.tok.encode(x, add_special_tokens=False)
-        lead = "" if self.tok.decode(s.tokens[-1:]).endswith("\n") else "\n"
-        head, tail = enc(lead + "```output\n"), enc("\n```\n")
-        body = enc(out.text.rstrip("\n"))
-        if len(body) > self.cfg.max_tool_output_tokens:
-            body = body[:self.cfg.max_tool_output_tokens] + enc("\n... (output truncated)")
-        toks = head + body + tail
-        room = min(self.cfg.max_new_tokens - len(s.tokens), self.max_len - len(s.prompt) - len(s.tokens))
+        head = ("" if self.tok.decode(s.tokens[-1:]).endswith("\n") else "\n") + "```output\n"
+        toks = enc(head + out.text.rstrip("\n") + OUTPUT_TAIL)
+        if len(toks) > c.max_tool_output_tokens:
+            if c.tool_output_overflow == "replace":
+                toks = enc(head + TOO_LONG + OUTPUT_TAIL)
+            else:
+                note, tail = enc("\n... (output truncated)"), enc(OUTPUT_TAIL)
+                keep = max(c.max_tool_output_tokens - len(note) - len(tail), 0)
+                toks = toks[:keep] + note + tail
+        room = min(c.max_new_tokens - len(s.tokens), self.max_len - len(s.prompt) - len(s.tokens))
         return toks[:max(room, 0)]
 
     # --- the engine -------------------------------------------------------------------------------
@@ -305,8 +315,9 @@ class Generator:
                 pool.shutdown(wait=False, cancel_futures=True)
             self.graphs = None  # they hold the cache and their memory pool: both go when generate returns
         return [Completion(tokens=s.tokens, logprobs=s.logprobs, policy_mask=s.mask, finish_reason=s.finish,
-                           text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls,
-                           num_tool_errors=s.tool_errors, prompt_len=len(s.prompt)) for s in seqs]
+                           text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls, num_tool_errors=s.tool_errors,
+                           policy_text=self.tok.decode([t for t, m in zip(s.tokens, s.mask) if m]))
+                for s in seqs]
 
     def _copy_prompts(self, seqs: list[_Seq], active: list[_Seq], cache: KVCache):
         """The n responses of a GRPO group share their prompt: it is prefilled once, and each sibling copies

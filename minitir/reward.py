@@ -1,16 +1,27 @@
-"""From a response to a reward: answer extraction, math-verify grading with a hard time limit, rewards.
+"""From a response to a reward: answer extraction, the paper's strict reward, math-verify grading with a
+hard time limit.
 
-math-verify (the grader the ZeroTIR paper used) can take seconds on a pathological answer (a power
-tower, a huge factorial), and its own timeout uses signal.alarm, which only works in a main thread.
-So checks run in worker processes, where math-verify's alarm works, and the parent also watches the
-clock: a worker that does not answer in time is killed and replaced, and the check counts as wrong.
-The trainer's threads and processes can call `grade` freely.
+The ZeroTIR reward (`zero_tir_reward`, read in the paper's code: env/common/zero_template_format_score.py
+and env/math/math_reward_tir.py) is 1 only when three gates pass: the response has the answer format
+(`</think>`, `<answer>` and `</answer>` once each, a `\\boxed{}` inside the answer, at most a few tokens
+after `</answer>`), it ended normally (a stop string or EOS, not the length limit), and the last
+`\\boxed{}` after `</think>` equals the gold answer under math-verify. Text inside an ```output block
+is the tool's, never the model's answer: every function here ignores it.
+
+Grading runs in worker processes started as `python minitir/reward.py --worker`, so math-verify's
+signal-based timeout works (it needs a main thread) and nothing re-imports the caller's main module. A
+worker that does not answer in time, or dies, is replaced and the check retried once; a check that still
+gets no answer is an error (`None` from `math_equal_many`, `GradeError` from `math_equal`), never False.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
 import queue
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +30,11 @@ from functools import lru_cache
 # extraction
 # ------------------------------------------------------------------------------------------------
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+# an output block as the generator writes it; an unclosed one runs to the end of the text
+OUTPUT_BLOCK = re.compile(r"```output\n.*?(?:```|\Z)", re.DOTALL)
+ANSWER_FORMAT = re.compile(r"<answer>.*?\\boxed\{.*\}.*?</answer>", re.DOTALL)   # the paper's zero_pattern
+ANSWER_TAGS = ("</think>", "<answer>", "</answer>")
+MAX_TAIL_TOKENS = 5          # the paper allows at most 5 tokens after </answer>
 
 
 def last_boxed(text: str) -> str | None:
@@ -41,8 +57,15 @@ def last_boxed(text: str) -> str | None:
     return found.strip() if found is not None else None
 
 
+def strip_tool_output(text: str) -> str:
+    """The text without its ```output blocks: what the model itself wrote."""
+    return OUTPUT_BLOCK.sub("", text)
+
+
 def extract_answer(response: str) -> str | None:
-    """The last \\boxed answer inside the <answer> section, else the last \\boxed anywhere."""
+    """Lenient: the last \\boxed answer inside the <answer> section, else the last \\boxed anywhere;
+    tool output never counts."""
+    response = strip_tool_output(response)
     start = response.rfind("<answer>")
     if start != -1:
         end = response.find("</answer>", start)
@@ -53,9 +76,40 @@ def extract_answer(response: str) -> str | None:
 
 
 def has_answer_format(response: str) -> bool:
-    """The zero_tir/zero_rl format: an <answer> section holding a \\boxed answer."""
-    m = re.search(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    """An <answer> section holding a \\boxed answer (the lenient format check)."""
+    m = re.search(r"<answer>(.*?)</answer>", strip_tool_output(response), re.DOTALL)
     return bool(m) and last_boxed(m.group(1)) is not None
+
+
+def _rough_tokens(text: str) -> int:
+    """A tokenizer-free count for the tail after </answer>: words and punctuation marks."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def zero_tir_format(response: str, count_tokens=None) -> bool:
+    """The paper's answer format (zero_tir_template_format_score_fn): <answer> ... \\boxed{} ... </answer>,
+    each of </think>, <answer>, </answer> exactly once, at most 5 tokens after </answer>.
+    count_tokens(text) -> int counts the tail with the policy's tokenizer (default: a rough count)."""
+    text = strip_tool_output(response)
+    if not ANSWER_FORMAT.search(text) or any(text.count(tag) != 1 for tag in ANSWER_TAGS):
+        return False
+    tail = text.split("</answer>", 1)[1]
+    return (count_tokens or _rough_tokens)(tail) <= MAX_TAIL_TOKENS
+
+
+def final_answer(response: str) -> str | None:
+    """The paper's answer: the last \\boxed{} after </think> (tool output removed first)."""
+    return last_boxed(strip_tool_output(response).split("</think>")[-1])
+
+
+def zero_tir_reward(response: str, gold: str, finished: bool, *, grader: "Grader | None" = None,
+                    count_tokens=None) -> float:
+    """The paper's outcome reward, 1.0 or 0.0: answer format, ended normally (`finished`: a stop string
+    or EOS, not the length limit) and the final answer equal to `gold` under math-verify.
+    Raises GradeError when the grader could not check the answer (never a silent 0)."""
+    if not finished or not zero_tir_format(response, count_tokens):
+        return 0.0
+    return 1.0 if (grader or default_grader()).math_equal(final_answer(response), gold) else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,108 +136,194 @@ def _compare(pred: str, gold: str, timeout_s: int) -> bool:
         return True
     try:
         return bool(verify(_parse(g, timeout_s), _parse(p, timeout_s), timeout_seconds=timeout_s))
-    except Exception:
+    except Exception:  # math-verify raises on answers it cannot parse: those are not equal
         return False
 
 
-def _worker(conn, timeout_s: int):
+def _worker_main(timeout_s: int):
+    """The worker process: one JSON line in (a list of [pred, gold]), one JSON line out (a list of bools)."""
     import logging
     logging.disable(logging.WARNING)  # math-verify logs every timeout
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write on the answer channel
+    import math_verify  # noqa: F401 - fails here, before "ready", when the package is missing
+    out.write("ready\n")
+    out.flush()
     for p, g in (("0.5", "\\frac{1}{2}"), ("(1,2]", "[1,2)"), ("\\{1,2\\}", "\\{2,1\\}"), ("x=3", "3"),
                  ("\\sqrt{8}", "2\\sqrt{2}"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("30^\\circ", "30"),
                  ("\\text{A}", "B"), ("2\\pi", "6.28")):
         _compare(p, g, timeout_s)  # fill lazy imports and caches before the first real check
-    while True:
-        try:
-            item = conn.recv()
-        except EOFError:
-            return
-        if item is None:
-            return
-        conn.send([_compare(p, g, timeout_s) for p, g in item])
+    for line in sys.stdin:
+        pairs = json.loads(line)
+        out.write(json.dumps([_compare(p, g, timeout_s) for p, g in pairs]) + "\n")
+        out.flush()
 
 
 # ------------------------------------------------------------------------------------------------
 # the grader: a small pool of worker processes with a watchdog
 # ------------------------------------------------------------------------------------------------
+class GradeError(RuntimeError):
+    """The grader could not check an answer (a worker that cannot start, or crashed twice on it)."""
+
+
+class _Worker:
+    def __init__(self, timeout_s: int):
+        self.log = tempfile.TemporaryFile()   # its stderr, read back if it fails to start
+        self.proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "--worker", str(timeout_s)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, encoding="utf-8", start_new_session=True)
+        self.ready = False
+
+    def wait_ready(self, limit_s: float = 120.0):
+        """Block until the worker said it started; raise GradeError with its stderr if it did not."""
+        if self.ready:
+            return
+        line = _readline(self.proc, limit_s)
+        if line != "ready\n":
+            self.kill()
+            self.log.seek(0)
+            err = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise GradeError(f"a grader worker ({sys.executable} {os.path.abspath(__file__)} --worker) failed to "
+                             f"start: {' | '.join(err) or 'no output'}; check that math-verify is installed "
+                             f"(pip install -r requirements.txt)")
+        self.ready = True
+
+    def ask(self, pairs: list[tuple[str, str]], limit_s: float) -> list[bool] | None:
+        """The worker's answers, or None when it died or ran past limit_s (it is then killed)."""
+        try:
+            self.proc.stdin.write(json.dumps(pairs) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        line = _readline(self.proc, limit_s)
+        try:
+            out = json.loads(line) if line else None
+        except ValueError:
+            out = None
+        return out if isinstance(out, list) and len(out) == len(pairs) else None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.log):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def _readline(proc: subprocess.Popen, limit_s: float) -> str | None:
+    """One line from the process's stdout within limit_s seconds, else None (a thread does the read)."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(limit_s)
+    if t.is_alive():
+        proc.kill()  # also ends the blocked read
+        t.join()
+        return None
+    return box[0] or None
+
+
 class Grader:
     """math_equal / grade with a hard time limit per check, usable from any thread."""
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0):
         self.timeout_s = max(1, int(round(timeout_s)))
-        self._ctx = mp.get_context("spawn")  # never fork a trainer holding torch threads
         self._idle: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        for _ in range(workers):
-            self._idle.put(self._start())
+        self.errors = 0                    # checks given up on (reported as None / GradeError)
+        started = [_Worker(self.timeout_s) for _ in range(workers)]  # they start in parallel
+        for w in started:
+            try:
+                w.wait_ready()
+            except GradeError:
+                for other in started:
+                    other.kill()
+                raise
+            self._idle.put(w)
 
-    def _start(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, self.timeout_s), daemon=True)
-        proc.start()
-        child.close()
-        return proc, parent
+    def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
+        """Each pair's verdict; a batch lost to a dead or stuck worker is retried pair by pair on fresh
+        workers, and a pair that fails twice is None."""
+        out = self._try(pairs)
+        if out is not None:
+            return out
+        results: list[bool | None] = []
+        for p in pairs:
+            r = self._try([p]) if len(pairs) > 1 else None
+            if r is None:
+                r = self._try([p])
+            if r is None:
+                self.errors += 1
+            results.append(None if r is None else r[0])
+        return results
 
-    def _ask(self, pairs: list[tuple[str, str]]) -> list[bool]:
-        proc, conn = self._idle.get()
-        try:
-            conn.send(pairs)
-            # math-verify checks its own limit for parse and verify of each side; allow all of them
-            if conn.poll(len(pairs) * 3 * self.timeout_s + 5):
-                out = conn.recv()
-                self._idle.put((proc, conn))
-                return out
-        except (EOFError, OSError, BrokenPipeError):
-            pass
-        proc.kill()  # stuck past every limit, or dead: replace it; the checks count as wrong
-        proc.join()
-        self._idle.put(self._start())
-        return [False] * len(pairs) if len(pairs) == 1 else [self._ask([p])[0] for p in pairs]
+    def _try(self, pairs):
+        w = self._idle.get()
+        # math-verify checks its own limit for parse and verify of each side; allow all of them
+        out = w.ask(pairs, len(pairs) * 3 * self.timeout_s + 5)
+        if out is None:
+            w.kill()
+            w = _Worker(self.timeout_s)
+            try:
+                w.wait_ready()
+            finally:
+                self._idle.put(w)
+            return None
+        self._idle.put(w)
+        return out
 
     def math_equal(self, pred: str | None, gold: str) -> bool:
-        if pred is None or not str(pred).strip():
-            return False
-        if _normalize(str(pred)) == _normalize(str(gold)):
-            return True  # no round trip for the common exact match
-        return self._ask([(str(pred), str(gold))])[0]
+        """Raises GradeError when the check could not be made."""
+        r = self.math_equal_many([(pred, gold)])[0]
+        if r is None:
+            raise GradeError(f"could not grade {pred!r} against {gold!r}: the grader worker died or hung twice")
+        return r
 
     def grade(self, response: str, gold: str) -> bool:
+        """Lenient: extract_answer(response) against gold."""
         return self.math_equal(extract_answer(response), gold)
 
-    def math_equal_many(self, pairs: list[tuple[str | None, str]], batch: int = 16) -> list[bool]:
-        """Many checks spread over the workers (results in input order)."""
+    def math_equal_many(self, pairs: list[tuple[str | None, str]], batch: int = 16) -> list[bool | None]:
+        """Many checks spread over the workers (results in input order; None = could not be checked)."""
         out: list[bool | None] = [None] * len(pairs)
         todo = []
         for i, (p, g) in enumerate(pairs):
             if p is None or not str(p).strip():
                 out[i] = False
             elif _normalize(str(p)) == _normalize(str(g)):
-                out[i] = True
+                out[i] = True   # no round trip for the common exact match
             else:
                 todo.append(i)
         chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+        failures: list[BaseException] = []
 
         def run(chunk):
-            for i, r in zip(chunk, self._ask([(str(pairs[i][0]), str(pairs[i][1])) for i in chunk])):
-                out[i] = r
+            try:
+                for i, r in zip(chunk, self._ask([(str(pairs[i][0]), str(pairs[i][1])) for i in chunk])):
+                    out[i] = r
+            except BaseException as e:  # a replacement worker that cannot start: raised below
+                failures.append(e)
 
-        threads = [threading.Thread(target=lambda c=c: run(c)) for c in chunks]
+        threads = [threading.Thread(target=run, args=(c,)) for c in chunks]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return out  # type: ignore[return-value]
+        if failures:
+            raise failures[0]
+        return out
 
     def close(self):
         while not self._idle.empty():
-            proc, conn = self._idle.get()
+            w = self._idle.get()
             try:
-                conn.send(None)
-            except OSError:
+                w.proc.stdin.close()
+                w.proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
-            proc.join(timeout=1)
-            if proc.is_alive():
-                proc.kill()
+            w.kill()
 
 
 _default: Grader | None = None
@@ -205,7 +345,7 @@ def math_equal(pred: str, gold: str) -> bool:
 
 
 def grade(response: str, gold: str) -> bool:
-    """Extract the answer from a response, then compare it with the gold answer."""
+    """Lenient grading: extract the answer from a response, then compare it with the gold answer."""
     return default_grader().grade(response, gold)
 
 
@@ -214,17 +354,32 @@ def grade(response: str, gold: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class RewardConfig:
+    kind: str = "strict"             # strict: zero_tir_reward's gates | lenient: any \boxed answer counts
     correct: float = 1.0
     wrong: float = 0.0
-    format_penalty: float = 0.0      # subtracted when the response lacks <answer>...\boxed{}...</answer>
-    truncation_penalty: float = 0.0  # subtracted when the response was cut at the length limit
+    format_penalty: float = 0.0      # lenient only: subtracted without <answer>...\boxed{}...</answer>
+    truncation_penalty: float = 0.0  # lenient only: subtracted when the response was cut at the length limit
 
 
 def outcome_reward(correct: bool, response: str, truncated: bool, cfg: RewardConfig) -> float:
-    """The paper's default is 1 for a correct final answer and 0 otherwise; the penalties are off."""
+    """correct / wrong, minus the lenient mode's optional penalties (the paper's are off: 1 or 0)."""
     r = cfg.correct if correct else cfg.wrong
-    if cfg.format_penalty and not has_answer_format(response):
+    if cfg.kind == "lenient" and cfg.format_penalty and not has_answer_format(response):
         r -= cfg.format_penalty
-    if cfg.truncation_penalty and truncated:
+    if cfg.kind == "lenient" and cfg.truncation_penalty and truncated:
         r -= cfg.truncation_penalty
     return r
+
+
+def answer_to_grade(response: str, finished: bool, kind: str, count_tokens=None) -> tuple[str | None, bool]:
+    """-> (the answer to compare with the gold one or None, whether the response has the format).
+    strict: the paper's gates first (format, ended normally), then the final answer after </think>;
+    lenient: extract_answer, whatever the format."""
+    if kind == "strict":
+        ok = zero_tir_format(response, count_tokens)
+        return (final_answer(response) if ok and finished else None), ok
+    return extract_answer(response), has_answer_format(response)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(int(sys.argv[2]))

@@ -9,32 +9,38 @@ from __future__ import annotations
 
 import torch
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 # ------------------------------------------------------------------------------------------------
 # outcome advantages: one scalar per response
 # ------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, kind: str, valid: torch.Tensor | None = None,
+                     eps: float = 1e-6) -> torch.Tensor:
     """rewards [G, n] -> advantages [G, n] (one value per response, broadcast to its tokens later).
 
     grpo:         (r - mean_group) / (std_group + eps)          (GRPO, DeepSeekMath)
     dr_grpo:      r - mean_group                                 (Dr. GRPO: no std scaling)
-    rloo:         r - mean of the other n-1 responses            (leave-one-out baseline)
+    rloo:         r - mean of the other responses                (leave-one-out baseline)
     reinforce_pp: r - mean_group, whitened later over the batch's tokens (see `whiten`)
+                  (REINFORCE++ with a group baseline: the paper's `reinforce_baseline`)
+    valid [G, n] (bool): responses that count (those the grader could check); the statistics use only
+    them and the others get 0.
     """
-    G, n = rewards.shape
-    mean = rewards.mean(dim=1, keepdim=True)                                   # [G, 1]
-    if kind == "grpo":
-        std = rewards.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(mean)  # unbiased, as in verl
-        return (rewards - mean) / (std + eps)
+    v = torch.ones_like(rewards) if valid is None else valid.to(rewards.dtype)
+    cnt = v.sum(dim=1, keepdim=True)                                           # [G, 1]
+    mean = (rewards * v).sum(dim=1, keepdim=True) / cnt.clamp(min=1)           # [G, 1]
+    centred = (rewards - mean) * v
+    if kind == "grpo":  # unbiased std, as in verl; a group of one has none
+        std = ((centred ** 2).sum(dim=1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt() * (cnt > 1)
+        return centred / (std + eps)
     if kind in ("dr_grpo", "reinforce_pp"):
-        return rewards - mean
+        return centred
     if kind == "rloo":
-        if n < 2:
+        if rewards.shape[1] < 2:
             raise ValueError("rloo needs at least 2 responses per prompt")
-        return (rewards - mean) * n / (n - 1)                                  # = r - (sum - r) / (n - 1)
+        return centred * cnt / (cnt - 1).clamp(min=1)                          # = r - (sum - r) / (cnt - 1)
     raise ValueError(f"unknown advantage estimator {kind!r}; choose from {ADVANTAGES}")
 
 
@@ -96,6 +102,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, c
         objective = torch.where(adv < 0, torch.maximum(objective, lower), objective)
         clipped = clipped | dual
     return -objective, clipped
+
+
+def tis_weights(old_logp: torch.Tensor, gen_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): the generator samples from a slightly different distribution than the
+    trainer computes (other kernels, bfloat16), so each token's loss is weighted by
+    min(pi_old / pi_generator, cap), as a constant. old_logp, gen_logp [N] -> weights [N]."""
+    return torch.exp(old_logp - gen_logp).clamp(max=cap).detach()
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:

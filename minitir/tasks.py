@@ -30,27 +30,44 @@ class PromptTemplate:
     chat: bool = False                # text is the user message of the tokenizer's chat template
 
 
+# The paper's prompts, character for character (openrlhf/cli/template.py: ZERO_TIR, and ZERO_V2 for the
+# no-tool baseline). {question} is replaced verbatim (str.replace: the text holds a literal \boxed{}).
+_PAPER_HEAD = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+               "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+               "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+               "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer "
+               "here </answer>.")
+_PAPER_TOOLS = " In your reasoning-process, You can use python-code to solve your problem."
+_PAPER_TAIL = (" User: You must put your answer inside <answer> </answer> tags, i.e., <answer> answer here "
+               "</answer>. And your final answer will be extracted automatically by the \\boxed{} tag.\n"
+               "This is the problem:{question}\nAssistant: <think>")
+# the paper's rollout stop strings (experience_maker_async.py), EOS aside
+_STOP = ("User:", "Human:", "Assistant:", "</answer>")
+
+# minitir's own wording, which explains the code protocol: for small models that need to be told
 _SYSTEM = ("A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
            "The Assistant first reasons step by step inside <think> </think>, then gives the answer inside "
-           "<answer> </answer>, with the final result in \\boxed{{}}.")
+           "<answer> </answer>, with the final result in \\boxed{}.")
 _TOOLS = (" While reasoning, the Assistant may write Python code in a ```python ... ``` block; the code is run "
           "and its output is shown in an ```output ... ``` block right after it, and the Assistant continues "
           "from there.")
-_STOP = ("</answer>", "User:", "Human:")
 
 TEMPLATES: dict[str, PromptTemplate] = {
-    # ZeroTIR: a base model continues after "Assistant: <think>"
-    "zero_tir": PromptTemplate(_SYSTEM + _TOOLS + "\nUser: {question}\nAssistant: <think>", _STOP, tools=True),
-    # the no-tool baseline (ZeroRL) the paper compares against
-    "zero_rl": PromptTemplate(_SYSTEM + "\nUser: {question}\nAssistant: <think>", _STOP, tools=False),
-    # instruct models: the same instructions as a chat user turn
-    "chat_tir": PromptTemplate(_SYSTEM + _TOOLS + "\n\n{question}", ("</answer>",),
-                               tools=True, chat=True),
+    # ZeroTIR (the paper's ZERO_TIR): a base model continues after "Assistant: <think>"
+    "zero_tir": PromptTemplate(_PAPER_HEAD + _PAPER_TOOLS + _PAPER_TAIL, _STOP, tools=True),
+    # the no-tool baseline (ZeroRL, the paper's ZERO_V2)
+    "zero_rl": PromptTemplate(_PAPER_HEAD + _PAPER_TAIL, _STOP, tools=False),
+    # minitir's explanatory wording: says how code blocks and their output look
+    "zero_tir_explained": PromptTemplate(_SYSTEM + _TOOLS + "\nUser: {question}\nAssistant: <think>", _STOP,
+                                         tools=True),
+    "zero_rl_explained": PromptTemplate(_SYSTEM + "\nUser: {question}\nAssistant: <think>", _STOP, tools=False),
+    # instruct models: the explanatory instructions as a chat user turn
+    "chat_tir": PromptTemplate(_SYSTEM + _TOOLS + "\n\n{question}", ("</answer>",), tools=True, chat=True),
 }
 
 
 def render_prompt(template: PromptTemplate, question: str, tokenizer=None) -> str:
-    text = template.text.format(question=question)
+    text = template.text.replace("{question}", question)
     if template.chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("this prompt template needs a tokenizer with a chat template (an instruct model)")

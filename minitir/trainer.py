@@ -27,7 +27,8 @@ from minitir import distributed, rl
 from minitir.checkpoint import load_model, load_pretrained, save_pretrained
 from minitir.generate import Completion, GenerationConfig, Generator
 from minitir.logprobs import token_logprobs, token_loss
-from minitir.reward import Grader, RewardConfig, extract_answer, outcome_reward
+from minitir.filters import drop_reason, is_void
+from minitir.reward import Grader, RewardConfig, answer_to_grade, outcome_reward
 from minitir.tasks import (Problem, get_template, load_benchmark, load_problems, render_prompt,
                            synthetic_problems)
 
@@ -58,15 +59,18 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tool_calls: int = 2
-    max_tool_output_tokens: int = 256
+    max_tool_output_tokens: int = 256   # an output block over this many tokens (whole block) is replaced
+    tool_output_overflow: str = "replace"   # replace: the paper's "too long" message | truncate
     max_batch: int = 64                 # sequences decoded at once (KV-cache rows)
     sandbox_url: str = ""               # use a remote `sandbox.py serve` instead of local workers
     sandbox_timeout_s: float = 5.0
     sandbox_memory_mb: int = 1024
     sandbox_workers: int = 2
     # --- reward ---
-    format_penalty: float = 0.0
-    truncation_penalty: float = 0.0
+    reward: str = "strict"              # strict: the paper's gates (format, ended normally, answer after
+                                        # </think>) | lenient: any \\boxed answer counts
+    format_penalty: float = 0.0         # lenient only
+    truncation_penalty: float = 0.0     # lenient only
     # --- algorithm ---
     algo: str = "grpo"                  # grpo | dr_grpo | rloo | reinforce_pp | ppo (GAE with a critic)
     clip_low: float = 0.2
@@ -82,11 +86,17 @@ class TrainConfig:
     filter_max_acc: float = 0.8
     max_refill_rounds: int = 3
     mask_truncated: bool = False        # drop responses cut at the length limit from the loss
+    filter_overlong: bool = False       # paper: drop responses cut at the length limit (not correct) from the batch
+    filter_repetition: float = 0.0      # paper (0.05): drop correct responses whose repeatness exceeds this; 0 = off
+    carry_over: bool = False            # paper: filter survivors fill the batch; the surplus waits for the next step
+    mask_void_turns: bool = False       # beyond the paper: mask responses with code that never ran or no answer
+    tis_cap: float = 0.0                # beyond the paper: truncated importance sampling cap (e.g. 2.0); 0 = off
     ppo_epochs: int = 1
     mini_batches: int = 1
     micro_batch_tokens: int = 8192
     # --- optimiser ---
     lr: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)   # the paper: (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
@@ -136,6 +146,12 @@ def validate(cfg: TrainConfig, device: torch.device):
         bad("--filter-min-acc / --filter-max-acc must satisfy 0 <= min <= max <= 1")
     if cfg.lr_schedule not in ("constant", "cosine"):
         bad(f"--lr-schedule {cfg.lr_schedule!r}: choose constant or cosine")
+    if cfg.reward not in ("strict", "lenient"):
+        bad(f"--reward {cfg.reward!r}: choose strict or lenient")
+    if cfg.tool_output_overflow not in ("replace", "truncate"):
+        bad(f"--tool-output-overflow {cfg.tool_output_overflow!r}: choose replace or truncate")
+    if cfg.tis_cap < 0 or (0 < cfg.tis_cap < 1):
+        bad(f"--tis-cap {cfg.tis_cap}: use 0 (off) or a cap >= 1 (e.g. 2)")
 
 
 @dataclass
@@ -145,7 +161,10 @@ class Sample:
     completion: Completion
     gold: str
     correct: bool = False
+    graded: bool = True            # False: the grader could not check it (counted, kept out of the statistics)
+    format_ok: bool = False
     reward: float = 0.0
+    score: float = 0.0             # outcome advantage from the group baseline, before the token broadcast
     loss_mask: list[int] = field(default_factory=list)  # over completion tokens
     adv: list[float] = field(default_factory=list)      # per policy token (compacted)
     old_logp: list[float] = field(default_factory=list)
@@ -231,7 +250,8 @@ class Trainer:
             if self.critic is not None:
                 from torch.distributed.fsdp import fully_shard
                 fully_shard(self.critic.value_head)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                     weight_decay=cfg.weight_decay)
         self.critic_opt = (torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
                            if self.critic is not None else None)
         total = max(1, cfg.steps * cfg.ppo_epochs * cfg.mini_batches)
@@ -252,7 +272,9 @@ class Trainer:
                     else sandbox.Sandbox(cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, workers=cfg.sandbox_workers))
         self.tool = _TimedTool(tool) if tool is not None else None
         self.grader = Grader(workers=2)
-        self.reward_cfg = RewardConfig(format_penalty=cfg.format_penalty, truncation_penalty=cfg.truncation_penalty)
+        self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,
+                                       truncation_penalty=cfg.truncation_penalty)
+        self.carry: list[Sample] = []   # filter survivors beyond one batch (carry_over), used next step
         self.reward_fn = reward_fn
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
@@ -328,7 +350,8 @@ class Trainer:
         gen_cfg = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, stop=self.template.stop,
             seed=seed, seed_offset=first * n, max_tool_calls=cfg.max_tool_calls if self.template.tools else 0,
-            max_tool_output_tokens=cfg.max_tool_output_tokens, max_batch=cfg.max_batch,
+            max_tool_output_tokens=cfg.max_tool_output_tokens, tool_output_overflow=cfg.tool_output_overflow,
+            max_batch=cfg.max_batch,
             max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
         model = self._decoder()
         model.eval()
@@ -337,19 +360,28 @@ class Trainer:
         return [outs[i * n:(i + 1) * n] for i in range(len(problems))], prompts
 
     def _sample_groups(self, timing: dict):
-        """-> (this rank's samples kept for the update, every sample it generated, global group statistics).
-        Each rank generates whole groups for its contiguous share of the step's problems."""
-        cfg, kept, stats = self.cfg, [], {"groups_sampled": 0, "groups_kept": 0}
+        """-> (this rank's samples for the update, every sample it generated, global statistics).
+        Each rank generates whole groups for its contiguous share of each round's problems. Groups outside
+        the accuracy range (filter_groups) and responses the paper's filters drop leave the batch; rounds
+        refill it up to prompts_per_step * n_samples responses (all ranks together). With carry_over the
+        surplus of the last round waits for the next step, as the paper's replay buffer does."""
+        cfg, d, n = self.cfg, self.dist, self.cfg.n_samples
+        target = cfg.prompts_per_step * n
+        buffer, self.carry = self.carry, []
+        stats = {"groups_sampled": 0, "groups_kept": 0, "carried_in": int(d.sum(len(buffer))),
+                 "dropped_overlong": 0, "dropped_repetitive": 0}
+        refills = cfg.filter_groups or cfg.filter_overlong or cfg.filter_repetition > 0
         all_samples = []
-        for rnd in range(cfg.max_refill_rounds if cfg.filter_groups else 1):
-            want = cfg.prompts_per_step - int(self.dist.sum(len(kept))) // cfg.n_samples
-            if want <= 0:
+        for rnd in range(cfg.max_refill_rounds if refills else 1):
+            have = int(d.sum(len(buffer)))
+            if have >= target:
                 break
+            want = -(-(target - have) // n)
             everyone = self._next_problems(want)  # the same on every rank
-            lo, hi = distributed.split(want, self.dist)
+            lo, hi = distributed.split(want, d)
             problems = everyone[lo:hi]
             t = time.perf_counter()
-            groups, prompts = self._generate(problems, cfg.n_samples, cfg.temperature,
+            groups, prompts = self._generate(problems, n, cfg.temperature,
                                              seed=cfg.seed * 1_000_003 + self.step * 101 + rnd, first=lo)
             timing["generate"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -359,28 +391,64 @@ class Trainer:
             timing["grade"] += time.perf_counter() - t
             all_samples += batch
             stats["groups_sampled"] += want
-            for i in range(0, len(batch), cfg.n_samples):
-                group = batch[i:i + cfg.n_samples]
-                acc = sum(s.correct for s in group) / len(group)
-                if not cfg.filter_groups or cfg.filter_min_acc <= acc <= cfg.filter_max_acc:
-                    kept += group
-        stats["groups_kept"] = int(self.dist.sum(len(kept))) // cfg.n_samples
+            for i in range(0, len(batch), n):
+                group = batch[i:i + n]
+                graded = [s for s in group if s.graded]
+                acc = sum(s.correct for s in graded) / max(len(graded), 1)
+                if not graded or (cfg.filter_groups and not cfg.filter_min_acc <= acc <= cfg.filter_max_acc):
+                    continue
+                stats["groups_kept"] += 1
+                self._score_group(group)
+                for s in group:
+                    c = s.completion
+                    why = drop_reason(c.finish_reason, c.text, s.correct, cfg.filter_overlong, cfg.filter_repetition)
+                    if why:
+                        stats[f"dropped_{why}"] += 1
+                    elif s.graded:
+                        buffer.append(s)
+        for k in ("groups_kept", "dropped_overlong", "dropped_repetitive"):
+            stats[k] = int(d.sum(stats[k]))
+        kept = buffer
+        if cfg.carry_over:  # exactly one batch; the rest (the last ranks' tails first) waits
+            counts = d.gather(len(buffer))
+            surplus = max(sum(counts) - target, 0)
+            later = sum(counts[d.rank + 1:])
+            mine = min(max(surplus - later, 0), len(buffer))
+            kept, self.carry = buffer[:len(buffer) - mine], buffer[len(buffer) - mine:]
+        stats["carried_out"] = int(d.sum(len(self.carry)))
         return kept, all_samples, stats
 
     def _grade(self, batch: list[Sample]):
-        answers = [extract_answer(s.completion.text) for s in batch]
-        correct = self.grader.math_equal_many([(a, s.gold) for a, s in zip(answers, batch)])
-        for s, ok in zip(batch, correct):
+        """correct, reward and loss mask of each sample. strict: the paper's reward (format and ended-normally
+        gates, the answer after </think>); lenient: any \\boxed answer. A check the grader could not make
+        marks the sample ungraded: counted, and kept out of the statistics and the loss."""
+        cfg = self.cfg
+        count = lambda text: len(self.tok.encode(text, add_special_tokens=False)) if hasattr(self.tok, "encode") else None
+        picked = [answer_to_grade(s.completion.policy_text or s.completion.text, s.completion.finish_reason == "stop",
+                                  cfg.reward, count) for s in batch]
+        verdicts = self.grader.math_equal_many([(a, s.gold) for (a, _), s in zip(picked, batch)])
+        for s, (answer, fmt), ok in zip(batch, picked, verdicts):
             c = s.completion
-            s.correct = bool(ok)
+            s.graded, s.correct, s.format_ok = ok is not None, bool(ok), fmt
             truncated = c.finish_reason == "length"
             if self.reward_fn is not None:
                 s.reward = float(self.reward_fn(c.text, s.gold, {"correct": s.correct, "finish_reason": c.finish_reason,
                                                                  "num_tool_calls": c.num_tool_calls}))
             else:
                 s.reward = outcome_reward(s.correct, c.text, truncated, self.reward_cfg)
-            drop = self.cfg.mask_truncated and truncated
+            drop = (cfg.mask_truncated and truncated) or not s.graded or \
+                (cfg.mask_void_turns and is_void(c.policy_text, c.num_tool_calls, answer is not None))
             s.loss_mask = [0] * len(c.tokens) if drop else list(c.policy_mask)
+
+    def _score_group(self, group: list[Sample]):
+        """The group baseline (grpo, dr_grpo, rloo, reinforce_pp) over the graded responses of one group,
+        before any response is filtered out, as the paper computes it; PPO's advantages come from GAE."""
+        if self.cfg.algo == "ppo":
+            return
+        r = torch.tensor([[s.reward for s in group]], dtype=torch.float32)               # [1, n]
+        valid = torch.tensor([[s.graded for s in group]])
+        for s, a in zip(group, rl.group_advantages(r, self.cfg.algo, valid)[0].tolist()):
+            s.score = a
 
     # --------------------------------------------------------------------------------------------
     def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
@@ -490,18 +558,16 @@ class Trainer:
                 L = len(s.old_values)
                 s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
             return
-        n = cfg.n_samples
-        r = torch.tensor(rewards, dtype=torch.float32).view(-1, n)               # [G, n]
-        adv = rl.group_advantages(r, "reinforce_pp" if cfg.algo == "reinforce_pp" else cfg.algo).flatten()
+        scores = [s.score - (s.reward - r) for s, r in zip(samples, rewards)]   # the group baseline's, minus KL
         if cfg.algo == "reinforce_pp":  # whiten over all policy tokens of the (global) batch
-            tok = torch.cat([torch.zeros(0)] + [torch.full((sum(s.loss_mask),), float(a)) for s, a in zip(samples, adv)])
+            tok = torch.cat([torch.zeros(0)] + [torch.full((sum(s.loss_mask),), a) for s, a in zip(samples, scores)])
             tok = rl.whiten(tok, torch.ones_like(tok), all_reduce=self.dist.all_reduce)
             i = 0
             for s in samples:
                 L = sum(s.loss_mask)
                 s.adv, i = tok[i:i + L].tolist(), i + L
         else:
-            for s, a in zip(samples, adv.tolist()):
+            for s, a in zip(samples, scores):
                 s.adv = [a] * sum(s.loss_mask)
 
     # --------------------------------------------------------------------------------------------
@@ -550,9 +616,15 @@ class Trainer:
                     ref = (torch.tensor([v for s in mb for v in s.ref_logp], device=self.device)
                            if self.ref is not None else None)
 
+                    gen_lp = torch.tensor([lp for s in mb for lp, k in zip(s.completion.logprobs, s.loss_mask) if k],
+                                          device=self.device)                                # [M]
+
                     def chunk_loss(lp, en, rows):   # lp, en [C]: the micro-batch's tokens `rows`
-                        tok_loss, _ = rl.policy_loss(lp, lp.detach() if old is None else old[rows], adv[rows],
-                                                     cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
+                        behaviour = lp.detach() if old is None else old[rows]
+                        tok_loss, _ = rl.policy_loss(lp, behaviour, adv[rows], cfg.clip_low, cfg.clip_high,
+                                                     cfg.dual_clip or None)
+                        if cfg.tis_cap:
+                            tok_loss = tok_loss * rl.tis_weights(behaviour.float(), gen_lp[rows], cfg.tis_cap)
                         if ref is not None and not cfg.kl_in_reward:
                             tok_loss = tok_loss + cfg.kl_coef * rl.kl_estimate(lp, ref[rows], cfg.kl_estimator)
                         if cfg.entropy_coef:
@@ -565,8 +637,6 @@ class Trainer:
                                                      temperature=cfg.temperature, with_entropy=True)
                     (loss * d.world).backward()
                     if epoch == 0:
-                        gen_lp = torch.tensor([lp for s in mb for lp, k in zip(s.completion.logprobs, s.loss_mask) if k],
-                                              device=self.device)
                         g = (gen_lp - logp.float()).abs()
                         gap += torch.tensor([float(g.sum()), len(g), 0.0], dtype=torch.float64)
                         gap[2] = max(gap[2], float(g.max()))
@@ -680,7 +750,8 @@ class Trainer:
         state = {"step": self.step, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
                  "optimizer": distributed.optimizer_state(self.model, self.opt, d),
                  "scheduler": self.sched.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "carry": d.gather(self.carry)}   # every rank's surplus of filter survivors
         if self.critic is not None:
             state["critic"] = distributed.model_state(self.critic, d)
             state["critic_optimizer"] = distributed.optimizer_state(self.critic, self.critic_opt, d)
@@ -723,6 +794,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.data_epoch, self.data_pos = state["step"], state["data_epoch"], state["data_pos"]
+        carried = sum(state.get("carry", []), [])  # on however many ranks now: rank r takes its share
+        lo, hi = distributed.split(len(carried), self.dist)
+        self.carry = carried[lo:hi]
         # metrics after the checkpoint belong to the abandoned run: drop them so the log stays one history
         mp = self.run_dir / "metrics.jsonl"
         if self.dist.main and mp.exists():
@@ -739,23 +813,28 @@ class Trainer:
 def _row(s: Sample) -> dict:
     """What the rollout metrics need about one sample (small: gathered from every rank)."""
     c = s.completion
-    return {"reward": s.reward, "correct": s.correct, "calls": c.num_tool_calls, "errors": c.num_tool_errors,
-            "policy_len": sum(c.policy_mask), "len": len(c.tokens), "truncated": c.finish_reason == "length"}
+    return {"reward": s.reward, "correct": s.correct, "graded": s.graded, "format_ok": s.format_ok,
+            "calls": c.num_tool_calls, "errors": c.num_tool_errors, "policy_len": sum(c.policy_mask),
+            "len": len(c.tokens), "truncated": c.finish_reason == "length"}
 
 
 def _rollout_metrics(rows: list[dict]) -> dict:
-    """The quantities whose growth with training the paper reports."""
+    """The quantities whose growth with training the paper reports. Accuracy is over the responses the
+    grader could check; the others are counted in grade_errors."""
     n = max(len(rows), 1)
+    graded = [r for r in rows if r["graded"]]
     calls = sum(r["calls"] for r in rows)
     return {
-        "reward": sum(r["reward"] for r in rows) / n,
-        "accuracy": sum(r["correct"] for r in rows) / n,
+        "reward": sum(r["reward"] for r in graded) / max(len(graded), 1),
+        "accuracy": sum(r["correct"] for r in graded) / max(len(graded), 1),
+        "grade_errors": len(rows) - len(graded),
         "code_ratio": sum(r["calls"] > 0 for r in rows) / n,
         "tool_calls_per_response": calls / n,
         "tool_error_rate": sum(r["errors"] for r in rows) / max(calls, 1),
         "response_length": sum(r["policy_len"] for r in rows) / n,    # policy tokens only
         "response_length_all": sum(r["len"] for r in rows) / n,
         "truncation_rate": sum(r["truncated"] for r in rows) / n,
+        "format_failure_rate": sum(not r["format_ok"] for r in rows) / n,
     }
 
 

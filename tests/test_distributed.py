@@ -69,6 +69,8 @@ def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
     samples = batch()
     if t.dist.enabled:  # whole groups per rank
         samples = samples[4 * t.dist.rank:4 * t.dist.rank + 4]
+    for g in range(0, len(samples), 4):   # the group baseline, as sampling computes it
+        t._score_group(samples[g:g + 4])
     m = {}
     t._prepare(samples, m)
     t._update(samples, m)

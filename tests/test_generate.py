@@ -213,6 +213,44 @@ def test_logprobs_equal_teacher_forced_forward_with_tool_output_spliced(tmp_path
         assert last_tool < len(o.tokens) - 1
 
 
+def test_spliced_cache_equals_reprefilling_the_whole_prefix(tmp_path, tok):
+    """Keeping the KV cache across a tool call (only the output block is prefilled) and re-prefilling the
+    whole prefix after it must sample the same tokens with the same log-probs, on a real model whose
+    next tokens depend on every token before them, tool output included."""
+    _, m = tiny("llama-gqa-tied", tmp_path, vocab_size=len(tok))
+    script = tok.encode("```python\nprint(6*7)\n```", add_special_tokens=False)
+    mark = tok.encode(" Assistant", add_special_tokens=False)[-1]
+    prompts = [tok.encode("Hi there Assistant", add_special_tokens=False),
+               tok.encode("Solve it. Assistant", add_special_tokens=False)]
+    tool = lambda code: ToolOutput("42\nand more output text", False)
+    kw = dict(max_new_tokens=40, temperature=0.8, seed=3, tool=tool, max_tool_calls=1, ignore_eos=True)
+    keep = generate(CodeBias(m, script, mark), tok, prompts, **kw)
+    again = generate(CodeBias(m, script, mark), tok, prompts, reprefill_after_tool=True, **kw)
+    for a, b in zip(keep, again):
+        assert a.num_tool_calls == 1 and a.policy_mask.index(0) < len(a.tokens) - 10   # decoding went on after it
+        assert a.tokens == b.tokens and a.policy_mask == b.policy_mask
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
+def test_tool_output_over_the_limit_is_replaced_or_cut(tok):
+    from minitir.generate import OUTPUT_TAIL, TOO_LONG
+    code = "```python\nprint('x' * 500)\n```"
+    scripts = {1: enc(tok, f"Go.\n{code}\nDone.")}
+    kw = dict(max_new_tokens=400, temperature=0, tool=lambda c: ToolOutput("line\n" * 200), max_tool_calls=1,
+              max_tool_output_tokens=40)
+    a = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], **kw)[0]
+    block = tok.decode([t for t, mk in zip(a.tokens, a.policy_mask) if mk == 0])
+    assert block == "\n```output\n" + TOO_LONG + OUTPUT_TAIL           # the paper's message and layout
+    b = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], tool_output_overflow="truncate", **kw)[0]
+    tools = [t for t, mk in zip(b.tokens, b.policy_mask) if mk == 0]
+    block = tok.decode(tools)
+    assert block.startswith("\n```output\nline\n") and block.endswith("... (output truncated)" + OUTPUT_TAIL)
+    assert len(tools) <= 40
+    short = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], **{**kw, "tool": lambda c: ToolOutput("7")})[0]
+    assert tok.decode([t for t, mk in zip(short.tokens, short.policy_mask) if mk == 0]) == "\n```output\n7" + OUTPUT_TAIL
+    assert short.policy_text == "Go.\n" + code + "\nDone." + tok.eos_token
+
+
 class ScriptedModel:
     """A stand-in model: row r emits the token list scripts[first prompt token][k] on its k-th call,
     then EOS. Prompts repeat one script id. Tool tokens do not advance the script (the model 'ignores' them)."""
@@ -254,7 +292,7 @@ def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
         return ToolOutput("line\n" * 200 if len(seen) == 1 else "Traceback: boom", error=len(seen) == 2)
 
     outs = generate(model, tok, [[1, 1, 1], [3, 3]], max_new_tokens=400, temperature=0, tool=tool,
-                    max_tool_calls=2, max_tool_output_tokens=10)
+                    max_tool_calls=2, max_tool_output_tokens=22, tool_output_overflow="truncate")
     a, b = outs
     assert seen == ["print('x' * 500)\n"] * 2            # the third block is left unexecuted
     assert a.num_tool_calls == 2 and a.num_tool_errors == 1 and a.finish_reason == "stop"
@@ -265,7 +303,7 @@ def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
     policy = [t for t, mk in zip(a.tokens, a.policy_mask) if mk]
     assert policy == scripts[1] + [tok.eos_token_id]
     first_out = a.text.index("```output\n")
-    assert len(tok.encode(a.text[first_out:].split("```\n")[1], add_special_tokens=False)) <= 10 + 12
+    assert sum(1 - mk for mk in a.policy_mask) <= 2 * 22
 
 
 def test_slow_tool_does_not_block_other_sequences(tok):

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from minitir.reward import (Grader, RewardConfig, extract_answer, grade, has_answer_format, last_boxed,
-                            math_equal, outcome_reward)
+from minitir.reward import (Grader, RewardConfig, extract_answer, final_answer, grade, has_answer_format,
+                            last_boxed, math_equal, outcome_reward, zero_tir_format, zero_tir_reward)
 
 # (prediction, gold, equal?)
 CASES = [
@@ -118,6 +118,52 @@ def test_grading_from_threads(grader):
 def test_outcome_reward():
     cfg = RewardConfig()
     assert outcome_reward(True, "x", False, cfg) == 1.0 and outcome_reward(False, "x", True, cfg) == 0.0
-    cfg = RewardConfig(format_penalty=0.5, truncation_penalty=0.25)
+    cfg = RewardConfig(kind="lenient", format_penalty=0.5, truncation_penalty=0.25)
     assert outcome_reward(True, "<answer>\\boxed{1}</answer>", False, cfg) == 1.0
     assert outcome_reward(True, "\\boxed{1}", True, cfg) == 0.25
+    assert outcome_reward(True, "\\boxed{1}", True, RewardConfig(format_penalty=0.5)) == 1.0  # strict: no shaping
+
+
+CODE = "```python\nprint(chr(92) + 'boxed{' + str(3 * 4) + '}')\n```\n```output\n\\boxed{12}\n```\n\n\n"
+
+
+def test_strict_reward_by_hand(grader):
+    good = f"Let me compute. {CODE}So the product is 12.</think> <answer>The answer is \\boxed{{12}}</answer>"
+    assert zero_tir_reward(good, "12", True, grader=grader) == 1.0
+    # the only \boxed is inside the tool's output: the model never answered
+    only_tool = f"Let me compute. {CODE}</think> <answer>see above</answer>"
+    assert zero_tir_reward(only_tool, "12", True, grader=grader) == 0.0
+    assert extract_answer(only_tool) is None and not grade(only_tool, "12")
+    assert zero_tir_reward(good, "12", False, grader=grader) == 0.0             # cut at the length limit
+    assert zero_tir_reward(good.replace("</think>", ""), "12", True, grader=grader) == 0.0   # no </think>
+    assert zero_tir_reward(good.replace("{12}</answer>", "{13}</answer>"), "12", True, grader=grader) == 0.0
+    assert zero_tir_reward(good + " and more words after the answer", "12", True, grader=grader) == 0.0
+    assert zero_tir_reward(good + "\n", "12", True, grader=grader) == 1.0   # a few tokens after it are allowed
+    two_answers = good + " <answer>\\boxed{12}</answer>"
+    assert not zero_tir_format(two_answers)
+    # a \boxed guess inside <think> does not count: the answer is taken after </think>
+    assert final_answer("<think>\\boxed{5}</think> <answer>\\boxed{7}</answer>") == "7"
+    assert zero_tir_format(good, count_tokens=lambda t: 0) and not zero_tir_format(good + "x", count_tokens=lambda t: 6)
+
+
+def test_repeatness_against_the_suffix_array_definition():
+    import random
+    from minitir.filters import repeatness
+
+    def by_definition(s):  # 2 * sum of adjacent LCPs in the sorted suffixes / (n (n + 1))
+        n = len(s)
+        sa = sorted(range(n), key=lambda i: s[i:])
+        lcp = 0
+        for a, b in zip(sa, sa[1:]):
+            k = 0
+            while a + k < n and b + k < n and s[a + k] == s[b + k]:
+                k += 1
+            lcp += k
+        return 2 * lcp / (n * (n + 1))
+
+    r = random.Random(0)
+    for _ in range(100):
+        s = "".join(r.choice("ab c\n") for _ in range(r.randint(2, 80)))
+        assert repeatness(s) == pytest.approx(by_definition(s), abs=1e-12)
+    assert repeatness("abcdefg") == 0.0 and repeatness("aaaa") == pytest.approx(0.6)
+    assert repeatness("The answer is 12 " * 40) > 0.9 > 0.05 > repeatness("Let x be 3; then 4x = 12.")

@@ -67,12 +67,27 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
         load_problems(tmp_path / "x.csv")
 
 
+# The paper's prompts as its code writes them (yyht/openrlhf_async_pipline, openrlhf/cli/template.py,
+# commit 63b6159: the Python literals of 'ZERO_TIR' and 'ZERO_V2', with {query} for the problem).
+PAPER_ZERO_TIR = """A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. In your reasoning-process, You can use python-code to solve your problem. User: You must put your answer inside <answer> </answer> tags, i.e., <answer> answer here </answer>. And your final answer will be extracted automatically by the \\boxed{} tag.\nThis is the problem:{query}\nAssistant: <think>"""
+PAPER_ZERO_V2 = """A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. User: You must put your answer inside <answer> </answer> tags, i.e., <answer> answer here </answer>. And your final answer will be extracted automatically by the \\boxed{} tag.\nThis is the problem:{query}\nAssistant: <think>"""
+
+
+def test_zero_templates_are_the_papers_character_for_character():
+    q = "What is $2+2$? {Use braces}."
+    assert render_prompt(TEMPLATES["zero_tir"], q) == PAPER_ZERO_TIR.replace("{query}", q)
+    assert render_prompt(TEMPLATES["zero_rl"], q) == PAPER_ZERO_V2.replace("{query}", q)
+    assert TEMPLATES["zero_tir"].tools and not TEMPLATES["zero_rl"].tools
+    # the paper's rollout stop strings (experience_maker_async.py), EOS handled by the generator
+    assert set(TEMPLATES["zero_tir"].stop) == {"User:", "Human:", "Assistant:", "</answer>"}
+
+
 def test_templates():
-    t = TEMPLATES["zero_tir"]
+    t = TEMPLATES["zero_tir_explained"]
     p = render_prompt(t, "What is 2+2?")
     assert p.endswith("User: What is 2+2?\nAssistant: <think>") and "```python" in p and "\\boxed{}" in p
-    assert set(t.stop) == {"</answer>", "User:", "Human:"} and t.tools
-    assert "```python" not in render_prompt(TEMPLATES["zero_rl"], "q") and not TEMPLATES["zero_rl"].tools
+    assert t.tools and not TEMPLATES["zero_rl_explained"].tools
+    assert "```python" not in render_prompt(TEMPLATES["zero_rl_explained"], "q")
     custom = get_template("Q: {question}\nA:")
     assert render_prompt(custom, "1+1") == "Q: 1+1\nA:"
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):

@@ -2,6 +2,7 @@
 checkpoints, input errors before the first step, and one real cpu-default step."""
 import json
 import math
+import random
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,20 +10,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from minitir.generate import Completion
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
-from minitir.trainer import ConfigError, TrainConfig, Trainer
+from minitir.trainer import ConfigError, Sample, TrainConfig, Trainer
 
-CODE = "```python\nprint('\\\\boxed{42}')\n```"
+CODE_OPEN, CODE_CLOSE = "```python\nprint(", ")\n```"
+ANS_OPEN, ANS_CLOSE = "</think> <answer>\\boxed{", "}</answer>"
 
 
 class ToyTokenizer:
-    """Whole-string tokens with greedy longest-match encoding. Token 1 is a complete code block: calling
-    the tool is one action, which a random policy takes rarely."""
+    """Whole-string tokens with greedy longest-match encoding: digits, '*', the code block's opening and
+    closing, the output block's pieces, the answer's opening and closing, and filler words."""
 
     def __init__(self):
-        fixed = ["<eos>", CODE, "```output\n", "\n```\n", "\\boxed{", "}", "\n", " "] + list("0123456789")
-        self.vocab = fixed + [f"w{i} " for i in range(200 - len(fixed))]
+        fixed = ["<eos>", CODE_OPEN, CODE_CLOSE, "```output\n", "\n```\n\n\n", ANS_OPEN, ANS_CLOSE, "\n", " ",
+                 "*", "="] + list("0123456789")
+        self.vocab = fixed + [f"w{i} " for i in range(64 - len(fixed))]
         self.index = {s: i for i, s in enumerate(self.vocab)}
         self.by_length = sorted(self.vocab, key=len, reverse=True)
         self.eos_token_id, self.eos_token, self.chat_template = 0, "<eos>", None
@@ -52,15 +56,62 @@ class ToyTokenizer:
         Path(path, "toy_vocab.json").write_text(json.dumps(self.vocab))
 
 
-def toy_setup(tmp_path, steps, run_name="toy", **overrides):
+def toy_problems(n, seed=0):
+    """Products of a two-digit and a one-digit number: too many to memorise in a few steps."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = r.randrange(10, 100), r.randrange(2, 10)
+        out.append(Problem(f"p{i}", f"{a}*{b}=", str(a * b)))
+    return out
+
+
+def warm_up(model, tok, problems, tool_share=0.15, steps=1000, seed=0):
+    """A base model in miniature: next-token training on responses in the strict format that mostly guess
+    the product directly and sometimes write it as code, read the output and copy it into the answer:
+    a model that can, but rarely does, use the tool, as the paper's base models."""
+    r = random.Random(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def response(p):
+        a, b = p.question.rstrip("=").split("*")
+        if r.random() < tool_share:
+            return CODE_OPEN + f"{a}*{b}" + CODE_CLOSE + f"\n```output\n{p.answer}\n```\n\n\n" + ANS_OPEN + p.answer + ANS_CLOSE
+        return ANS_OPEN + str(r.randrange(20, 900)) + ANS_CLOSE
+
+    for _ in range(steps):
+        docs = [(tok.encode(p.question), tok.encode(response(p))) for p in r.sample(problems, 32)]
+        T = max(len(q) + len(a) for q, a in docs)
+        ids = torch.zeros(len(docs), T, dtype=torch.long)
+        target = torch.full((len(docs), T), -100)
+        for b, (q, a) in enumerate(docs):
+            ids[b, :len(q) + len(a)] = torch.tensor(q + a)
+            target[b, len(q) - 1:len(q) + len(a) - 1] = torch.tensor(a)
+        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+_WARM = {}
+
+
+def toy_setup(tmp_path, steps, run_name="toy", warm=False, **overrides):
+    """(config, model, tokenizer, problems) of the toy task; warm=True starts from the warmed-up base model
+    (trained once per test session)."""
     tok = ToyTokenizer()
-    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       eos_token_id=0, tie_word_embeddings=False)
     model = Transformer(cfg).init_weights(std=0.02, seed=0)
-    problems = [Problem(f"p{i}", f"w{i % 150} w{(7 * i) % 150} ", "42") for i in range(64)]
-    tc = TrainConfig(prompt="{question}", prompts_per_step=8, n_samples=8, max_new_tokens=12,
-                     max_prompt_tokens=8, max_tool_calls=1, max_tool_output_tokens=16, lr=2e-2, steps=steps,
+    problems = toy_problems(512)
+    if warm:
+        if "state" not in _WARM:
+            _WARM["state"] = {k: v.clone() for k, v in warm_up(model, tok, problems).state_dict().items()}
+        model.load_state_dict(_WARM["state"])
+    tc = TrainConfig(prompt="{question}", prompts_per_step=8, n_samples=8, max_new_tokens=24,
+                     max_prompt_tokens=8, max_tool_calls=1, max_tool_output_tokens=16, lr=5e-3, steps=steps,
                      eval_size=0, run_dir=str(tmp_path), run_name=run_name, save_every=0, tensorboard=False,
                      micro_batch_tokens=512, checkpointing="none", sandbox_workers=1, seed=3)
     for k, v in overrides.items():
@@ -69,21 +120,25 @@ def toy_setup(tmp_path, steps, run_name="toy", **overrides):
 
 
 def test_tool_use_emerges_from_outcome_reward(tmp_path):
-    """The paper's phenomenon in miniature: the answer (42) appears only in the tool's output, a random
-    policy rarely calls the tool, and GRPO on the correctness reward alone must make it call the tool."""
-    tc, model, tok, problems = toy_setup(tmp_path, steps=16)
+    """The paper's phenomenon in miniature, under the paper's strict reward: products of a two-digit and a
+    one-digit number, which the warmed-up base model mostly guesses and sometimes computes in code; only
+    a code block with the question's numbers, an answer copied from its output and the full format earn
+    reward. GRPO on that 0/1 reward alone must raise code use and accuracy together."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=24, lr=2e-3, warm=True)
     t = time.time()
     trainer = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         history = [trainer.train_step() for _ in range(tc.steps)]
     finally:
         trainer.close()
-    first, last = history[0], history[-1]
-    assert first["code_ratio"] < 0.3 and first["accuracy"] < 0.3
-    assert last["code_ratio"] >= 0.9 and last["accuracy"] >= 0.9, [(m["code_ratio"], m["accuracy"]) for m in history]
+    curve = [(m["code_ratio"], m["accuracy"]) for m in history]
+    last = lambda k: sum(m[k] for m in history[-3:]) / 3
+    assert history[0]["code_ratio"] < 0.3 and history[0]["accuracy"] < 0.3, curve
+    assert last("code_ratio") >= 0.9 and last("accuracy") >= 0.75, curve
     assert time.time() - t < 60
     lines = (Path(tmp_path) / "toy" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == tc.steps and {"code_ratio", "response_length", "entropy", "time/tools_s"} <= set(json.loads(lines[0]))
+    assert len(lines) == tc.steps and {"code_ratio", "response_length", "entropy", "time/tools_s",
+                                       "format_failure_rate", "grade_errors"} <= set(json.loads(lines[0]))
 
 
 def _strip(m):
@@ -130,23 +185,57 @@ def test_exact_resume_and_crash_while_saving(tmp_path, monkeypatch):
     assert logged == [1, 2, 3, 4]
 
 
-def test_first_update_ratio_is_one_and_masked_tokens_get_no_gradient(tmp_path):
-    tc, model, tok, problems = toy_setup(tmp_path, steps=1, ppo_epochs=2, mini_batches=2)
+def rollouts_with_tool_output(tmp_path, **overrides):
+    """A trainer on the warmed-up toy model and one step's graded samples from its real path (generator,
+    sandbox, grader); some of them called the tool."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True, **overrides)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    kept, _, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
+    with_tool = [s for s in kept if 0 in s.completion.policy_mask]
+    assert len(with_tool) >= 2, "the rollouts must contain tool output for this test to mean anything"
+    return t, kept, with_tool
+
+
+def test_trainer_logprobs_equal_the_generators_on_rollouts_with_tool_output(tmp_path):
+    """The trainer's packed forward must give, at every policy token, the log-prob the generator sampled it
+    with (float32): a shifted hidden-state alignment or a tool token in the loss breaks this."""
+    t, kept, with_tool = rollouts_with_tool_output(tmp_path)
     try:
-        kept, _, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
-        m = {}
-        t._prepare(kept, m)
-        s = kept[0]
-        logp, _, _ = t._forward(t.model, [s], with_entropy=False)
-        assert torch.allclose(logp, torch.tensor(s.old_logp), atol=1e-5)   # ratio 1 before any update
-        # tokens outside loss_mask (prompt, tool output) never reach the loss: the gradient of a loss over
-        # the policy tokens w.r.t. the embeddings of masked-only token ids stays exactly zero
-        with_tool = next((x for x in kept if 0 in x.completion.policy_mask), None)
-        if with_tool is not None:
-            model.zero_grad()
-            lp, _, _ = t._forward(t.model, [with_tool], with_entropy=False)
-            assert lp.shape[0] == sum(with_tool.loss_mask)
+        for s in kept:
+            assert s.loss_mask == s.completion.policy_mask     # the environment's tokens are not the policy's
+        logp, _, seq = t._forward(t.model, with_tool, with_entropy=False)
+        gen = torch.tensor([lp for s in with_tool for lp, k in zip(s.completion.logprobs, s.loss_mask) if k])
+        assert logp.shape == gen.shape
+        assert (logp - gen).abs().max() <= 1e-4
+    finally:
+        t.close()
+
+
+def test_tool_output_tokens_get_no_gradient(tmp_path):
+    """Through the trainer's real update: a response cut right after its tool output gives the same
+    parameter gradients whatever the tool-output token ids are (they are only inputs to nothing and
+    targets of no loss), and every parameter gradient is unchanged."""
+    t, kept, with_tool = rollouts_with_tool_output(tmp_path, grad_clip=1e9, lr=0.0)   # weights stay put
+    try:
+        s = with_tool[0]
+        c = s.completion
+        end = max(i for i, k in enumerate(s.loss_mask) if k == 0) + 1     # up to the last tool token
+
+        def grads(tool_ids):
+            toks = [tool_ids.pop(0) if k == 0 else x for x, k in zip(c.tokens[:end], s.loss_mask[:end])]
+            cut = Sample(prompt_ids=s.prompt_ids, gold=s.gold, completion=Completion(
+                toks, c.logprobs[:end], c.policy_mask[:end], "", "length"), loss_mask=s.loss_mask[:end], score=1.0)
+            t.model.zero_grad()
+            t._prepare([cut], {})
+            t._update([cut], {})
+            return [p.grad.clone() for p in t.model.parameters()]
+
+        n_tool = end - sum(s.loss_mask[:end])
+        real = grads([x for x, k in zip(c.tokens[:end], s.loss_mask[:end]) if k == 0])
+        other = grads([(7 * i + 3) % 40 + 20 for i in range(n_tool)])
+        assert any(float(g.abs().max()) > 0 for g in real)
+        for a, b in zip(real, other):
+            assert torch.equal(a, b)
     finally:
         t.close()
 
@@ -154,11 +243,12 @@ def test_first_update_ratio_is_one_and_masked_tokens_get_no_gradient(tmp_path):
 def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
     """The update takes the loss's gradient inside the head's forward (token_loss); it must equal autograd
     through plain log-probs and the rl.py formulas: clipped and dual-clipped ratios, k3 KL, entropy bonus,
-    per-sequence aggregation, several micro-batches."""
+    per-sequence aggregation, truncated importance weights against the generator's log-probs, several
+    micro-batches."""
     from minitir import rl
     tc, model, tok, problems = toy_setup(tmp_path, steps=1, ppo_epochs=2, kl_coef=0.5, entropy_coef=0.5,
                                          dual_clip=3.0, loss_agg="seq_mean_token_mean", grad_clip=1e9,
-                                         micro_batch_tokens=256)
+                                         micro_batch_tokens=256, tis_cap=1.5)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         kept, _, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
@@ -173,7 +263,10 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
         logp, ent, seq = t._forward(t.model, kept, with_entropy=True)
         cat = lambda key: torch.tensor([v for s in kept for v in getattr(s, key)])
         tok_loss, _ = rl.policy_loss(logp, cat("old_logp"), cat("adv"), tc.clip_low, tc.clip_high, tc.dual_clip)
-        tok_loss = tok_loss + tc.kl_coef * rl.kl_estimate(logp, cat("ref_logp"), tc.kl_estimator) - tc.entropy_coef * ent
+        gen = torch.tensor([lp for s in kept for lp, k in zip(s.completion.logprobs, s.loss_mask) if k])
+        is_w = torch.exp(cat("old_logp") - gen).clamp(max=1.5)          # pi_old / pi_generator, truncated
+        assert 0 < float((is_w == 1.5).float().mean()) < 1                # some weights are capped
+        tok_loss = tok_loss * is_w + tc.kl_coef * rl.kl_estimate(logp, cat("ref_logp"), tc.kl_estimator) - tc.entropy_coef * ent
         w = rl.token_weights(torch.ones(len(seq)), seq, len(kept), tc.loss_agg)
         model.zero_grad()
         (tok_loss * w).sum().backward()
@@ -183,6 +276,77 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
         got = [p.grad for p in model.parameters()]
         for a, b in zip(got, want):
             assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
+    finally:
+        t.close()
+
+
+def test_paper_filters_drop_and_carry_over(tmp_path):
+    """filter_overlong drops responses cut at the length limit, filter_repetition drops correct responses
+    above the threshold, and carry_over fills exactly one batch with the survivors and keeps the rest
+    for the next step, which uses them first."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=2, max_new_tokens=8, filter_overlong=True,
+                                         carry_over=True, max_refill_rounds=4, warm=True)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    try:
+        timing = {"generate": 0.0, "grade": 0.0}
+        kept, sampled, stats = t._sample_groups(timing)
+        cut = [s for s in sampled if s.completion.finish_reason == "length"]
+        assert cut and stats["dropped_overlong"] == len(cut)         # a code block never fits in 8 tokens
+        assert not any(s.completion.finish_reason == "length" for s in kept)
+        assert len(kept) == tc.prompts_per_step * tc.n_samples and stats["groups_sampled"] > tc.prompts_per_step
+        carried = list(t.carry)
+        assert stats["carried_out"] == len(carried) > 0
+        kept2, _, stats2 = t._sample_groups(timing)
+        assert stats2["carried_in"] == len(carried) and kept2[:len(carried)] == carried
+        t.cfg.filter_overlong, t.cfg.filter_repetition, t.cfg.carry_over, t.cfg.max_new_tokens = False, 1e-9, False, 24
+        t.carry = []
+        kept3, sampled3, stats3 = t._sample_groups(timing)
+        assert stats3["dropped_repetitive"] > 0 and not any(s.correct for s in kept3)   # every correct one repeats a bit
+    finally:
+        t.close()
+
+
+def test_void_turns_are_masked_but_counted(tmp_path):
+    t, kept, _ = rollouts_with_tool_output(tmp_path, mask_void_turns=True, max_new_tokens=10)
+    try:
+        void = [s for s in kept if s.completion.finish_reason == "length"]   # cut before any answer
+        assert void and all(not any(s.loss_mask) for s in void)
+        answered = [s for s in kept if s.format_ok and s.completion.num_tool_calls == 0]
+        assert all(s.loss_mask == s.completion.policy_mask for s in answered)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.json")))
+def test_every_preset_loads_and_validates(name):
+    import train
+    from minitir.trainer import validate
+    cfg, _ = train.parse(["--config", name])
+    validate(cfg, torch.device("cpu"))
+    assert cfg.reward == "strict" and cfg.prompt == "zero_tir"
+
+
+def test_paper_preset_is_the_papers_protocol(tmp_path):
+    """configs/zerotir-7b.json against the paper's run (train_grpo_ray_hybrid_engine_agent_tir_clean.sh and
+    the code it runs), and wired through: the trainer's optimizer and schedule are the paper's."""
+    import train
+    cfg, _ = train.parse(["--config", "zerotir-7b"])
+    assert (cfg.algo, cfg.prompts_per_step, cfg.n_samples, cfg.ppo_epochs, cfg.mini_batches) == ("reinforce_pp", 128, 16, 1, 1)
+    assert (cfg.lr, cfg.warmup_steps, cfg.lr_schedule, tuple(cfg.adam_betas)) == (1e-6, 0, "constant", (0.9, 0.95))
+    assert (cfg.clip_low, cfg.clip_high, cfg.loss_agg, cfg.temperature, cfg.top_p) == (0.2, 0.28, "token_mean", 1.0, 1.0)
+    assert (cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.max_tool_calls, cfg.max_tool_output_tokens) == (1024, 8192, 2, 256)
+    assert (cfg.filter_groups, cfg.filter_min_acc, cfg.filter_max_acc) == (True, 1 / 16, 0.75)   # 0 < acc < 0.8
+    assert (cfg.filter_overlong, cfg.filter_repetition, cfg.carry_over) == (True, 0.05, True)
+    for name in ("qwen2.5-1.5b-grpo", "qwen2.5-1.5b-ppo", "qwen2.5-7b-grpo"):   # the same protocol, scaled
+        other, _ = train.parse(["--config", name])
+        assert (other.mini_batches, other.warmup_steps, tuple(other.adam_betas), other.filter_overlong,
+                other.carry_over, other.max_tool_output_tokens) == (1, 0, (0.9, 0.95), True, True, 256)
+    _, model, tok, problems = toy_setup(tmp_path, steps=1)
+    cfg.run_dir, cfg.tensorboard, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.micro_batch_tokens = \
+        str(tmp_path), False, 8, 24, 64
+    t = Trainer(cfg, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    try:
+        assert t.opt.param_groups[0]["betas"] == (0.9, 0.95) and t.sched.get_last_lr() == [1e-6]
     finally:
         t.close()
 
