@@ -139,9 +139,9 @@ def run(cfg: EvalConfig) -> dict | None:
     model, tok = load_pretrained(cfg.model, device=device)
     tool = None
     if get_template(cfg.prompt).tools and max(cfg.sweep) > 0:
-        import sandbox
-        tool = (sandbox.RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout) if cfg.sandbox_url
-                else sandbox.Sandbox(cfg.sandbox_timeout, workers=2))
+        from minitir.sandbox import RemoteSandbox, Sandbox
+        tool = (RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout) if cfg.sandbox_url
+                else Sandbox(cfg.sandbox_timeout, workers=2))
     grader = Grader()
     try:
         for calls in cfg.sweep:

@@ -24,7 +24,15 @@ def _keep_freed_memory():
 
 _keep_freed_memory()
 
-from minitir.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from minitir.model import KVCache, ModelConfig, Transformer  # noqa: E402
-
 __all__ = ["load_pretrained", "save_pretrained", "Transformer", "ModelConfig", "KVCache"]
+_EXPORTS = {"load_pretrained": "minitir.checkpoint", "save_pretrained": "minitir.checkpoint",
+            "Transformer": "minitir.model", "ModelConfig": "minitir.model", "KVCache": "minitir.model"}
+
+
+def __getattr__(name):
+    """The model and checkpoint API, imported on first use: the sandbox's worker processes import
+    minitir.sandbox without paying for torch."""
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'minitir' has no attribute {name!r}")

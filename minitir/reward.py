@@ -180,9 +180,11 @@ class _Worker:
             return
         line = _readline(self.proc, limit_s)
         if line != "ready\n":
-            self.kill()
+            self.proc.kill()
+            self.proc.wait()
             self.log.seek(0)
             err = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
+            self.kill()
             raise GradeError(f"a grader worker ({sys.executable} {os.path.abspath(__file__)} --worker) failed to "
                              f"start: {' | '.join(err) or 'no output'}; check that math-verify is installed "
                              f"(pip install -r requirements.txt)")

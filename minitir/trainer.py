@@ -267,9 +267,9 @@ class Trainer:
             self._load_state(state)
         # --- tools, grader, reward ---
         if tool is None and self.template.tools and cfg.max_tool_calls > 0:
-            import sandbox
-            tool = (sandbox.RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout_s) if cfg.sandbox_url
-                    else sandbox.Sandbox(cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, workers=cfg.sandbox_workers))
+            from minitir.sandbox import RemoteSandbox, Sandbox
+            tool = (RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout_s) if cfg.sandbox_url
+                    else Sandbox(cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, workers=cfg.sandbox_workers))
         self.tool = _TimedTool(tool) if tool is not None else None
         self.grader = Grader(workers=2)
         self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,

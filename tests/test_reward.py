@@ -167,3 +167,47 @@ def test_repeatness_against_the_suffix_array_definition():
         assert repeatness(s) == pytest.approx(by_definition(s), abs=1e-12)
     assert repeatness("abcdefg") == 0.0 and repeatness("aaaa") == pytest.approx(0.6)
     assert repeatness("The answer is 12 " * 40) > 0.9 > 0.05 > repeatness("Let x be 3; then 4x = 12.")
+
+
+def test_a_script_without_main_guard_grades_correctly(tmp_path):
+    """Workers are separate interpreters started by path: they never re-import the caller's script, so a
+    script without `if __name__ == "__main__":` grades right and runs once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "plain.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+                      f"open({str(runs)!r}, 'a').write('ran\\n')\n"
+                      "from minitir.reward import math_equal\n"
+                      "print(math_equal('1,000', '1000'), math_equal('x^2+2x+1', '(x+1)^2'), math_equal('3', '4'))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]
+    assert runs.read_text() == "ran\n"
+
+
+def test_a_killed_worker_is_retried_and_a_lost_check_is_an_error(monkeypatch):
+    import os
+    import signal
+    from minitir import reward
+    g = Grader(workers=1, timeout_s=3)
+    try:
+        w = g._idle.queue[0]
+        os.kill(w.proc.pid, signal.SIGKILL)                     # the worker dies before the check
+        assert g.math_equal("x^2+2x+1", "(x+1)^2") is True       # retried on a fresh worker
+        assert g.errors == 0
+        monkeypatch.setattr(reward._Worker, "ask", lambda self, pairs, limit: None)   # every worker dies on it
+        assert g.math_equal_many([("x^2", "x*x"), ("2", "2")]) == [None, True]   # an error, never False
+        assert g.errors == 1
+        with pytest.raises(reward.GradeError, match="could not grade"):
+            g.math_equal("x^2", "x*x")
+    finally:
+        g.close()
+
+
+def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
+    import sys
+    from minitir import reward
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(reward.GradeError, match="failed to start"):
+        Grader(workers=2)

@@ -19,6 +19,22 @@ def test_group_advantages_by_hand():
     assert torch.equal(rl.group_advantages(r, "rloo")[1], torch.zeros(4))
 
 
+def test_group_advantages_leave_out_ungraded_responses():
+    r = torch.tensor([[1.0, 0.0, 5.0, 1.0]])
+    valid = torch.tensor([[True, True, False, True]])   # the third could not be graded
+    # over the other three: mean 2/3, unbiased std sqrt(1/3); the third gets 0
+    s = math.sqrt(1 / 3)
+    assert torch.allclose(rl.group_advantages(r, "grpo", valid)[0], torch.tensor([(1 / 3) / s, -(2 / 3) / s, 0, (1 / 3) / s]),
+                          atol=1e-5)
+    assert torch.allclose(rl.group_advantages(r, "rloo", valid)[0], torch.tensor([0.5, -1.0, 0.0, 0.5]))
+    assert torch.allclose(rl.group_advantages(r, "dr_grpo", valid)[0], torch.tensor([1 / 3, -2 / 3, 0, 1 / 3]))
+
+
+def test_tis_weights_by_hand():
+    w = rl.tis_weights(torch.tensor([-1.0, -1.0, -3.0]), torch.tensor([-1.0, -2.0, -1.0]), cap=2.0)
+    assert torch.allclose(w, torch.tensor([1.0, 2.0, math.exp(-2.0)]))   # e^1 capped at 2
+
+
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 100.0])
     m = torch.tensor([1, 1, 1, 0])

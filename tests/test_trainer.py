@@ -306,6 +306,28 @@ def test_paper_filters_drop_and_carry_over(tmp_path):
         t.close()
 
 
+def test_grade_errors_are_counted_and_kept_out_of_the_statistics(tmp_path):
+    """A check the grader could not make is neither wrong nor right: the sample is left out of its group's
+    baseline and of the loss, and counted in grade_errors; accuracy is over the graded ones."""
+    from minitir import rl
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    try:
+        real = t.grader.math_equal_many
+        t.grader.math_equal_many = lambda pairs: [None if i % 4 == 0 else v for i, v in enumerate(real(pairs))]
+        m = t.train_step()
+        assert m["grade_errors"] == tc.prompts_per_step * tc.n_samples // 4
+        kept, sampled, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
+        lost = [s for s in sampled if not s.graded]
+        assert lost and all(s.score == 0 and not any(s.loss_mask) for s in lost) and not set(map(id, lost)) & set(map(id, kept))
+        group = sampled[:tc.n_samples]
+        valid = torch.tensor([[s.graded for s in group]])
+        want = rl.group_advantages(torch.tensor([[s.reward for s in group]]), "grpo", valid)[0]
+        assert [s.score for s in group] == pytest.approx(want.tolist())
+    finally:
+        t.close()
+
+
 def test_void_turns_are_masked_but_counted(tmp_path):
     t, kept, _ = rollouts_with_tool_output(tmp_path, mask_void_turns=True, max_new_tokens=10)
     try:

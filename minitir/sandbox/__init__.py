@@ -1,0 +1,20 @@
+"""Isolated Python execution for model-written code, in layers a reader can audit one at a time:
+
+    result.py      ExecResult: what a run produced, and the text the model sees of it
+    child.py       inside a run: notebook-style execution, short tracebacks
+    isolation.py   namespaces, the private filesystem view, dropping privileges
+    forkserver.py  the worker process: warm imports, one pre-forked child per run, reaping, rlimits
+    pool.py        the host side: Sandbox, a thread-safe pool of fork servers with futures
+    http.py        a SandboxFusion-compatible server (`python sandbox.py serve`) and RemoteSandbox
+
+    from minitir.sandbox import Sandbox
+    with Sandbox(timeout_s=5, memory_mb=512, workers=2) as sb:
+        r = sb.run("print(2**100)")            # ExecResult(status='ok', stdout='1267...\\n', ...)
+        fut = sb.submit("import sympy; sympy.factorint(2**64-1)")   # non-blocking
+"""
+from minitir.sandbox.http import RemoteSandbox, from_fusion, make_server, parse_request, to_fusion
+from minitir.sandbox.pool import Sandbox
+from minitir.sandbox.result import STATUSES, ExecResult
+
+__all__ = ["Sandbox", "RemoteSandbox", "ExecResult", "STATUSES", "make_server", "parse_request", "to_fusion",
+           "from_fusion"]

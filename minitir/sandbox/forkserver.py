@@ -1,0 +1,363 @@
+"""The worker process: `python -m minitir.sandbox.forkserver`, one per pool slot.
+
+It imports math, numpy, sympy, itertools and fractions once, isolates itself (isolation.setup: namespaces
+and the private view, once), and then serves requests over stdin/stdout (length-prefixed JSON). Each run
+happens in a child forked *before* its request arrives, so the fork is off the critical path: the child
+starts a new session, enters the view, waits for its code, drops its privileges, sets its rlimits and
+runs. The fork server is a child subreaper: whatever a run starts, daemonised or not, ends up as its
+child and is killed and reaped before the result goes back; the view's /tmp and the run's directory are
+emptied after every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from minitir.sandbox import isolation
+from minitir.sandbox.child import MEMORY_EXIT, run_user_code
+
+PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's process
+# ---------------------------------------------------------------------------------------------
+def _spare_child(run: "_Run", iso, uid: int | None, vm_base: int, req_r: int, out_w: int, err_w: int):
+    """Forked ahead of its request: isolate, wait for the request, drop privileges, set the limits it
+    asks for, run. Never returns. It keeps its privileges while it waits, so the uid sweep after the
+    previous run cannot touch it."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        for fd in map(int, os.listdir("/proc/self/fd")):  # close everything inherited (the host pipes too)
+            if fd > 2 and fd != req_r:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if iso.view:
+            isolation.enter_view(iso.view, run.inside)
+        else:
+            os.chdir(run.outside)
+        if iso.mode != "none":
+            isolation.own_pid_namespace()   # from here on: the run, PID 1 of its own namespace
+        os.environ.clear()
+        os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=run.inside, TMPDIR=run.inside,
+                          LANG="C.UTF-8", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+        tempfile.tempdir = run.inside
+        sys.path = [p for p in sys.path if p and os.path.isabs(p)]  # no cwd-relative imports of host files
+        with os.fdopen(req_r, "rb") as f:
+            req = json.loads(f.read() or b"null")
+        if req is None:  # the fork server is shutting down
+            os._exit(0)
+        if iso.mode != "none":
+            isolation.drop_privileges(uid)
+        limits = [(resource.RLIMIT_CPU, int(float(req["timeout_s"])) + 1),
+                  (resource.RLIMIT_AS, vm_base + int(req["memory_mb"]) * 2 ** 20),
+                  (resource.RLIMIT_FSIZE, 16 * 2 ** 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+        if uid is not None:  # a uid of its own: the process limit counts only this run's processes
+            limits.append((resource.RLIMIT_NPROC, 64))
+        for what, n in limits:
+            resource.setrlimit(what, (n, n))
+        code = run_user_code(req["code"])
+    except BaseException:
+        code = 70
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fork server's bookkeeping
+# ---------------------------------------------------------------------------------------------
+def read_msg(f):
+    head = f.read(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack("<I", head)
+    return json.loads(f.read(n))
+
+
+def write_msg(f, obj):
+    data = json.dumps(obj).encode()
+    f.write(struct.pack("<I", len(data)) + data)
+    f.flush()
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reap():
+    """Collect every child that has exited (orphans of a run end up as our children: we are a subreaper)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] != 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _children() -> list[int]:
+    try:  # one read, where the kernel has it
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    me, kids = str(os.getpid()), []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        kids.append(int(pid))
+            except OSError:
+                continue
+    return kids
+
+
+def _kill_children(keep: set[int]):
+    """Kill and reap every child of this process but `keep` (the next spare): as a subreaper, that is
+    everything a run left behind, daemonised or not."""
+    for _ in range(10_000):
+        _reap()
+        kids = [p for p in _children() if p not in keep]
+        if not kids:
+            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.0005)
+
+
+def _kill_uid(uid: int):
+    """Kill every process owned by uid: forks a reaper that becomes uid and sends SIGKILL to -1."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _empty(directory: str):
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _remove_owned(uid: int, since: float):
+    """Without a view: files the run's uid left in the host's shared temporary directories."""
+    for d in SHARED_TMP:
+        try:
+            if os.stat(d).st_mtime < since - 1:
+                continue
+            for entry in os.scandir(d):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+@dataclass
+class _Run:
+    outside: str     # its working directory as the fork server sees it
+    inside: str      # the same directory as the run sees it (inside the view)
+
+
+@dataclass
+class _Spare:
+    pid: int
+    req_w: int
+    out_r: int
+    err_r: int
+    run: _Run
+
+
+class ForkServer:
+    def __init__(self, base: str, iso, uid: int | None):
+        self.base, self.iso, self.uid = base, iso, uid
+        self.vm_base = _vm_size()
+        self.spare = self._fork_spare()
+
+    def _new_run(self) -> _Run:
+        if self.iso.view:
+            outside = tempfile.mkdtemp(prefix="run-", dir=os.path.join(self.iso.view, "sandbox"))
+            return _Run(outside, "/sandbox/" + os.path.basename(outside))
+        outside = tempfile.mkdtemp(prefix="run-", dir=self.base)
+        return _Run(outside, outside)
+
+    def _fork_spare(self) -> _Spare:
+        run = self._new_run()
+        if self.uid is not None:
+            os.chown(run.outside, self.uid, self.uid)
+        req_r, req_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            _spare_child(run, self.iso, self.uid, self.vm_base, req_r, out_w, err_w)
+        for fd in (req_r, out_w, err_w):
+            os.close(fd)
+        return _Spare(pid, req_w, out_r, err_r, run)
+
+    def execute(self, req: dict) -> dict:
+        """Run req in the spare; fork the next spare while it runs; clean up after it."""
+        spare, start, t0 = self.spare, time.time(), time.perf_counter()
+        with os.fdopen(spare.req_w, "wb") as f:  # the spare is blocked reading it, so any size goes through
+            f.write(json.dumps(req).encode())
+        self.spare = self._fork_spare()
+        bufs, dropped, status, timed_out = _collect(spare, float(req["timeout_s"]), int(req["max_output_bytes"]))
+        _reap()
+        if status is None or any(p != self.spare.pid for p in _children()):
+            # something is still running: the child (deadline) or what it started, maybe daemonised
+            try:
+                os.killpg(spare.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.uid is not None:
+                _kill_uid(self.uid)
+            if status is None:
+                _, status = os.waitpid(spare.pid, 0)
+            _kill_children(keep={self.spare.pid})
+        shutil.rmtree(spare.run.outside, ignore_errors=True)
+        if self.iso.view:
+            _empty(os.path.join(self.iso.view, "tmp"))
+        elif self.uid is not None:
+            _remove_owned(self.uid, start)
+        return _result(bufs, dropped, status, timed_out, time.perf_counter() - t0)
+
+    def close(self):
+        os.close(self.spare.req_w)  # the spare reads an empty request and exits
+        os.waitpid(self.spare.pid, 0)
+
+
+def _collect(spare: _Spare, timeout_s: float, cap: int):
+    """Read the run's stdout/stderr (up to cap bytes each) until it exits or its deadline passes."""
+    out_r, err_r = spare.out_r, spare.err_r
+    bufs = {1: bytearray(), 2: bytearray()}
+    dropped = {1: 0, 2: 0}
+    which = {out_r: 1, err_r: 2}
+    deadline = time.perf_counter() + timeout_s
+    pidfd = os.pidfd_open(spare.pid)
+    open_fds, status, timed_out = {out_r, err_r}, None, False
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            timed_out = True
+            break
+        ready, _, _ = select.select(list(open_fds) + ([pidfd] if status is None else []), [], [], left)
+        for fd in ready:
+            if fd == pidfd:
+                _, status = os.waitpid(spare.pid, 0)
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                open_fds.discard(fd)
+                continue
+            room = max(cap - len(bufs[which[fd]]), 0)
+            bufs[which[fd]] += chunk[:room]
+            dropped[which[fd]] += len(chunk) - min(len(chunk), room)
+        if status is not None and (not open_fds or time.perf_counter() > deadline):
+            break
+        if status is not None:  # the child is done; a descendant may hold the pipes: drain briefly
+            r, _, _ = select.select(list(open_fds), [], [], 0.01)
+            if not r:
+                break
+    for fd in (out_r, err_r, pidfd):
+        os.close(fd)
+    return bufs, dropped, status, timed_out
+
+
+def _result(bufs, dropped, status, timed_out, duration: float) -> dict:
+    def text(i):
+        s = bufs[i].decode("utf-8", errors="replace")
+        return s + (f"\n... (output truncated: {dropped[i]} more bytes)" if dropped[i] else "")
+
+    if timed_out:
+        st, code = "timeout", None
+    elif os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        st, code = ("timeout" if sig == signal.SIGXCPU else "killed"), -sig
+    else:
+        code = os.WEXITSTATUS(status)
+        st = "ok" if code == 0 else "memory" if code == MEMORY_EXIT else "error"
+    return dict(status=st, stdout=text(1), stderr=text(2), exit_code=code, duration_s=duration)
+
+
+def _warm_up():
+    """Run typical snippets once, so lazy imports and caches are filled before the first fork, not in
+    every child (a first sympy.factor costs ~30 ms of lazy work)."""
+    try:
+        import sympy
+        x, y = sympy.symbols("x y")
+        sympy.factor(x ** 4 - 1), sympy.expand((x + y) ** 3), sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+        sympy.solve([x + y - 3, x - y - 1], [x, y]), sympy.Rational(3, 4) + sympy.sqrt(8), sympy.factorint(10 ** 12 + 1)
+        sympy.binomial(30, 12), sympy.isprime(2 ** 31 - 1), sympy.nsimplify(0.75), sympy.Matrix([[1, 2], [3, 4]]).det()
+        sympy.integrate(x ** 2, x), sympy.limit(sympy.sin(x) / x, x, 0), sympy.latex(x ** 2)
+        import numpy
+        numpy.linalg.solve(numpy.eye(2), numpy.ones(2))
+    except Exception:
+        pass
+
+
+def main(as_user: int | None = None):
+    """Warm imports, isolation, then one forked child per request (stdin/stdout framing)."""
+    import ctypes
+    import importlib
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing may write on the protocol channel by accident
+    base = tempfile.mkdtemp(prefix="minitir-sandbox-")   # runs' directories live under one private parent
+    os.chmod(base, 0o711)
+    _warm_up()                                           # single-threaded (one BLAS thread), so it may
+    iso = isolation.setup(base, as_user)                 # come first: unshare needs a single thread
+    root = os.geteuid() == 0
+    uid = 100_000 + os.getpid() if root and iso.mode == "root" else None   # a uid of its own per worker
+    write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, **asdict(iso)})
+    server = ForkServer(base, iso, uid)
+    try:
+        while (req := read_msg(stdin)) is not None:
+            write_msg(stdout, server.execute(req))
+    finally:
+        server.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[sys.argv.index("--as-user") + 1]) if "--as-user" in sys.argv else None)

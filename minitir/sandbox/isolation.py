@@ -1,0 +1,234 @@
+"""Linux isolation of model-written code, set up once per fork server and entered by each run.
+
+  namespaces  the fork server enters new network and mount namespaces: as root directly, as a normal user
+              together with a new user namespace (where the kernel allows unprivileged ones). The network
+              namespace has no interface up, so no run reaches any network, loopback included.
+  view        a private root for the runs: a read-only tmpfs holding read-only bind mounts of what Python
+              needs (the system's /usr and /lib, the interpreter's prefix, its standard library and
+              site-packages, found from sys.prefix, sys.base_prefix and sys.path), /dev/null and friends, a
+              fresh /tmp and /sandbox, where each run gets a writable, size-limited working directory.
+              Nothing else of the host is there: no home, no /root, no project, no data, no /etc/shadow,
+              no /proc. A run chroots into the view before it reads its code.
+  processes   each run is PID 1 of a PID namespace of its own: it sees and can signal no other process
+              (not the trainer, not the fork server, not the user's shell), and when it ends the kernel
+              kills whatever it started.
+  privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
+              ends with no capability at all and no_new_privs, so nothing gives it one back.
+Where none of this can be had, `setup` says what is not isolated and runs go on unisolated.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SYSTEM_DIRS = ("usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin")
+DEVICES = ("null", "zero", "random", "urandom")
+ETC_FILES = ("ld.so.cache", "localtime")
+TMP_SIZE, WORK_SIZE = "64m", "256m"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Isolation:
+    mode: str              # "root" (own mount and network namespaces, a uid per worker) | "user" (the same
+                           # inside a user namespace) | "none"
+    network: bool          # runs cannot reach any network
+    view: str | None       # the private root runs chroot into (a path in the fork server's mount namespace)
+    problem: str = ""      # what is not isolated, and why
+
+
+def _call(ret: int, what: str):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src, dst, fstype=None, flags=0, data=None):
+    enc = lambda s: None if s is None else str(s).encode()
+    _call(_libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), f"mount {src} on {dst}")
+
+
+def _read_only(path: str):
+    """Remount a bind mount read-only, keeping the flags the kernel locks in a user namespace."""
+    f = os.statvfs(path).f_flag
+    keep = f & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME) | (MS_RELATIME if f & 4096 else 0)
+    _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+
+
+def python_dirs() -> list[str]:
+    """What the interpreter needs to import anything: its prefixes, the directory of its binary, and the
+    sys.path entries inside them or named site-/dist-packages (not the script's directory or the project)."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    prefixes.add(os.path.dirname(os.path.realpath(sys.executable)))
+    dirs = set(prefixes)
+    for p in sys.path:
+        if p and os.path.isdir(p):
+            r = os.path.realpath(p)
+            if any(r.startswith(q + os.sep) for q in prefixes) or os.path.basename(r) in ("site-packages",
+                                                                                          "dist-packages"):
+                dirs.add(r)
+    covered = {"/" + d for d in SYSTEM_DIRS}
+    out = []
+    for d in sorted(dirs):  # parents first: a directory already bound covers its children
+        if not any(d == c or d.startswith(c + os.sep) for c in covered | set(out)):
+            out.append(d)
+    return out
+
+
+def stage_for_user(base: str, dirs: list[str], uid: int) -> dict[str, str]:
+    """As root, before becoming `uid` (testing the unprivileged path on a root machine): bind what Python
+    needs to a place the user can reach (the interpreter may live under root's 0700 home), in a private
+    mount namespace. -> {directory: where the user finds it}."""
+    _call(_libc.unshare(CLONE_NEWNS), "unshare(mount namespace)")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    stage = os.path.join(base, "stage")
+    out = {}
+    for d in dirs:
+        os.makedirs(stage + d, mode=0o755, exist_ok=True)
+        _mount(d, stage + d, None, MS_BIND | MS_REC)
+        out[d] = stage + d
+    os.chmod(stage, 0o755)
+    return out
+
+
+def become(uid: int):
+    """Root -> uid, with no supplementary groups and no capability (used by the unprivileged-path test)."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)   # setuid cleared it; /proc/self/uid_map needs it
+
+
+def enter_namespaces() -> tuple[str, str]:
+    """-> (mode, problem). Root: mount and network namespaces. A user: the same inside a new user
+    namespace mapping its own uid and gid, which gives it the capabilities to mount there."""
+    if os.geteuid() == 0:
+        if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET) == 0:
+            return "root", ""
+        return "none", f"unshare(mount, network) failed as root: {os.strerror(ctypes.get_errno())}"
+    uid, gid = os.geteuid(), os.getegid()
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET) != 0:
+        return "none", (f"unprivileged user namespaces are not available ({os.strerror(ctypes.get_errno())}; "
+                        f"see /proc/sys/user/max_user_namespaces and kernel.unprivileged_userns_clone)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    return "user", ""
+
+
+def build_view(view: str, sources: dict[str, str] | None = None):
+    """The private root at `view` (an empty directory): see the module docstring. sources maps a
+    directory Python needs to where it can be read from (default: itself)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing mounted here propagates to the host
+    _mount("tmpfs", view, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
+    for d in SYSTEM_DIRS:
+        src, dst = "/" + d, os.path.join(view, d)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            _bind(src, dst, directory=True)
+    hidden = set()   # directories made only to hold a bind mount below them: traversable, not listable
+    for d in python_dirs() if sources is None else list(sources):
+        parent = os.path.dirname(d)
+        while parent != "/" and not os.path.exists(view + parent):
+            hidden.add(view + parent)
+            parent = os.path.dirname(parent)
+        _bind((sources or {}).get(d, d), view + d, directory=True)
+    for sub, names in (("etc", ETC_FILES), ("dev", DEVICES)):
+        os.mkdir(os.path.join(view, sub))
+        for n in names:
+            src = os.path.join("/", sub, n)
+            if os.path.exists(src):
+                _bind(os.path.realpath(src), os.path.join(view, sub, n), directory=False, read_only=sub == "etc")
+    for d, size, mode in (("tmp", TMP_SIZE, "1777"), ("sandbox", WORK_SIZE, "711")):
+        os.mkdir(os.path.join(view, d))
+        _mount("tmpfs", os.path.join(view, d), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode={mode}")
+    for h in sorted(hidden, key=len, reverse=True):
+        os.chmod(h, 0o111)
+    f = os.statvfs(view).f_flag
+    _mount(None, view, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | (f & (MS_NOATIME | MS_NODIRATIME)))
+
+
+def _bind(src: str, dst: str, directory: bool, read_only: bool = True):
+    if directory:
+        os.makedirs(dst, exist_ok=True)
+    else:
+        open(dst, "w").close()
+    _mount(src, dst, None, MS_BIND | MS_REC)
+    if read_only:
+        _read_only(dst)
+
+
+def setup(base: str, as_user: int | None = None) -> Isolation:
+    """Once, in the fork server, single-threaded: namespaces and the view under `base`."""
+    sources = None
+    if as_user is not None:   # root testing the unprivileged path: after this, nothing of root remains
+        sources = stage_for_user(base, python_dirs(), as_user)
+        os.chown(base, as_user, as_user)
+        become(as_user)
+    mode, problem = enter_namespaces()
+    if mode == "none":
+        return Isolation("none", False, None, problem + ": code runs without network isolation and sees "
+                         "every file this user can read")
+    view = os.path.join(base, "view")
+    os.mkdir(view)
+    try:
+        build_view(view, sources)
+    except OSError as e:
+        return Isolation(mode, True, None, f"no private filesystem view ({e}): code sees every file this "
+                                           f"{'machine' if mode == 'root' else 'user'} can read")
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
+    return Isolation(mode, True, view)
+
+
+def enter_view(view: str, workdir: str):
+    """In a run's process: chroot into the view and go to its working directory (a path in the view)."""
+    _call(_libc.chroot(view.encode()), f"chroot {view}")
+    os.chdir(workdir)
+
+
+def own_pid_namespace():
+    """Fork the run as PID 1 of a new PID namespace; returns in the run. The calling process stays outside
+    as its shim: it waits for the run and ends as the run did (same exit status or signal); if the shim
+    is killed, the run is too (parent-death signal), and with it everything in its namespace."""
+    import resource
+    import signal
+    _call(_libc.unshare(CLONE_NEWPID), "unshare(pid namespace)")
+    pid = os.fork()
+    if pid == 0:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.setsid()   # its own process group: kill(0, ...) cannot reach the shim's
+        return
+    os.closerange(0, 4096)   # the run alone holds its pipes: they close when it and its children end
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
+
+
+def drop_privileges(uid: int | None):
+    """In a run's process: become `uid` (root mode), then hold no capability and set no_new_privs."""
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    none = (Data * 2)(Data(0, 0, 0), Data(0, 0, 0))
+    _call(_libc.capset(ctypes.byref(Header(LINUX_CAPABILITY_VERSION_3, 0)), none), "capset")
+    _call(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")

@@ -1,0 +1,34 @@
+"""The result of one run, and the text the model sees of it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+STATUSES = ("ok", "error", "timeout", "memory", "killed")
+
+
+@dataclass
+class ExecResult:
+    status: str                # ok | error | timeout | memory | killed
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    duration_s: float = 0.0
+
+    @property
+    def error(self) -> bool:
+        return self.status != "ok"
+
+    @property
+    def text(self) -> str:
+        """What the model sees, as the paper's sandbox client builds it (env/math/sandbox_utils.py): a run
+        that succeeded shows its output; one that failed shows its error, the short traceback with the
+        `File "...", ` prefixes and caret lines taken out, and why it stopped."""
+        if self.status == "ok":
+            return self.stdout.rstrip("\n")
+        err = re.sub(r'File ".*?", ', "", self.stderr)
+        err = re.sub(r"^\s*[\^~]+\s*$\n?", "", err, flags=re.MULTILINE).rstrip("\n")
+        reason = {"timeout": "TimeoutError: the code ran past its time limit",
+                  "memory": "" if "MemoryError" in self.stderr else "MemoryError: the code ran out of memory",
+                  "killed": f"the code was killed (exit status {self.exit_code})"}.get(self.status, "")
+        return "\n".join(p for p in (err, reason) if p)
