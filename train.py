@@ -1,6 +1,7 @@
-"""Train a model with agent RL (ZeroTIR): `python train.py` runs the offline CPU default end to end.
+"""Train a model with agent RL (ZeroTIR): `python train.py` shows tool use emerging, on a laptop, in minutes.
 
-    python train.py                                   # configs/cpu-default.json: SmolLM2-135M, synthetic task
+    python train.py                                   # configs/miniature.json: a small base model learns to use code
+    python train.py --model smollm2-135m              # configs/smollm2-cpu.json: the embedded real model on CPU
     python train.py --model Qwen2.5-1.5B              # configs/qwen2.5-1.5b-grpo.json (GPU)
     python train.py --config qwen2.5-1.5b-ppo --lr 5e-7
     python train.py --resume runs/NAME                # continue where a run stopped
@@ -49,7 +50,9 @@ def preset_for_model(model: str) -> str:
         return "qwen2.5-7b-grpo"
     if "1.5b" in m:
         return "qwen2.5-1.5b-grpo"
-    return "cpu-default"
+    if "smollm2" in m:
+        return "smollm2-cpu"
+    return "miniature"
 
 
 def parse(argv: list[str]) -> tuple[TrainConfig, str]:
@@ -65,7 +68,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, str]:
         base = json.loads(cfg_file.read_text())
         base["adam_betas"] = tuple(base.get("adam_betas", TrainConfig.adam_betas))
     else:
-        base = preset(known.config or preset_for_model(known.model or "smollm2-135m"))
+        base = preset(known.config or preset_for_model(known.model or "miniature"))
     if known.model:
         rest = ["--model", known.model] + rest
     cfg = cli.parse(TrainConfig, rest, default=TrainConfig(**base),

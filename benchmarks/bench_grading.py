@@ -23,7 +23,7 @@ def perturb(ans: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "math500.jsonl"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "math500.jsonl"))
     a = ap.parse_args()
     problems, _ = load_problems(a.data)
     golds = [p.answer for p in problems]

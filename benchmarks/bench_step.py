@@ -1,4 +1,5 @@
-"""Time per RL step of the cpu-default preset, split into generate / tools / grade / train.
+"""Time per RL step of the smollm2-cpu preset (SmolLM2-135M, 2 prompts x 4 responses, up to 160 new
+tokens), split into generate / tools / grade / train.
 
     python benchmarks/bench_step.py [--steps 3]      (extra flags go to train.py, e.g. --max-new-tokens 64)
 """
@@ -18,14 +19,14 @@ def main():
     if "--steps" in args:
         steps = int(args[args.index("--steps") + 1])
     with tempfile.TemporaryDirectory() as d:
-        cfg, _ = train.parse(["--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
+        cfg, _ = train.parse(["--config", "smollm2-cpu", "--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
         t = Trainer(cfg)
         try:
             rows = [t.train_step() for _ in range(cfg.steps)]
         finally:
             t.close()
-    print(f"cpu-default: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
+    print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
           f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,15 +1,22 @@
 """Attention kernels behind two call sites: packed variable-length sequences and a per-sequence KV cache.
 
-The call sites use flash-attn's exact signatures (`flash_attn_varlen_func`, `flash_attn_with_kvcache`).
-On CUDA with flash-attn installed the real kernels run; everywhere else the pure-PyTorch versions below
-(same arguments, same semantics, SDPA inside) stand in. So every CPU test of the model exercises the
-very call the GPU makes, and only the kernel behind it differs.
+Backends, chosen per call from the tensors (`backend`), the choice printed once:
+  flash-attn    on CUDA in bfloat16/float16 when the flash-attn package is installed
+  torch-varlen  on CUDA otherwise, when torch ships FlashAttention as torch.nn.attention.varlen.varlen_attn
+                (torch >= 2.10): packed training with backward, and cache decoding through its paged mode, the
+                cache being one page per row (seqused_k, block_table; num_splits=1 for batch invariance)
+  sdpa          everywhere else: pure-PyTorch versions of both call sites with flash-attn's exact signatures
+                (SDPA inside), and a stand-in for varlen_attn with its exact signature
+So every CPU test of the model exercises the very calls a GPU makes, and only the kernel behind differs.
 
 Layouts (flash-attn's): q/k/v are [tokens, heads, head_dim] for varlen and [batch, seq, heads, head_dim]
 for the cache; a cache is [cache_batch, max_seq, kv_heads, head_dim]. Causal masks are aligned to the
 bottom-right corner: query i of n attends key j of m iff j <= i + (m - n).
 """
 from __future__ import annotations
+
+import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +26,12 @@ try:  # optional GPU dependency
     from flash_attn import flash_attn_with_kvcache as _flash_kvcache
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_varlen = _flash_kvcache = None
+try:  # torch's own FlashAttention (2.10+); its paged-cache arguments came later than the function
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+    TORCH_VARLEN_PAGED = {"seqused_k", "block_table", "num_splits"} <= set(inspect.signature(_torch_varlen).parameters)
+except ImportError:  # pragma: no cover - older torch
+    _torch_varlen, TORCH_VARLEN_PAGED = None, False
+PAGE = 256   # FlashAttention's paged KV cache wants pages of a multiple of 256 tokens: rows are padded to it
 
 
 # The kernels' own ops (what an autograd trace of the call sites sees): selective checkpointing keeps their
@@ -30,10 +43,34 @@ KERNEL_OPS = [getattr(torch.ops.aten, name).default for name in (
 if _flash_varlen is not None and hasattr(torch.ops, "flash_attn") and \
         hasattr(torch.ops.flash_attn, "_flash_attn_varlen_forward"):  # pragma: no cover - GPU machines
     KERNEL_OPS.append(torch.ops.flash_attn._flash_attn_varlen_forward.default)
+if _torch_varlen is not None and hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn"):
+    KERNEL_OPS.append(torch.ops.torch_attn._varlen_attn.default)
+
+_announced: set[str] = set()
+
+
+def backend(t: torch.Tensor) -> str:
+    """Which kernels run for tensors like t: flash-attn | torch-varlen | sdpa (printed the first time)."""
+    name = "sdpa"
+    if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16):
+        name = "flash-attn" if _flash_varlen is not None else "torch-varlen" if _torch_varlen is not None else "sdpa"
+    if t.is_cuda and name not in _announced:
+        _announced.add(name)
+        print(f"minitir: attention on {t.device} in {t.dtype}: {name}" + (
+            " (cache decoding through SDPA: this torch's varlen_attn has no paged cache)"
+            if name == "torch-varlen" and not TORCH_VARLEN_PAGED else ""), file=sys.stderr)
+    return name
 
 
 def flash_available(t: torch.Tensor) -> bool:
-    return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+    """A FlashAttention kernel decodes from the cache without host syncs (CUDA graphs can capture it)."""
+    b = backend(t)
+    return b == "flash-attn" or (b == "torch-varlen" and TORCH_VARLEN_PAGED)
+
+
+def cache_length(max_len: int, t: torch.Tensor) -> int:
+    """Tokens per cache row: max_len, padded to whole pages when torch's paged kernel reads the cache."""
+    return -(-max_len // PAGE) * PAGE if backend(t) == "torch-varlen" and TORCH_VARLEN_PAGED else max_len
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -138,15 +175,71 @@ def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:
     return j <= i + (m - n)
 
 
+def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """`torch.nn.attention.varlen.varlen_attn` in PyTorch (its signature and conventions): sequence b's
+    queries are query[cu_seq_q[b]:cu_seq_q[b+1]]; its keys key[cu_seq_k[b]:cu_seq_k[b+1]], or with
+    block_table the pages key[block_table[b]] ([pages, page_size, Hkv, D]) laid end to end; seqused_k[b]
+    keeps only the first seqused_k[b] keys. window_size (-1, 0) is causal, bottom-right aligned."""
+    if return_aux is not None or tuple(window_size) not in ((-1, -1), (-1, 0)):
+        raise NotImplementedError("varlen_attn_torch supports full and causal attention without aux outputs")
+    out = torch.empty_like(query)
+    bq = cu_seq_q.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for b in range(len(bq) - 1):
+        if block_table is not None:
+            kb = key[block_table[b].long()].flatten(0, 1)                        # [pages * page_size, Hkv, D]
+            vb = value[block_table[b].long()].flatten(0, 1)
+        else:
+            k0, k1 = int(cu_seq_k[b]), int(cu_seq_k[b + 1])
+            kb, vb = key[k0:k1], value[k0:k1]
+        if used is not None:
+            kb, vb = kb[:used[b]], vb[:used[b]]
+        qb = query[bq[b]:bq[b + 1]].transpose(0, 1)                                # [H, n, D]
+        n, m = qb.shape[1], kb.shape[0]
+        mask = _bottom_right_mask(n, m, query.device) if tuple(window_size) == (-1, 0) else None
+        o = F.scaled_dot_product_attention(qb, kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, scale=scale,
+                                           enable_gqa=enable_gqa)
+        out[bq[b]:bq[b + 1]] = o.transpose(0, 1)
+    return out
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True):
     """Self-attention over packed sequences (keys = queries), the training/scoring call site."""
-    fn = _flash_varlen if flash_available(q) and q.dtype == k.dtype == v.dtype else varlen_attention_torch
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+    name = backend(q) if q.dtype == k.dtype == v.dtype else "sdpa"
+    if name == "flash-attn":
+        return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+    if name == "torch-varlen":
+        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                             window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+    return varlen_attention_torch(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
 
 
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
     """Append k/v to the cache rows and attend causally, the decoding/chunked-prefill call site."""
     k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
-    fn = _flash_kvcache if flash_available(q) and q.dtype == k_cache.dtype else kvcache_attention_torch
-    return fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-              causal=True)
+    name = backend(q) if q.dtype == k_cache.dtype else "sdpa"
+    if name == "flash-attn":
+        return _flash_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                              cache_batch_idx=cache_batch_idx, causal=True)
+    if name == "torch-varlen" and TORCH_VARLEN_PAGED:
+        return kvcache_attention_paged(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, _torch_varlen)
+    return kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                   cache_batch_idx=cache_batch_idx, causal=True)
+
+
+def kvcache_attention_paged(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, varlen_fn):
+    """The cache call site on a varlen kernel's paged mode, each cache row one page: write the new keys and
+    values at each row's length, then attend with seqused_k = length + T, bottom-right causal. All on the
+    device, no host sync: CUDA graphs can capture it. q, k, v [B, T, *, D] -> [B, T, H, D]."""
+    B, T, H, D = q.shape
+    rows = cache_batch_idx.long()
+    pos = cache_seqlens.long()[:, None] + torch.arange(T, device=q.device)           # [B, T]
+    k_cache[rows[:, None], pos] = k
+    v_cache[rows[:, None], pos] = v
+    L = k_cache.shape[1]
+    steps = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    out = varlen_fn(q.reshape(B * T, H, D), k_cache, v_cache, steps * T, steps * L, T, L, window_size=(-1, 0),
+                    enable_gqa=H != k_cache.shape[2], seqused_k=(cache_seqlens + T).to(torch.int32),
+                    block_table=cache_batch_idx.to(torch.int32).view(B, 1), num_splits=1)
+    return out.view(B, T, H, D)

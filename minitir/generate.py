@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitir.attention import flash_available
+from minitir.attention import cache_length, flash_available
 from minitir.model import KVCache, Transformer
 from minitir.ops import packed_weights
 
@@ -92,8 +92,8 @@ class _Seq:
 
 
 def _graphs_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """CUDA graphs need a decode step without host syncs: flash-attn's kernel (the PyTorch stand-in reads
-    lengths on the host)."""
+    """CUDA graphs need a decode step without host syncs: a FlashAttention kernel, flash-attn's or torch's
+    (the PyTorch stand-in reads lengths on the host)."""
     return flash_available(torch.empty(0, dtype=dtype, device=device))
 
 
@@ -267,7 +267,8 @@ class Generator:
         # under autocast the attention inputs are in the autocast dtype, and so must the cache be
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype
         graphs = c.cuda_graphs and _graphs_supported(dev, dtype)
-        cache = KVCache(model.config, rows + int(graphs), self.max_len, dtype=dtype, device=dev)  # + a scratch row
+        cache = KVCache(model.config, rows + int(graphs), cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev)),
+                        dtype=dtype, device=dev)  # + a scratch row
         self.graphs = None
         if graphs:
             try:

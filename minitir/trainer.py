@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minitir import distributed, rl
+from minitir import distributed, miniature, rl
 from minitir.checkpoint import load_model, load_pretrained, save_pretrained
 from minitir.generate import Completion, GenerationConfig, Generator
-from minitir.logprobs import token_logprobs, token_loss
 from minitir.filters import drop_reason, is_void
+from minitir.logprobs import token_logprobs, token_loss
 from minitir.reward import Grader, RewardConfig, answer_to_grade, outcome_reward
 from minitir.tasks import (Problem, get_template, load_benchmark, load_problems, render_prompt,
                            synthetic_problems)
 
+
+ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class TrainConfig:
@@ -41,11 +43,11 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     checkpointing: str = "selective"    # activation checkpointing: none | selective | full
     # --- data ---
-    data: str = "synthetic"             # synthetic | a benchmark name (math_train, gsm8k, ...) | a file path
-    data_dir: str = "data"              # where benchmark files are looked up
+    data: str = "miniature"             # miniature | synthetic | a benchmark name (math_train, gsm8k, ...) | a file path
+    data_dir: str = str(ROOT / "data")  # where benchmark files are looked up (then the Hugging Face hub)
     question_field: str | None = None
     answer_field: str | None = None
-    synthetic_size: int = 2000
+    synthetic_size: int = 2000          # problems generated for --data miniature or synthetic
     synthetic_difficulty: int = 1
     eval_data: str = ""                 # "" = held-out problems of the training source
     eval_size: int = 32
@@ -114,6 +116,8 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     tensorboard: bool = True
+    log_samples: int = 4                # rollouts per step written to runs/NAME/samples.jsonl (full text)
+    print_every: int = 5                # print one rollout every this many steps (0 = never)
 
 
 class ConfigError(ValueError):
@@ -160,6 +164,7 @@ class Sample:
     prompt_ids: list[int]
     completion: Completion
     gold: str
+    question: str = ""
     correct: bool = False
     graded: bool = True            # False: the grader could not check it (counted, kept out of the statistics)
     format_ok: bool = False
@@ -275,6 +280,7 @@ class Trainer:
         self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,
                                        truncation_penalty=cfg.truncation_penalty)
         self.carry: list[Sample] = []   # filter survivors beyond one batch (carry_over), used next step
+        self._shown = ""                 # the last rollout written to samples.jsonl, for the console
         self.reward_fn = reward_fn
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
@@ -289,7 +295,9 @@ class Trainer:
     def _load_data(self, problems, eval_problems):
         cfg = self.cfg
         if problems is None:
-            if cfg.data == "synthetic":
+            if cfg.data == "miniature":   # problems the miniature base model never trained on (another seed)
+                problems = miniature.problems(cfg.synthetic_size + cfg.eval_size, seed=cfg.seed + 1)
+            elif cfg.data == "synthetic":
                 problems = synthetic_problems(cfg.synthetic_size + cfg.eval_size, seed=cfg.seed,
                                               difficulty=cfg.synthetic_difficulty)
             elif Path(cfg.data).exists():
@@ -385,7 +393,7 @@ class Trainer:
                                              seed=cfg.seed * 1_000_003 + self.step * 101 + rnd, first=lo)
             timing["generate"] += time.perf_counter() - t
             t = time.perf_counter()
-            batch = [Sample(prompt_ids=ids, completion=c, gold=p.answer)
+            batch = [Sample(prompt_ids=ids, completion=c, gold=p.answer, question=p.question)
                      for p, ids, comps in zip(problems, prompts, groups) for c in comps]
             self._grade(batch)
             timing["grade"] += time.perf_counter() - t
@@ -700,6 +708,8 @@ class Trainer:
         if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
             m.update(self.evaluate())
         self._log(m)
+        if self.dist.main:
+            self._write_samples(sampled, self.step)
         if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
             self.save_checkpoint()
         return m
@@ -710,25 +720,52 @@ class Trainer:
         lo, hi = distributed.split(len(self.eval_problems), self.dist)
         problems = self.eval_problems[lo:hi]
         groups, _ = self._generate(problems, 1, 0.0, seed=self.cfg.seed)
-        samples = [Sample(prompt_ids=[], completion=g[0], gold=p.answer) for p, g in zip(problems, groups)]
+        samples = [Sample(prompt_ids=[], completion=g[0], gold=p.answer, question=p.question)
+                   for p, g in zip(problems, groups)]
         self._grade(samples)
         r = _rollout_metrics(sum(self.dist.gather([_row(s) for s in samples]), []))
         return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
                 "eval/response_length": r["response_length"]}
 
     def train(self):
+        """Steps until cfg.steps, with a held-out evaluation first (step 0) when evaluations are due; at the
+        end, also when interrupted, the run's scaling figure and statistics (scaling.png, scaling.json)."""
         from tqdm import tqdm
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout,
                    disable=not self.dist.main)
-        while self.step < self.cfg.steps:
-            m = self.train_step()
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", code=f"{m['code_ratio']:.2f}",
-                            len=f"{m['response_length']:.0f}")
-        bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            if self.step == 0 and self.eval_problems and self.cfg.eval_every:
+                self._log({"step": 0, **self.evaluate()})
+            while self.step < self.cfg.steps:
+                m = self.train_step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", code=f"{m['code_ratio']:.2f}",
+                                len=f"{m['response_length']:.0f}")
+                if self.cfg.print_every and self.dist.main and self.step % self.cfg.print_every == 0:
+                    bar.write(self._shown)
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.dist.main and self.metrics_path.exists():
+                from minitir.plot import write_scaling
+                png, _ = write_scaling(self.run_dir)
+                print(f"scaling figure: {png}")
         return self.run_dir
+
+    def _write_samples(self, samples: list[Sample], step: int):
+        """A few rollouts of this step, whole (tool blocks included), to samples.jsonl; one is kept for the
+        console."""
+        rows = [{"step": step, "question": s.question, "gold": s.gold, "response": s.completion.text,
+                 "reward": s.reward, "correct": s.correct, "graded": s.graded, "format_ok": s.format_ok,
+                 "tool_calls": s.completion.num_tool_calls, "tool_errors": s.completion.num_tool_errors,
+                 "finish_reason": s.completion.finish_reason} for s in samples[:self.cfg.log_samples]]
+        if rows:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            r = rows[0]
+            self._shown = (f"--- step {step}: {r['question']}  (gold {r['gold']}; reward {r['reward']:g}, "
+                           f"{r['tool_calls']} tool call(s), {r['finish_reason']})\n{r['response']}\n---")
 
     def _log(self, m: dict):
         if not self.dist.main:

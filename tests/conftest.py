@@ -5,7 +5,7 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"   # the project's own copy
 
 TINY_CONFIGS = {
     # name: (transformers config class name, kwargs)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minitir import attention
-from minitir.attention import kvcache_attention_torch, varlen_attention_torch
+from minitir.attention import (kvcache_attention_paged, kvcache_attention_torch, varlen_attention_torch,
+                               varlen_attn_torch)
 
 # parameter names of flash-attn 2.x's Python API, in order (flash_attn/flash_attn_interface.py)
 FLASH_VARLEN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
@@ -19,13 +20,33 @@ FLASH_KVCACHE_PARAMS = ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rota
 
 
 FLASH = attention._flash_kvcache is not None and torch.cuda.is_available()
-IMPLS = ["torch", pytest.param("flash", marks=pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn"))]
+TORCH_VARLEN = attention._torch_varlen is not None and attention.TORCH_VARLEN_PAGED and torch.cuda.is_available()
+IMPLS = ["torch", "paged",
+         pytest.param("flash", marks=pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn")),
+         pytest.param("torch-varlen", marks=pytest.mark.skipif(not TORCH_VARLEN, reason="needs CUDA and torch's "
+                                                                 "varlen_attn with seqused_k/block_table"))]
+
+
+def through_varlen(fn):
+    """The two call sites written on a varlen_attn-style kernel, as attention.py calls torch's: packed
+    sequences with window_size, the cache through the paged mode (one page per cache row)."""
+    def varlen(q, k, v, cq, ck, mq, mk, causal):
+        return fn(q, k, v, cq, ck, mq, mk, window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+
+    def kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, causal):
+        assert causal
+        return kvcache_attention_paged(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, fn)
+    return varlen, kvcache
 
 
 def impl_of(name):
     """-> (varlen kernel, kvcache kernel, device, dtype, tolerance against the float32 naive loop)."""
     if name == "torch":
         return varlen_attention_torch, kvcache_attention_torch, "cpu", torch.float32, 1e-5
+    if name == "paged":   # the stand-in of torch's varlen_attn behind the torch-varlen call sites
+        return (*through_varlen(varlen_attn_torch), "cpu", torch.float32, 1e-5)
+    if name == "torch-varlen":
+        return (*through_varlen(attention._torch_varlen), "cuda", torch.bfloat16, 2e-2)
     return attention._flash_varlen, attention._flash_kvcache, "cuda", torch.bfloat16, 2e-2
 
 
@@ -45,9 +66,13 @@ def naive(q, k, v, causal):
     return out
 
 
-def test_signatures_match_flash_attn():
+def test_signatures_match_flash_attn_and_torch():
     assert list(inspect.signature(varlen_attention_torch).parameters) == FLASH_VARLEN_PARAMS
     assert list(inspect.signature(kvcache_attention_torch).parameters) == FLASH_KVCACHE_PARAMS
+    if attention._torch_varlen is not None:   # torch's varlen_attn, whose conventions the stand-in follows
+        theirs = inspect.signature(attention._torch_varlen).parameters
+        ours = inspect.signature(varlen_attn_torch).parameters
+        assert list(ours) == list(theirs) and all(ours[n].kind == theirs[n].kind for n in ours)
 
 
 @pytest.mark.parametrize("lq,lk", [
@@ -84,7 +109,8 @@ def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T, impl):
     _, fn, dev, dt, tol = impl_of(impl)
     g = torch.Generator().manual_seed(1)
     B = len(rows)
-    k_cache, v_cache = (torch.randn(4, 12, 2, 8, generator=g).to(dev, dt) for _ in range(2))
+    L = attention.PAGE if impl == "torch-varlen" else 12   # torch's paged kernel reads whole pages
+    k_cache, v_cache = (torch.randn(4, L, 2, 8, generator=g).to(dev, dt) for _ in range(2))
     before_k = k_cache.clone()
     q = torch.randn(B, T, 4, 8, generator=g).to(dev, dt)
     k, v = (torch.randn(B, T, 2, 8, generator=g).to(dev, dt) for _ in range(2))
@@ -130,8 +156,51 @@ def test_call_sites_dispatch_to_flash_functions(monkeypatch):
     ref_l = m.forward_cached(ids[None, :4], cache, torch.tensor([1]))
     monkeypatch.setattr(attention, "_flash_varlen", fake_varlen)
     monkeypatch.setattr(attention, "_flash_kvcache", fake_kv)
-    monkeypatch.setattr(attention, "flash_available", lambda t: True)
+    monkeypatch.setattr(attention, "backend", lambda t: "flash-attn")
     cache2 = type(attention_cache)(m.config, rows=2, max_len=16)
     assert torch.allclose(m.hidden_packed(ids, cu), ref_h)
     assert torch.allclose(m.forward_cached(ids[None, :4], cache2, torch.tensor([1])), ref_l)
     assert calls["varlen"] == 2 and calls["kv"] == 2
+
+
+def test_call_sites_dispatch_to_torch_varlen(monkeypatch):
+    """Force the torch-varlen path with the stand-in plugged in as torch's kernel: the call sites must pass
+    what varlen_attn accepts (int32 metadata, a [B, 1] block table, num_splits=1), training and decoding
+    results must not change, and generation gives the same tokens and log-probs."""
+    from tests.conftest import make_hf_model
+    from minitir.checkpoint import load_model
+    from minitir.generate import generate
+    from minitir.model import KVCache
+    import tempfile
+    calls = {"packed": 0, "paged": 0}
+
+    def fake(q, k, v, cq, ck, mq, mk, **kw):
+        assert cq.dtype == torch.int32 and ck.dtype == torch.int32 and isinstance(mq, int) and isinstance(mk, int)
+        if kw.get("block_table") is not None:
+            calls["paged"] += 1
+            assert kw["block_table"].dtype == torch.int32 and kw["block_table"].shape[1] == 1
+            assert kw["seqused_k"].dtype == torch.int32 and kw["num_splits"] == 1 and kw["window_size"] == (-1, 0)
+        else:
+            calls["packed"] += 1
+        return varlen_attn_torch(q, k, v, cq, ck, mq, mk, **kw)
+
+    with tempfile.TemporaryDirectory() as d:
+        make_hf_model("qwen2-gqa-untied").save_pretrained(d)
+        m = load_model(d)
+    ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    ref_h = m.hidden_packed(ids, cu)
+    ref_l = m.forward_cached(ids[None, :4], KVCache(m.config, rows=2, max_len=16), torch.tensor([1]))
+    from types import SimpleNamespace
+    tok = SimpleNamespace(eos_token_id=None, decode=lambda ids: "")
+    ref_g = generate(m, tok, [[5, 17, 33], [70, 3, 1, 2, 8]], max_new_tokens=6, temperature=1.0, seed=2)
+    monkeypatch.setattr(attention, "_torch_varlen", fake)
+    monkeypatch.setattr(attention, "TORCH_VARLEN_PAGED", True)
+    monkeypatch.setattr(attention, "backend", lambda t: "torch-varlen")
+    assert torch.allclose(m.hidden_packed(ids, cu), ref_h, atol=1e-5)
+    assert torch.allclose(m.forward_cached(ids[None, :4], KVCache(m.config, rows=2, max_len=16), torch.tensor([1])),
+                          ref_l, atol=1e-5)
+    assert calls["packed"] == 2 and calls["paged"] == 2
+    got = generate(m, tok, [[5, 17, 33], [70, 3, 1, 2, 8]], max_new_tokens=6, temperature=1.0, seed=2)
+    for a, b in zip(got, ref_g):
+        assert a.tokens == b.tokens and max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5

@@ -36,9 +36,11 @@ def test_plots_and_summary_for_overlaid_runs(tmp_path):
     c = summary["with_tools"]["corr"]["code_ratio~accuracy"]
     assert c["pearson"] > 0.999 and c["spearman"] > 0.999
     assert summary["with_tools"]["corr"]["code_ratio~response_length"]["pearson"] > 0.999
-    assert math.isnan(summary["no_tools"]["corr"]["code_ratio~accuracy"]["pearson"])   # constant code ratio
+    flat = summary["no_tools"]["corr"]["code_ratio~accuracy"]                       # constant code ratio
+    assert flat == {"pearson": None, "spearman": None, "undefined": "code_ratio is constant (0) over all 40 points"}
+    assert summary["with_tools"]["corr"]["step~code_ratio"]["spearman"] > 0.99
     assert summary["with_tools"]["trend_vs_log_step"]["code_ratio"]["b"] > 0
-    for name in ("code_ratio", "response_length", "accuracy", "eval_accuracy"):
+    for name in ("scaling", "code_ratio", "response_length", "accuracy", "eval_accuracy"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["with_tools"]["steps"] == 40
 
@@ -55,3 +57,13 @@ def test_clear_errors_for_bad_metrics(tmp_path):
         plot.main([str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="not found"):
         plot.main([str(tmp_path / "missing")])
+
+
+def test_a_run_writes_its_scaling_figure_and_statistics(tmp_path):
+    rows = [{"step": 0, "eval/accuracy": 0.1}] + [
+        {"step": s, "code_ratio": 0.1 * s, "accuracy": 0.09 * s, "response_length": 40 + s} for s in range(1, 9)]
+    run = write_run(tmp_path / "run", rows)
+    png, js = plot.write_scaling(run)
+    stats = json.loads(js.read_text())
+    assert png.stat().st_size > 10_000 and stats["steps"] == 8
+    assert stats["corr"]["step~accuracy"]["spearman"] == pytest.approx(1.0)

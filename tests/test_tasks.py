@@ -14,7 +14,7 @@ EXPECTED = {"math500.jsonl": 500, "aime24.jsonl": 30, "amc23.jsonl": 40, "gsm8k_
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_every_shared_record_loads_with_gold_or_is_counted(name):
+def test_every_shipped_record_loads_with_gold_or_is_counted(name):
     path = DATA_DIR / name
     problems, report = load_problems(path)
     assert report.loaded + report.skipped_no_answer == EXPECTED[name]
@@ -28,7 +28,7 @@ def test_every_shared_record_loads_with_gold_or_is_counted(name):
         assert report.skipped_no_answer == 4
 
 
-def test_benchmark_names_resolve_to_shared_files():
+def test_benchmark_names_resolve_to_shipped_files():
     for name in ("math500", "aime24", "amc23", "gsm8k", "math_train"):
         problems, _ = load_benchmark(name, DATA_DIR, limit=3)
         assert len(problems) == 3

@@ -1,5 +1,5 @@
 """The trainer end to end: tool use emerging from outcome reward alone, exact resume, crash-safe
-checkpoints, input errors before the first step, and one real cpu-default step."""
+checkpoints, input errors before the first step, and one real step of the embedded SmolLM2."""
 import json
 import math
 import random
@@ -385,10 +385,10 @@ def test_config_errors_before_first_step(tmp_path):
         Trainer(TrainConfig(data=str(bad), run_dir=str(tmp_path)))
 
 
-def test_one_cpu_default_step_end_to_end(tmp_path):
+def test_one_smollm2_step_end_to_end(tmp_path):
     """The real thing, shrunk: SmolLM2-135M, the real sandbox and grader, the synthetic task."""
     import train
-    cfg, _ = train.parse(["--steps", "1", "--prompts-per-step", "1", "--n-samples", "2", "--max-new-tokens", "48",
+    cfg, _ = train.parse(["--model", "smollm2-135m", "--steps", "1", "--prompts-per-step", "1", "--n-samples", "2", "--max-new-tokens", "48",
                           "--eval-size", "1", "--run-dir", str(tmp_path), "--run-name", "e2e", "--no-tensorboard"])
     assert cfg.model == "smollm2-135m" and cfg.data == "synthetic"
     t = Trainer(cfg)

@@ -1,0 +1,303 @@
+"""The paper's situation at a size a laptop trains in minutes: a base model of our own that *can* write and
+run code but rarely does, which outcome RL then teaches to use it.
+
+1. Problems where code pays (`problems`): products, modular powers and sums of primes. One in ten is small
+   enough to memorise; the rest are too large to answer without computing.
+2. A corpus in the zero_tir format (`corpus`): each document is the paper's prompt and a response that
+   mostly answers directly (the right answer: memorisable when small, a guess to the model when large)
+   and sometimes writes a ```python block with the question's numbers, shows its ```output block and
+   copies the result into `<answer>\\boxed{}</answer>`. The paper's prompt, stop strings and strict
+   reward then apply unchanged. Some documents use the no-tool zero_rl prompt (direct answers only), so the
+   same base model can be trained both ways.
+3. A compact vocabulary over the embedded SmolLM2 tokenizer (`minitir.vocab`).
+4. Pretraining (`pretrain`): minitir's own Transformer, Llama-shaped, about half a million parameters,
+   next-token loss on the responses. The prompt's text before the question is the same in every document
+   of a batch, so it is computed once per batch and every document attends to it.
+5. `base_checkpoint()`: pretrained once per configuration and cached (like the GGUF conversion), so later
+   runs start at once. `python train.py` uses it through the model name "miniature".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minitir.tasks import TEMPLATES, Problem, PromptTemplate, render_prompt
+
+VERSION = 1   # bump when the corpus or the training changes: cached base models are keyed on it
+
+
+# ------------------------------------------------------------------------------------------------
+# problems where code pays
+# ------------------------------------------------------------------------------------------------
+def _primes_below(n: int) -> list[int]:
+    sieve = bytearray([1]) * max(n, 2)
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
+    return [i for i in range(n) if sieve[i]]
+
+
+def _product(r: random.Random, small: bool):
+    a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
+    return f"Compute ${a} \\times {b}$.", f"print({a} * {b})", a * b
+
+
+def _mod_pow(r: random.Random, small: bool):
+    if small:
+        a, e, m = r.randint(2, 9), r.randint(2, 3), r.randint(5, 12)
+    else:
+        a, e, m = r.randint(2, 99), r.randint(10, 999), r.randint(7, 999)
+    return (f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", f"print(pow({a}, {e}, {m}))",
+            pow(a, e, m))
+
+
+def _prime_sum(r: random.Random, small: bool):
+    n = r.randint(5, 30) if small else r.randint(100, 999)
+    return (f"What is the sum of all prime numbers less than ${n}$?",
+            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(_primes_below(n)))
+
+
+KINDS = {"product": _product, "mod_pow": _mod_pow, "prime_sum": _prime_sum}
+
+
+def problems(n: int, seed: int, small_share: float = 0.1, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Problem]:
+    """n problems, kinds in turn; meta holds the code that solves each one."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        small = r.random() < small_share
+        q, code, answer = KINDS[kind](r, small)
+        out.append(Problem(f"mini-{seed}-{i}", q, str(answer), {"kind": kind, "small": small, "code": code}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the corpus: the paper's prompt, then a response in the strict format
+# ------------------------------------------------------------------------------------------------
+def answer_text(answer: str) -> str:
+    return f"</think> <answer>\\boxed{{{answer}}}</answer>"
+
+
+def code_segments(p: Problem) -> tuple[str, str, str]:
+    """(the model's code block, the output block the generator splices in, the model's answer)."""
+    from minitir.generate import OUTPUT_TAIL
+    return f" ```python\n{p.meta['code']}\n```", "\n```output\n" + p.answer + OUTPUT_TAIL, answer_text(p.answer)
+
+
+@dataclass
+class Document:
+    prompt: str                 # "zero_tir" or "zero_rl"
+    ids: list[int]              # prompt and response tokens
+    loss: list[int]             # 1 where the token is the model's to predict (the response, tool output excluded)
+
+
+# a question with no instructions around it, as text on the web comes: the framing that teaches the skills
+BARE = PromptTemplate("{question}\nAssistant: <think>", TEMPLATES["zero_tir"].stop, tools=True)
+FRAMINGS = {"zero_tir": TEMPLATES["zero_tir"], "zero_rl": TEMPLATES["zero_rl"], "bare": BARE}
+
+
+def corpus(tok, n: int, seed: int, code_share: float, rl_share: float, bare_share: float,
+           kinds: tuple[str, ...] = tuple(KINDS)) -> list[Document]:
+    """n documents: shares rl_share under the zero_rl prompt (direct answers), bare_share as the bare
+    question, the rest under zero_tir; of the zero_tir and bare ones, code_share use code. Segments are
+    tokenized apart, as the generator sees them."""
+    r = random.Random(seed + 1)
+    docs = []
+    for p in problems(n, seed, kinds=kinds):
+        u = r.random()
+        name = "zero_rl" if u < rl_share else "bare" if u < rl_share + bare_share else "zero_tir"
+        prompt = tok(render_prompt(FRAMINGS[name], p.question)).input_ids
+        if name != "zero_rl" and r.random() < code_share:
+            code, out, ans = code_segments(p)
+            parts = [(tok.encode(code), 1), (tok.encode(out), 0), (tok.encode(ans), 1)]
+        else:
+            parts = [(tok.encode(" " + answer_text(p.answer)), 1)]
+        ids, loss = list(prompt), [0] * len(prompt)
+        for toks, m in parts:
+            ids += toks
+            loss += [m] * len(toks)
+        docs.append(Document(name, ids, loss))
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------
+# pretraining
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class BaseConfig:
+    """Two stretches of pretraining on the same kind of corpus: the skill (many responses use code, mostly
+    bare questions, so copying numbers into code and out of its output is learned fast), then the habit
+    (few responses use code, mostly under the paper's prompts), which is what the base model ends with."""
+    documents: int = 24_000       # for each stretch
+    skill_steps: int = 800
+    skill_code_share: float = 0.8
+    skill_bare_share: float = 0.8
+    habit_steps: int = 300
+    code_share: float = 0.12      # of the zero_tir and bare documents: responses that use code
+    rl_share: float = 0.2         # documents under the no-tool zero_rl prompt
+    bare_share: float = 0.3       # documents with the bare question
+    hidden_size: int = 128
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 256
+    batch: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    kinds: tuple[str, ...] = tuple(KINDS)
+
+
+def forward_with_prefix(model, prefix: torch.Tensor, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits [B, T, V] for each group of rows ids [B, T] (right-padded) continuing the same prefix [P]: the
+    prefix runs once, as a batch of one, and every row attends to its keys and values, then causally to
+    its own tokens. Rows of similar lengths go in one group, so little is spent on padding."""
+    m, cfg = model.model, model.config
+    P = prefix.shape[0]
+    gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+    rope = [model._rope(P + torch.arange(g.shape[1])) for g in groups]
+    masks = [torch.ones(g.shape[1], P + g.shape[1], dtype=torch.bool).tril(diagonal=P) for g in groups]  # [T, P+T]
+    kv = {}
+
+    def attend_prefix(q, k, v):                                                    # [1, P, H, hd]
+        kv["k"], kv["v"] = k, v
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=gqa)
+        return o.transpose(1, 2)
+
+    def attend_rows(mask):
+        def attend(q, k, v):                                                       # [B, T, H, hd]
+            B = q.shape[0]
+            keys = torch.cat([kv["k"].expand(B, -1, -1, -1), k], 1).transpose(1, 2)
+            vals = torch.cat([kv["v"].expand(B, -1, -1, -1), v], 1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, enable_gqa=gqa)
+            return o.transpose(1, 2)
+        return attend
+
+    cos_p, sin_p = model._rope(torch.arange(P))
+    xp, xs = m.embed_tokens(prefix)[None], [m.embed_tokens(g) for g in groups]    # [1, P, D], [B, T, D]
+    hd = cfg.head_dim
+    for layer in m.layers:
+        if P:
+            xp = layer(xp, cos_p, sin_p, attend_prefix)
+        else:   # nothing shared: empty keys and values
+            kv["k"] = kv["v"] = xp.new_zeros(1, 0, cfg.num_key_value_heads, hd)
+        xs = [layer(x, cos, sin, attend_rows(mask)) for x, (cos, sin), mask in zip(xs, rope, masks)]
+    return [model.lm_head(m.norm(x)) for x in xs]
+
+
+def _batches(docs: list[Document], batch: int, steps: int, seed: int):
+    """`steps` batches, each of documents under one prompt, as (prefix [P], groups of (ids [B, T],
+    targets [B, T])): the batch's shorter and longer halves are padded apart."""
+    by_prompt = {}
+    for d in docs:
+        by_prompt.setdefault(d.prompt, []).append(d)
+    prefix_len = {name: _common_prefix([d.ids for d in ds]) for name, ds in by_prompt.items()}
+    names = sorted(by_prompt)
+    weights = [len(by_prompt[n]) for n in names]
+    r = random.Random(seed + 2)
+    for _ in range(steps):
+        name = r.choices(names, weights)[0]
+        P = prefix_len[name]
+        chosen = sorted(r.sample(by_prompt[name], batch), key=lambda d: len(d.ids))
+        groups = []
+        for part in (chosen[:batch // 2], chosen[batch // 2:]):
+            T = len(part[-1].ids) - P
+            ids = torch.zeros(len(part), T, dtype=torch.long)
+            targets = torch.full((len(part), T), -100)
+            for b, d in enumerate(part):
+                rest = d.ids[P:]
+                ids[b, :len(rest)] = torch.tensor(rest)
+                want = [t if m else -100 for t, m in zip(d.ids[P + 1:], d.loss[P + 1:])]
+                targets[b, :len(want)] = torch.tensor(want, dtype=torch.long)
+            groups.append((ids, targets))
+        yield torch.tensor(chosen[0].ids[:P], dtype=torch.long), groups
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def pretrain(cfg: BaseConfig, log=print):
+    """-> (model, compact tokenizer), trained from scratch on the corpus; deterministic for cfg.seed."""
+    from minitir.checkpoint import embedded_checkpoint
+    from minitir.model import ModelConfig, Transformer
+    from minitir.vocab import CompactTokenizer
+    from transformers import AutoTokenizer
+    base = AutoTokenizer.from_pretrained(embedded_checkpoint())
+    texts = [render_prompt(TEMPLATES[n], p.question) for n in ("zero_tir", "zero_rl") for p in problems(300, cfg.seed)]
+    texts += [t for p in problems(3000, cfg.seed) for t in (*code_segments(p), " " + answer_text(p.answer))]
+    extra = [str(d) for d in range(10)] + ["-", "\n", "Traceback (most recent call last):", "Error", "line"]
+    tok = CompactTokenizer.build(base, texts, extra)
+    stretches = [(corpus(tok, cfg.documents, cfg.seed, cfg.skill_code_share, 0.0, cfg.skill_bare_share, cfg.kinds),
+                  cfg.skill_steps),
+                 (corpus(tok, cfg.documents, cfg.seed + 7, cfg.code_share, cfg.rl_share, cfg.bare_share, cfg.kinds),
+                  cfg.habit_steps)]
+    mc = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
+                     num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     head_dim=cfg.hidden_size // cfg.heads, max_position_embeddings=1024,
+                     eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mc).init_weights(std=0.02, seed=cfg.seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    total = cfg.skill_steps + cfg.habit_steps
+    warm = max(total // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(i, total) / total))))
+    t0, step = time.time(), 0
+    for docs, steps in stretches:
+        for prefix, groups in _batches(docs, cfg.batch, steps, cfg.seed + step):
+            logits = forward_with_prefix(model, prefix, [ids for ids, _ in groups])
+            loss = F.cross_entropy(torch.cat([lg.flatten(0, 1) for lg in logits]),
+                                   torch.cat([t.flatten() for _, t in groups]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 100 == 0 or step == total:
+                log(f"pretraining the miniature base model: step {step}/{total}, loss {loss.item():.3f}, "
+                    f"{time.time() - t0:.0f}s")
+    return model.eval(), tok
+
+
+def base_checkpoint(cfg: BaseConfig | None = None, log=lambda s: print(s, flush=True)) -> Path:
+    """The pretrained base model's directory, pretraining it first if it is not cached yet."""
+    from minitir.checkpoint import cache_dir, save_pretrained
+    cfg = cfg or BaseConfig()
+    key = hashlib.sha256(json.dumps({"version": VERSION, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / f"miniature-{key}"
+    if (out / "config.json").exists():
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))   # the same arithmetic, so the same model, everywhere
+    try:
+        model, tok = pretrain(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".miniature-"))
+    save_pretrained(model, tok, tmp)
+    (tmp / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
