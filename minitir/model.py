@@ -111,11 +111,11 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b and cfg.model_type == "llama")
 
-    def forward(self, x, norm, cos, sin, attend, recompute=False):
+    def forward(self, x, norm, cos, sin, attend, selective=False):
         """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE.
-        With recompute, q/k/v are not stored: norm, projections and RoPE rerun in backward; the attention
-        kernel's output and logsumexp are kept, so the kernel itself runs once."""
-        if recompute:
+        selective (checkpointing): q/k/v are not stored: norm, projections and RoPE rerun in backward; the
+        attention kernel's output and logsumexp are kept, so the kernel itself runs once."""
+        if selective:
             out = checkpoint(self._core, x, norm, cos, sin, attend, use_reentrant=False,
                              context_fn=lambda: create_selective_checkpoint_contexts(KERNEL_OPS))
         else:
@@ -138,8 +138,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
-    def forward(self, x, norm, recompute=False):
-        return mlp(x, norm, self.gate_proj, self.up_proj, self.down_proj, recompute)
+    def forward(self, x, norm, selective=False):
+        """selective (checkpointing): gate/up are recomputed in backward instead of stored."""
+        return mlp(x, norm, self.gate_proj, self.up_proj, self.down_proj, recompute=selective)
 
 
 class Block(nn.Module):
@@ -166,13 +167,20 @@ class Decoder(nn.Module):
 class KVCache:
     """Preallocated keys/values for `rows` sequences of up to `max_len` tokens, with a length per row.
 
-    k, v: [layers, rows, max_len, kv_heads, head_dim] (flash-attn's cache layout per layer).
+    k, v: [layers, rows, max_len, kv_heads, head_dim], the shape flash-attn's kernels take per layer. On a
+    GPU that is also the memory layout; on a CPU the memory is [layers, rows, kv_heads, max_len, head_dim]
+    and k, v are its transposed views: each head's keys are then contiguous, which made the CPU attention
+    kernel 1.3-1.75x faster at decoding (a row's keys stay in one cache-friendly run per head).
     """
 
     def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        heads_first = torch.device(device).type == "cpu"
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim) if heads_first else \
+            (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if heads_first:
+            self.k, self.v = self.k.transpose(2, 3), self.v.transpose(2, 3)
         self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
         self.max_len = max_len
 

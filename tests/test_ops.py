@@ -47,5 +47,14 @@ def test_packed_weights_group_products_and_follow_in_place_updates():
         for y, m in zip(ys, lins):
             assert (y - F.linear(x, m.weight, m.bias)).abs().max() < 1e-5
         if ops._ONEDNN:
-            assert len(ops._packed) == 1  # re-packed in place of the stale entry, not beside it
-    assert ops._packed is None  # the copies are dropped on exit
+            assert id(lins[0].weight) in ops._PACKED   # re-packed in place of the stale entry, not beside it
+            before = len(ops._PACKED)
+    if ops._ONEDNN:   # the copies stay for the next block while the weights live, and go with them
+        with torch.no_grad(), ops.packed_weights():
+            ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
+        assert len(ops._PACKED) == before
+        key = id(lins[0].weight)
+        del lins, m
+        import gc
+        gc.collect()
+        assert key not in ops._PACKED
