@@ -20,14 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from minitir import cli, distributed, load_pretrained
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
-from minitir.generate import GenerationConfig, Generator
-from minitir.reward import Grader, answer_to_grade
+from minitir.reward import Grader
+from minitir.rollout import generate_groups, generation_config, grade, make_tool
 from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -53,6 +51,7 @@ class EvalConfig:
     seed: int = 0                       # sampling seed (streams are per response, independent of batching)
     sandbox_url: str = ""               # a remote `sandbox.py serve` instead of local workers
     sandbox_timeout: float = 5.0        # seconds per code run
+    sandbox_memory_mb: int = 1024       # address-space limit per code run
     out: str = ""                       # output directory (default: eval_out/<model name>)
 
 
@@ -99,25 +98,21 @@ def load_benchmarks(cfg: EvalConfig, say) -> dict:
 def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, calls: int, first: int) -> list[dict]:
     """Generate cfg.n_samples responses per problem with at most `calls` tool calls; grade them -> records."""
     template = get_template(cfg.prompt)
-    prompts = [render_prompt(template, p.question, tok) for p in problems]
-    ids = [tok(x).input_ids for x in prompts]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           stop=template.stop, seed=cfg.seed, seed_offset=first * cfg.n_samples,
-                           max_tool_calls=calls if template.tools else 0,
-                           max_tool_output_tokens=cfg.max_tool_output_tokens,
-                           tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-        comps = Generator(model, tok, gen, tool).generate([x for x in ids for _ in range(cfg.n_samples)])
-    answers = [answer_to_grade(c.policy_text, c.finish_reason == "stop", cfg.reward)[0] for c in comps]
-    verdicts = grader.math_equal_many([(a, problems[i // cfg.n_samples].answer) for i, a in enumerate(answers)])
+    gen = generation_config(template, max_tool_calls=calls, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                            seed_offset=first * cfg.n_samples, max_tool_output_tokens=cfg.max_tool_output_tokens,
+                            tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
+    samples = generate_groups(model, tok, template, problems, cfg.n_samples, gen, tool,
+                              autocast=model.device.type == "cuda")
+    grade(samples, grader, cfg.reward, tok)
     rows = []
-    for i, (c, ans, ok) in enumerate(zip(comps, answers, verdicts)):
-        p = problems[i // cfg.n_samples]
+    for i, s in enumerate(samples):
+        p, c = problems[i // cfg.n_samples], s.completion
         rows.append({"benchmark": bench, "problem_id": p.id, "sample": i % cfg.n_samples, "max_tool_calls": calls,
-                     "prompt": prompts[i // cfg.n_samples], "response": c.text, "answer": ans, "gold": p.answer,
-                     "correct": bool(ok), "grade_error": ok is None, "num_tool_calls": c.num_tool_calls,
-                     "num_tool_errors": c.num_tool_errors, "length": len(c.tokens),
-                     "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})
+                     "prompt": render_prompt(template, p.question, tok), "response": c.text, "answer": s.answer,
+                     "gold": p.answer, "correct": s.correct, "grade_error": not s.graded,
+                     "num_tool_calls": c.num_tool_calls, "num_tool_errors": c.num_tool_errors,
+                     "length": len(c.tokens), "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})
     return rows
 
 
@@ -139,9 +134,7 @@ def run(cfg: EvalConfig) -> dict | None:
     model, tok = load_pretrained(cfg.model, device=device)
     tool = None
     if get_template(cfg.prompt).tools and max(cfg.sweep) > 0:
-        from minitir.sandbox import RemoteSandbox, Sandbox
-        tool = (RemoteSandbox(cfg.sandbox_url, timeout_s=cfg.sandbox_timeout) if cfg.sandbox_url
-                else Sandbox(cfg.sandbox_timeout, workers=2))
+        tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout, cfg.sandbox_memory_mb, workers=2)
     grader = Grader()
     try:
         for calls in cfg.sweep:
@@ -162,7 +155,7 @@ def run(cfg: EvalConfig) -> dict | None:
                     f"{time.time() - t:.0f}s" + (f", {errors} could not be graded" if errors else ""))
     finally:
         grader.close()
-        if tool is not None and hasattr(tool, "close"):
+        if tool is not None:
             tool.close()
         distributed.shutdown()
     if not d.main:

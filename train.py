@@ -7,7 +7,7 @@
     python train.py --resume runs/NAME                # continue where a run stopped
     torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B   # data parallel, FSDP2-sharded (any N)
 
-Every field of minitir.trainer.TrainConfig is a flag (`python train.py --help` lists them); a preset from
+Every field of minitir.config.TrainConfig is a flag (`python train.py --help` lists them); a preset from
 configs/ sets the defaults those flags override.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from minitir import cli
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.tasks import DatasetError
-from minitir.trainer import ConfigError, TrainConfig, Trainer, config_fields
+from minitir.config import ConfigError, TrainConfig, config_fields
+from minitir.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -1,6 +1,6 @@
 """Peak GPU memory per rank for a preset on 1..N GPUs, computed from the model's shape (not measured).
 
-    python benchmarks/estimate_memory.py                       # Qwen2.5-1.5B and 7B presets on 1, 2, 4, 8 GPUs
+    python benchmarks/estimate_memory.py                       # the 1.5B, 7B and zerotir-7b presets on 1-8 GPUs
     python benchmarks/estimate_memory.py --gpus 1,8 --max-batch 64
 
 What each term is (P parameters, N ranks):
@@ -32,6 +32,7 @@ MODELS = {
     "Qwen2.5-7B": dict(params=7.616e9, layers=28, hidden=3584, intermediate=18944, kv_heads=4, head_dim=128,
                        vocab=152064, tied=False, preset="qwen2.5-7b-grpo"),
 }
+MODELS["Qwen2.5-7B-zerotir"] = dict(MODELS["Qwen2.5-7B"], preset="zerotir-7b")   # the paper's run
 GB = 1e9
 
 

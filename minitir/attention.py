@@ -128,48 +128,67 @@ def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError("kvcache_attention_torch supports q/k/v, cache_seqlens, cache_batch_idx, "
                                   "softmax_scale and causal only")
     B, Tq = q.shape[:2]
-    row_list = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(B))
-    if cache_seqlens is None:
-        lens = [0] * B
-    elif isinstance(cache_seqlens, int):
-        lens = [cache_seqlens] * B
-    else:
-        lens = cache_seqlens.tolist()
     Tn = k.shape[1] if k is not None else 0
-    first, S = row_list[0], max(lens) + Tn
-    contiguous = row_list == list(range(first, first + B))   # the rows are a slice of the cache: no copy
-    uniform = contiguous and lens.count(lens[0]) == B        # and of one length (always at batch 1): no padding
-    if not uniform:
-        rows = torch.tensor(row_list, device=q.device)
-        seqlens = torch.tensor(lens, device=q.device)
-    if Tn and uniform:
-        k_cache[first:first + B, lens[0]:S] = k
-        v_cache[first:first + B, lens[0]:S] = v
+    p = _plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, q.device)
+    first, S = p.first, p.S
+    if Tn and p.uniform:
+        k_cache[first:first + B, p.lens[0]:S] = k
+        v_cache[first:first + B, p.lens[0]:S] = v
     elif Tn:
-        cols = seqlens[:, None] + torch.arange(Tn, device=q.device)   # [B, Tn]
-        k_cache[rows[:, None], cols] = k
-        v_cache[rows[:, None], cols] = v
-    if contiguous:
+        k_cache[p.rows[:, None], p.cols] = k
+        v_cache[p.rows[:, None], p.cols] = v
+    if p.contiguous:
         keys, vals = k_cache[first:first + B, :S], v_cache[first:first + B, :S]
     else:
-        keys, vals = k_cache[rows, :S], v_cache[rows, :S]
-    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)            # [B, Hkv, S, D]
-    is_causal, mask = False, None
-    if uniform:  # one mask for all rows, or SDPA's own causal kernel for a first chunk
-        is_causal = causal and Tq > 1 and S == Tq
-        if causal and Tq > 1 and not is_causal:
-            mask = _bottom_right_mask(Tq, S, q.device)
-    else:
-        total = seqlens + Tn                                           # keys per row [B]
-        j = torch.arange(S, device=q.device)
-        mask = j[None, None, :] < total[:, None, None]                 # [B, 1, S]
-        if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
-            i = torch.arange(Tq, device=q.device)
-            mask = mask & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
-        mask = mask.unsqueeze(1)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=is_causal,
-                                       scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
+        keys, vals = k_cache[p.rows, :S], v_cache[p.rows, :S]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),   # [B, H*, S, D]
+                                       attn_mask=p.mask, is_causal=p.is_causal, scale=softmax_scale,
+                                       enable_gqa=q.shape[2] != k_cache.shape[2])
     return o.transpose(1, 2)
+
+
+class _Plan:
+    """What kvcache_attention_torch derives from the rows and their lengths: the same for every layer of a
+    forward pass, so it is computed once (the last plan is kept, with the tensors it was made from)."""
+
+    def __init__(self, cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device):
+        row_list = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(B))
+        if cache_seqlens is None or isinstance(cache_seqlens, int):
+            self.lens = [cache_seqlens or 0] * B
+        else:
+            self.lens = cache_seqlens.tolist()
+        self.first, self.S = row_list[0], max(self.lens) + Tn
+        self.contiguous = row_list == list(range(self.first, self.first + B))   # a slice of the cache: no copy
+        self.uniform = self.contiguous and self.lens.count(self.lens[0]) == B   # and of one length: no padding
+        self.is_causal, self.mask = False, None
+        if self.uniform:  # one mask for all rows, or SDPA's own causal kernel for a first chunk
+            self.is_causal = causal and Tq > 1 and self.S == Tq
+            if causal and Tq > 1 and not self.is_causal:
+                self.mask = _bottom_right_mask(Tq, self.S, device)
+            return
+        self.rows = torch.tensor(row_list, device=device)
+        seqlens = torch.tensor(self.lens, device=device)
+        self.cols = seqlens[:, None] + torch.arange(Tn, device=device)               # [B, Tn]
+        total = seqlens + Tn                                                         # keys per row [B]
+        j = torch.arange(self.S, device=device)
+        mask = j[None, None, :] < total[:, None, None]                               # [B, 1, S]
+        if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
+            i = torch.arange(Tq, device=device)
+            mask = mask & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [B, Tq, S]
+        self.mask = mask.unsqueeze(1)
+
+
+_last_plan: list = [None, None]   # [key (holding the tensors it names), plan]
+
+
+def _plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device) -> _Plan:
+    version = lambda t: t._version if isinstance(t, torch.Tensor) else t
+    key = (cache_seqlens, version(cache_seqlens), cache_batch_idx, version(cache_batch_idx), B, Tq, Tn, causal)
+    same = lambda a, b: a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+    old = _last_plan[0]
+    if old is None or not all(same(a, b) for a, b in zip(old, key)):
+        _last_plan[:] = [key, _Plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device)]
+    return _last_plan[1]
 
 
 def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:

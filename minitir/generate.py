@@ -1,25 +1,23 @@
-"""KV-cached, continuously batched generation with tool-call interruption and resume (ZeroTIR).
+"""KV-cached, continuously batched generation with tool calls that resume on the same cache (ZeroTIR).
 
-Each sequence owns one row of a preallocated `KVCache`. Every tick of the engine:
-  1. admits waiting prompts into free rows (a prompt already cached in a sibling's row, as the n responses
-     of a GRPO group are, is copied from there instead of prefilled again);
-  2. takes the finished tool calls and queues their output tokens;
-  3. prefills every row with more than one queued token (new prompts, tool outputs) in one batch,
-     bounded by a token budget (longer inputs go in chunks);
-  4. decodes one token for every row with exactly one queued token;
-  5. checks each new token for EOS, stop strings, length limits and a closed ```python block.
-A closed code block parks the sequence and sends its code to the tool on a thread pool; the others keep
-decoding. The output comes back as an ```output block whose tokens are prefilled into the same cache
-row: nothing before it is recomputed. Tool tokens carry policy_mask 0 and log-prob 0.
+Each sequence owns one row of a preallocated `KVCache` and moves through explicit states:
 
-Token-in/token-out: sampled tokens are kept as ids; text is decoded for stop checks and display only.
+    WAITING --admitted to a free row--> PREFILL --whole input cached, a token sampled--> DECODE
+    DECODE  --a token sampled--> DECODE | IN_TOOL (a ```python block closed) | FINISHED (EOS, stop, length)
+    IN_TOOL --output block spliced in--> PREFILL (only the output block is prefilled, then decoding resumes)
+
+`Engine.step()` is one tick: admit waiting sequences (a prompt a sibling already cached, as the n responses
+of a GRPO group share theirs, is copied instead of prefilled), take finished tool calls, prefill every
+PREFILL row in one batch under a token budget (longer inputs in chunks), decode one token for every DECODE
+row, and retire finished rows. The tool protocol (tool_protocol.py) runs code on a thread pool, so the
+other sequences keep decoding while one waits for its tool. Token-in/token-out: sampled tokens are kept as
+ids; text is decoded for stop checks and display only.
 """
 from __future__ import annotations
 
-import re
+import enum
 import warnings
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -27,16 +25,8 @@ import torch
 from minitir.attention import cache_length, flash_available
 from minitir.model import KVCache, Transformer
 from minitir.ops import packed_weights
-
-CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
-OUTPUT_TAIL = "\n```\n\n\n"   # the paper's output-block ending (math_tir_process_single_request.py)
-TOO_LONG = "The output of the code execution is too long, please check your code."   # the paper's message
-
-
-@dataclass
-class ToolOutput:
-    text: str
-    error: bool = False
+from minitir.sampling import sample
+from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG, ToolOutput, ToolProtocol  # noqa: F401 - the tool API
 
 
 @dataclass
@@ -69,14 +59,23 @@ class GenerationConfig:
     tool_workers: int = 8
     reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
     ignore_eos: bool = False   # generate max_new_tokens whatever is sampled (benchmarks)
-    cuda_graphs: bool = True   # on CUDA with flash-attn: replay the decode step as a CUDA graph
+    cuda_graphs: bool = True   # on CUDA with a FlashAttention kernel: replay the decode step as a CUDA graph
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    IN_TOOL = "in_tool"
+    FINISHED = "finished"
 
 
 @dataclass(eq=False)
-class _Seq:
+class Sequence:
     idx: int
     prompt: list[int]
     gen: torch.Generator | None
+    status: Status = Status.WAITING
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
@@ -87,8 +86,16 @@ class _Seq:
     tool_calls: int = 0
     tool_errors: int = 0
     finish: str | None = None
-    future: Future | None = None
-    donor: _Seq | None = None  # an active sequence with the same prompt, whose cached prompt this one copies
+    future: object = None    # the running tool call
+    donor: "Sequence | None" = None   # an active sequence with the same prompt, whose cached prompt this one copies
+
+    def end(self, reason: str):
+        self.finish, self.status = reason, Status.FINISHED
+
+    def completion(self, tok) -> Completion:
+        return Completion(tokens=self.tokens, logprobs=self.logprobs, policy_mask=self.mask, finish_reason=self.finish,
+                          text=tok.decode(self.tokens), num_tool_calls=self.tool_calls, num_tool_errors=self.tool_errors,
+                          policy_text=tok.decode([t for t, m in zip(self.tokens, self.mask) if m]))
 
 
 def _graphs_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -150,222 +157,107 @@ class DecodeGraphs:
         return self.out[b][:B]
 
 
-def _to_tool_output(r) -> ToolOutput:
-    if isinstance(r, ToolOutput):
-        return r
-    if isinstance(r, tuple):
-        return ToolOutput(str(r[0]), bool(r[1]))
-    if isinstance(r, str):
-        return ToolOutput(r)
-    return ToolOutput(r.text, bool(getattr(r, "error", False)))
+class Engine:
+    """Generates completions for lists of prompts (token ids) with one model, tokenizer, configuration and
+    tool; each `generate` call builds its own cache, sequences and graphs, so an engine serves many calls."""
 
-
-class Generator:
     def __init__(self, model: Transformer, tokenizer, config: GenerationConfig, tool=None):
         self.model, self.tok, self.cfg, self.tool = model, tokenizer, config, tool
         eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos = set() if config.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
         # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
-        longest = max([len(s) for s in config.stop] + [len("```")])
-        self.window = 4 * longest + 4
+        self.window = 4 * max([len(s) for s in config.stop] + [len("```")]) + 4
 
-    # --- sampling ---------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float]]:
-        """logits [B, V] -> sampled ids and their log-probs under softmax(logits / T) (T=1 when greedy)."""
-        c = self.cfg
-        logits = logits.float()
-        t = c.temperature if c.temperature > 0 else 1.0
-        logp = torch.log_softmax(logits / t, dim=-1)                               # [B, V]
-        if c.temperature <= 0:
-            ids = logits.argmax(-1)
-        else:
-            filt = logp                                                            # filtered copies below
-            if c.top_k > 0:
-                kth = torch.topk(filt, min(c.top_k, filt.shape[-1]), dim=-1).values[:, -1:]
-                filt = filt.masked_fill(filt < kth, float("-inf"))
-            if c.top_p < 1.0:
-                if c.top_k > 0:
-                    filt = filt.log_softmax(-1)  # top-p measures the mass of what top-k kept (as HF and vLLM do)
-                # keep the smallest prefix, by probability, whose mass reaches top_p. Sorting the whole
-                # vocabulary dominated a sampling step: take the k most likely tokens instead, k growing
-                # until their mass exceeds top_p in every row, so that nothing past them can be kept.
-                k = min(64, filt.shape[-1])
-                while True:
-                    top_lp, order = filt.topk(k, dim=-1)                           # [B, k], descending
-                    probs = top_lp.exp()
-                    cum = probs.cumsum(-1)
-                    if k == filt.shape[-1] or bool((cum[:, -1] > c.top_p).all()):
-                        break
-                    k = min(4 * k, filt.shape[-1])
-                drop = cum - probs > c.top_p                                       # mass before the token
-                filt = torch.full_like(filt, float("-inf")).scatter(-1, order, top_lp.masked_fill(drop, float("-inf")))
-            # Gumbel-max: argmax_i (log p_i - log(-log u_i)) is i with probability p_i (-log u_i ~ Exp(1): the
-            # exponential race torch.multinomial runs too). Each sequence draws its uniforms from its own
-            # generator, so its samples do not depend on which others share the batch; the race changes its
-            # winner only on a near-tie, so neither do last-bit logit differences between batch sizes (an
-            # inverse CDF would sum them over the vocabulary). The logs run batched over [B, V]: one
-            # multinomial per row spent a fifth of a decode step at batch 16 drawing its exponentials.
-            u = torch.empty_like(filt)                                             # [B, V]
-            for b, s in enumerate(seqs):
-                u[b].uniform_(generator=s.gen)
-            ids = (filt - u.log_().neg_().log_()).argmax(-1)                       # u = 0 gives -inf: never picked
-        return ids.tolist(), logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
-
-    # --- per-token checks -------------------------------------------------------------------------
-    def _after_token(self, s: _Seq, tok: int, lp: float, pool: ThreadPoolExecutor | None):
-        s.tokens.append(tok)
-        s.logprobs.append(lp)
-        s.mask.append(1)
-        s.pending = [tok]
-        if tok in self.eos:
-            s.finish = "stop"
-            return
-        watch_code = pool is not None and s.tool_calls < self.cfg.max_tool_calls
-        tail = (self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
-                if self.cfg.stop or watch_code else "")
-        if any(st in tail for st in self.cfg.stop):
-            s.finish = "stop"
-            return
-        if len(s.tokens) >= self.cfg.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
-            s.finish = "length"
-            return
-        if watch_code and "```" in tail:
-            segment = self.tok.decode(s.tokens[s.segment_start:])
-            blocks = list(CODE_BLOCK.finditer(segment))
-            if blocks:
-                s.tool_calls += 1
-                s.future = pool.submit(self.tool.run if hasattr(self.tool, "run") else self.tool, blocks[-1].group(1))
-                s.segment_start = len(s.tokens)  # this block is handled; the next segment starts after it
-
-    def _tool_tokens(self, s: _Seq, out: ToolOutput) -> list[int]:
-        """The output block's tokens in the paper's layout ("\\n```output\\n" + result + "\\n```\\n\\n\\n"; the
-        leading newline only when the model's text does not end with one). A block over max_tool_output_tokens
-        is replaced by the paper's message (tool_output_overflow="replace") or cut ("truncate"); then the
-        block is cut to the room left in the response."""
-        c = self.cfg
-        enc = lambda x: self.tok.encode(x, add_special_tokens=False)
-        head = ("" if self.tok.decode(s.tokens[-1:]).endswith("\n") else "\n") + "```output\n"
-        toks = enc(head + out.text.rstrip("\n") + OUTPUT_TAIL)
-        if len(toks) > c.max_tool_output_tokens:
-            if c.tool_output_overflow == "replace":
-                toks = enc(head + TOO_LONG + OUTPUT_TAIL)
-            else:
-                note, tail = enc("\n... (output truncated)"), enc(OUTPUT_TAIL)
-                keep = max(c.max_tool_output_tokens - len(note) - len(tail), 0)
-                toks = toks[:keep] + note + tail
-        room = min(c.max_new_tokens - len(s.tokens), self.max_len - len(s.prompt) - len(s.tokens))
-        return toks[:max(room, 0)]
-
-    # --- the engine -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]]) -> list[Completion]:
-        c, model = self.cfg, self.model
         if not prompts:
             return []
+        c = self.cfg
         self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
-        rows = min(c.max_batch, len(prompts))
-        dev = torch.device(model.device)
+        self.seqs = [Sequence(idx=i, prompt=list(p), gen=None if c.seed is None else torch.Generator(
+            device=self.model.device).manual_seed(c.seed * 1_000_003 + c.seed_offset + i)) for i, p in enumerate(prompts)]
+        for s in self.seqs:
+            if not s.prompt or len(s.prompt) >= self.max_len:
+                s.end("prompt_too_long" if s.prompt else "stop")
+        self.waiting = deque(s for s in self.seqs if s.status is Status.WAITING)
+        self.active: list[Sequence] = []
+        self._allocate(min(c.max_batch, len(prompts)))
+        self.tools = ToolProtocol(self.tok, self.tool, c) if self.tool is not None and c.max_tool_calls > 0 else None
+        try:
+            with packed_weights():  # CPU: weights in oneDNN's layout
+                while self.waiting or self.active:
+                    self.step()
+        finally:
+            if self.tools is not None:
+                self.tools.close()
+            self.graphs = self.cache = None  # the graphs hold the cache and their memory pool: both go now
+        return [s.completion(self.tok) for s in self.seqs]
+
+    def _allocate(self, rows: int):
+        """The KV cache (+ a scratch row for CUDA graphs) and the graphs, when the device can capture them."""
+        dev = torch.device(self.model.device)
         # under autocast the attention inputs are in the autocast dtype, and so must the cache be
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype
-        graphs = c.cuda_graphs and _graphs_supported(dev, dtype)
-        cache = KVCache(model.config, rows + int(graphs), cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev)),
-                        dtype=dtype, device=dev)  # + a scratch row
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.model.dtype
+        graphs = self.cfg.cuda_graphs and _graphs_supported(dev, dtype)
+        length = cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev))
+        self.cache = KVCache(self.model.config, rows + int(graphs), length, dtype=dtype, device=dev)
+        self.free = list(range(rows - 1, -1, -1))
         self.graphs = None
         if graphs:
             try:
-                self.graphs = DecodeGraphs(model, cache, rows)
+                self.graphs = DecodeGraphs(self.model, self.cache, rows)
             except RuntimeError as e:  # decoding still works without them, only slower
                 warnings.warn(f"CUDA-graph capture of the decode step failed ({e}); decoding without graphs "
                               f"(GenerationConfig.cuda_graphs=False skips the attempt)")
-        seqs = []
-        for i, p in enumerate(prompts):
-            gen = None
-            if c.seed is not None:
-                gen = torch.Generator(device=model.device).manual_seed(c.seed * 1_000_003 + c.seed_offset + i)
-            seqs.append(_Seq(idx=i, prompt=list(p), gen=gen))
-        waiting = deque()
-        for s in seqs:
-            if not s.prompt or len(s.prompt) >= self.max_len:
-                s.finish = "prompt_too_long" if s.prompt else "stop"
-            else:
-                waiting.append(s)
-        free = list(range(rows - 1, -1, -1))
-        active: list[_Seq] = []
-        pool = ThreadPoolExecutor(c.tool_workers) if (self.tool is not None and c.max_tool_calls > 0) else None
-        try:
-            with packed_weights():  # CPU: weights in oneDNN's layout for this call
-                while waiting or active:
-                    while waiting and free:
-                        s = waiting.popleft()
-                        s.row, s.cached = free.pop(), 0
-                        cache.seqlens[s.row] = 0
-                        if len(s.prompt) > 1:  # a sibling's prompt already in the cache is copied, not prefilled
-                            s.donor = next((t for t in active if t.prompt == s.prompt and t.donor is None), None)
-                        s.pending = [] if s.donor is not None else list(s.prompt)
-                        active.append(s)
-                    self._resume_tools(active, cache, block=all(s.future is not None for s in active))
-                    ready = [s for s in active if s.future is None and s.finish is None]
-                    self._prefill([s for s in ready if len(s.pending) > 1], cache, pool)
-                    self._copy_prompts([s for s in active if s.donor is not None], active, cache)
-                    self._decode([s for s in ready if len(s.pending) == 1 and s.finish is None
-                                  and s.future is None], cache, pool)
-                    for s in [s for s in active if s.finish is not None]:
-                        active.remove(s)
-                        free.append(s.row)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-            self.graphs = None  # they hold the cache and their memory pool: both go when generate returns
-        return [Completion(tokens=s.tokens, logprobs=s.logprobs, policy_mask=s.mask, finish_reason=s.finish,
-                           text=self.tok.decode(s.tokens), num_tool_calls=s.tool_calls, num_tool_errors=s.tool_errors,
-                           policy_text=self.tok.decode([t for t, m in zip(s.tokens, s.mask) if m]))
-                for s in seqs]
 
-    def _copy_prompts(self, seqs: list[_Seq], active: list[_Seq], cache: KVCache):
+    def step(self):
+        """One tick of the engine: schedule, run, post-process."""
+        self._admit()
+        parked = [s for s in self.active if s.status is Status.IN_TOOL]
+        if self.tools is not None and parked:   # wait only when no sequence could make progress meanwhile
+            for s, out in self.tools.finished(parked, block=len(parked) == len(self.active)):
+                self._splice(s, out)
+        self._prefill([s for s in self.active if s.status is Status.PREFILL and s.donor is None])
+        self._copy_prompts([s for s in self.active if s.donor is not None])
+        self._decode([s for s in self.active if s.status is Status.DECODE])
+        for s in [s for s in self.active if s.status is Status.FINISHED]:
+            self.active.remove(s)
+            self.free.append(s.row)
+
+    def _admit(self):
+        """Waiting sequences into free rows. A prompt a sibling is caching or has cached is copied from its
+        row (see _copy_prompts) instead of prefilled again."""
+        while self.waiting and self.free:
+            s = self.waiting.popleft()
+            s.row, s.cached, s.status = self.free.pop(), 0, Status.PREFILL
+            self.cache.seqlens[s.row] = 0
+            if len(s.prompt) > 1:
+                s.donor = next((t for t in self.active if t.prompt == s.prompt and t.donor is None), None)
+            s.pending = [] if s.donor is not None else list(s.prompt)
+            if s.donor is None and len(s.pending) == 1:   # a one-token prompt goes straight to decoding
+                s.status = Status.DECODE
+            self.active.append(s)
+
+    def _copy_prompts(self, seqs: list[Sequence]):
         """The n responses of a GRPO group share their prompt: it is prefilled once, and each sibling copies
         the donor's cached keys/values of all but the prompt's last token, which it then decodes itself, so
         it samples its first token from its own logits and generator."""
+        cache = self.cache
         for s in seqs:
             d, n = s.donor, len(s.prompt) - 1
-            if d not in active:  # the donor ended while re-prefilling (reprefill_after_tool): prefill after all
+            if d not in self.active:  # the donor ended while re-prefilling (reprefill_after_tool): prefill after all
                 s.donor, s.pending = None, list(s.prompt)
             elif d.cached >= n:  # its row holds the prompt (a chunked prefill may still be under way)
                 cache.k[:, s.row, :n] = cache.k[:, d.row, :n]
                 cache.v[:, s.row, :n] = cache.v[:, d.row, :n]
                 cache.seqlens[s.row], s.cached = n, n
-                s.donor, s.pending = None, s.prompt[-1:]
+                s.donor, s.pending, s.status = None, s.prompt[-1:], Status.DECODE
 
-    def _resume_tools(self, active: list[_Seq], cache: KVCache, block: bool):
-        waiting = [s for s in active if s.future is not None]
-        if not waiting:
-            return
-        if block:  # nothing else to do: wait for the first tool to answer
-            wait([s.future for s in waiting], return_when=FIRST_COMPLETED)
-        for s in waiting:
-            if not s.future.done():
-                continue
-            try:
-                out = _to_tool_output(s.future.result())
-            except Exception as e:  # a broken tool must not take the batch down
-                out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True)
-            s.future = None
-            s.tool_errors += out.error
-            toks = self._tool_tokens(s, out)
-            s.tokens += toks
-            s.logprobs += [0.0] * len(toks)
-            s.mask += [0] * len(toks)
-            s.segment_start = len(s.tokens)
-            if self.cfg.reprefill_after_tool:
-                cache.seqlens[s.row], s.cached = 0, 0
-                s.pending = s.prompt + s.tokens
-            else:
-                s.pending = s.pending + toks  # the last sampled token is not in the cache yet
-            if len(s.tokens) >= self.cfg.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
-                s.finish = "length"
-
-    def _prefill(self, seqs: list[_Seq], cache: KVCache, pool):
+    def _prefill(self, seqs: list[Sequence]):
+        """Every row's pending tokens into its cache, in batches under the token budget (right padding is
+        written past each row's length, so the longest input must fit every row of its batch); rows whose
+        whole input is now cached sample their next token."""
         budget = self.cfg.prefill_tokens
         while seqs:
-            # right padding is written past each row's length: the longest input must fit every row
             batch, used, T, room = [], 0, 0, self.max_len
             for s in seqs:
                 n = min(len(s.pending), budget)
@@ -378,30 +270,71 @@ class Generator:
             ids = torch.zeros(len(batch), T, dtype=torch.long)
             for b, (s, n) in enumerate(batch):
                 ids[b, :n] = torch.tensor(s.pending[:n])
-            logits = self.model.forward_cached(ids.to(self.model.device), cache,
+            logits = self.model.forward_cached(ids.to(self.model.device), self.cache,
                                                torch.tensor([s.row for s, _ in batch]),
                                                torch.tensor([n for _, n in batch]))
             done = [(b, s) for b, (s, n) in enumerate(batch) if n == len(s.pending)]
-            partial = [s for s, n in batch if n < len(s.pending)]
+            partial = [s for s, n in batch if n < len(s.pending)]   # a chunked prefill continues next round
             for s, n in batch:
                 s.pending, s.cached = s.pending[n:], s.cached + n
-            if done:  # rows whose whole input is now cached sample their next token
-                toks, lps = self._sample(logits[[b for b, _ in done]], [s for _, s in done])
-                for (_, s), t, lp in zip(done, toks, lps):
-                    self._after_token(s, t, lp, pool)
-            seqs = partial + seqs  # chunked prefill continues next round
+            if done:
+                self._sampled(logits[[b for b, _ in done]], [s for _, s in done])
+            seqs = partial + seqs
 
-    def _decode(self, seqs: list[_Seq], cache: KVCache, pool):
+    def _decode(self, seqs: list[Sequence]):
+        """One token for each row: its pending token into the cache, the next one sampled."""
         if not seqs:
             return
         seqs = sorted(seqs, key=lambda s: s.row)  # contiguous rows let the cache be read without a copy
         ids = torch.tensor([[s.pending[0]] for s in seqs], device=self.model.device)
         rows = torch.tensor([s.row for s in seqs], dtype=torch.int32, device=self.model.device)
-        logits = self.graphs(ids, rows) if self.graphs is not None else self.model.forward_cached(ids, cache, rows)
-        toks, lps = self._sample(logits, seqs)
-        for s, t, lp in zip(seqs, toks, lps):
+        logits = self.graphs(ids, rows) if self.graphs is not None else self.model.forward_cached(ids, self.cache, rows)
+        for s in seqs:
             s.cached += 1
-            self._after_token(s, t, lp, pool)
+        self._sampled(logits, seqs)
+
+    def _sampled(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """logits [B, V] of the rows' last cached token -> each row's next token, then its checks: EOS, stop
+        strings, the length limit, a closed code block (the tool protocol parks it)."""
+        c = self.cfg
+        toks, lps = sample(logits, [s.gen for s in seqs], c.temperature, c.top_k, c.top_p)
+        for s, tok, lp in zip(seqs, toks, lps):
+            s.tokens.append(tok)
+            s.logprobs.append(lp)
+            s.mask.append(1)
+            s.pending, s.status = [tok], Status.DECODE
+            if tok in self.eos:
+                s.end("stop")
+                continue
+            watch = self.tools is not None and s.tool_calls < c.max_tool_calls
+            tail = (self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
+                    if c.stop or watch else "")
+            if any(st in tail for st in c.stop):
+                s.end("stop")
+            elif len(s.tokens) >= c.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
+                s.end("length")
+            elif watch and self.tools.watch(s, tail):
+                s.status = Status.IN_TOOL
+
+    def _splice(self, s: Sequence, out: ToolOutput):
+        """A tool's output into the sequence as an output block (policy mask 0, log-prob 0); its tokens are
+        prefilled into the same cache row after the last sampled token, which is not cached yet."""
+        c = self.cfg
+        s.tool_errors += out.error
+        toks = self.tools.output_tokens(s, out, min(c.max_new_tokens - len(s.tokens),
+                                                    self.max_len - len(s.prompt) - len(s.tokens)))
+        s.tokens += toks
+        s.logprobs += [0.0] * len(toks)
+        s.mask += [0] * len(toks)
+        s.segment_start = len(s.tokens)
+        if c.reprefill_after_tool:   # the peer frameworks' way: the whole prefix again
+            self.cache.seqlens[s.row], s.cached = 0, 0
+            s.pending = s.prompt + s.tokens
+        else:
+            s.pending = s.pending + toks
+        s.status = Status.PREFILL if len(s.pending) > 1 else Status.DECODE
+        if len(s.tokens) >= c.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
+            s.end("length")
 
 
 def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
@@ -410,4 +343,4 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new
     """Generate a completion for each prompt (a list of token ids). See GenerationConfig for kwargs."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=tuple(stop), seed=seed, max_tool_calls=max_tool_calls, **kwargs)
-    return Generator(model, tokenizer, cfg, tool).generate(prompts)
+    return Engine(model, tokenizer, cfg, tool).generate(prompts)

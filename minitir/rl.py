@@ -1,11 +1,13 @@
-"""The RL math, every detail in one place: advantage estimators, the clipped policy loss, loss
-aggregation, KL estimators, the value loss and GAE.
+"""The RL math, every detail in one place: advantage estimators, the clipped policy loss, the whole
+per-token objective (`token_objective`), loss aggregation, KL estimators, the value loss and GAE.
 
 Shapes: G prompt groups of n responses each; token-level tensors are flat over a (micro-)batch of
 packed sequences, [N], and always travel with their mask [N] (1 = a token the policy sampled; prompt,
 tool-output and masked-out tokens are 0).
 """
 from __future__ import annotations
+
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -125,6 +127,56 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     if kind == "k3":
         return torch.exp(-log_ratio) - 1 + log_ratio
     raise ValueError(f"unknown KL estimator {kind!r}; choose from k1, k2, k3")
+
+
+@dataclass
+class ObjectiveStats:
+    """Weighted token sums of what the objective computed (weights of a mini-batch sum to 1 over all ranks,
+    so once summed over micro-batches and ranks these are the mini-batch's means)."""
+    loss: float = 0.0
+    clipfrac: float = 0.0       # share of tokens where the clip was active
+    entropy: float = 0.0
+    kl: float = 0.0             # estimated KL(policy || reference), when there is a reference
+    approx_kl: float = 0.0      # CleanRL's approx_kl: (r - 1) - log r between the policy now and the one that
+                                # generated (0 in the first update of a step, by construction)
+
+    def __add__(self, other: "ObjectiveStats") -> "ObjectiveStats":
+        return ObjectiveStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def all_reduce(self, all_reduce) -> "ObjectiveStats":
+        return ObjectiveStats(*all_reduce(torch.tensor(astuple(self), dtype=torch.float64)).tolist())
+
+
+def token_objective(logp: torch.Tensor, entropy: torch.Tensor | None, old_logp: torch.Tensor | None,
+                    adv: torch.Tensor, weights: torch.Tensor, *, clip_low: float, clip_high: float,
+                    dual_clip: float | None = None, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                    kl_estimator: str = "k3", entropy_coef: float = 0.0, gen_logp: torch.Tensor | None = None,
+                    tis_cap: float = 0.0) -> tuple[torch.Tensor, ObjectiveStats]:
+    """The policy's objective over C tokens -> (loss = sum_t w_t * l_t, statistics).
+
+    l_t = -min(r_t A_t, clip(r_t) A_t) * tis_t + kl_coef * KL_t - entropy_coef * H_t, r_t = exp(logp - old_logp).
+    logp, entropy, old_logp (None: the current policy generated, r = 1), adv, weights, ref_logp, gen_logp: [C].
+    tis_t = min(pi_old / pi_generator, tis_cap) when tis_cap > 0, else 1; KL and H enter only with their
+    coefficients, and are reported whenever given."""
+    old = logp.detach() if old_logp is None else old_logp
+    tok, clipped = policy_loss(logp, old, adv, clip_low, clip_high, dual_clip)               # [C]
+    if tis_cap:
+        tok = tok * tis_weights(old.float(), gen_logp, tis_cap)
+    kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None        # [C]
+    if kl is not None and kl_coef:
+        tok = tok + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        tok = tok - entropy_coef * entropy
+    loss = (tok * weights).sum()
+    with torch.no_grad():
+        w = weights.float()
+        log_ratio = logp.detach().float() - old.float()
+        stats = ObjectiveStats(
+            loss=float(loss), clipfrac=float((clipped.float() * w).sum()),
+            entropy=float((entropy.detach().float() * w).sum()) if entropy is not None else 0.0,
+            kl=float((kl.detach().float() * w).sum()) if kl is not None else 0.0,
+            approx_kl=float(((log_ratio.exp() - 1 - log_ratio) * w).sum()))
+    return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None):

@@ -337,3 +337,58 @@ def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -
         q, a = SYNTHETIC_KINDS[kind](r, difficulty)
         out.append(Problem(f"synthetic-{seed}-{i}", q, a, {"kind": kind, "difficulty": difficulty}))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# a run's problems: the training source and its held-out part, and the order they are drawn in
+# ------------------------------------------------------------------------------------------------
+def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out problems) for a TrainConfig: generated (miniature, synthetic), a file, or a
+    benchmark name; the held-out ones from cfg.eval_data, else the last cfg.eval_size of the source.
+    Records without a gold answer are skipped and said."""
+    def loaded(name, pair):
+        problems, report = pair
+        if report.skipped_no_answer:
+            say(f"{name}: skipped {report.skipped_no_answer} records without a gold answer (lines "
+                f"{report.skipped_lines[:10]}{' ...' if len(report.skipped_lines) > 10 else ''})")
+        return problems
+
+    n = cfg.synthetic_size + cfg.eval_size
+    if cfg.data == "miniature":   # problems the miniature base model never trained on (another seed)
+        from minitir import miniature
+        problems = miniature.problems(n, seed=cfg.seed + 1)
+    elif cfg.data == "synthetic":
+        problems = synthetic_problems(n, seed=cfg.seed, difficulty=cfg.synthetic_difficulty)
+    elif Path(cfg.data).exists():
+        problems = loaded(cfg.data, load_problems(cfg.data, cfg.question_field, cfg.answer_field))
+    else:
+        problems = loaded(cfg.data, load_benchmark(cfg.data, cfg.data_dir))
+    held_out = []
+    if cfg.eval_size > 0 and cfg.eval_data:
+        held_out = loaded(cfg.eval_data, load_benchmark(cfg.eval_data, cfg.data_dir, limit=cfg.eval_size))
+    elif cfg.eval_size > 0:
+        if len(problems) <= cfg.eval_size:
+            raise DatasetError(f"--eval-size {cfg.eval_size} leaves no training problems out of {len(problems)}")
+        problems, held_out = problems[:-cfg.eval_size], problems[-cfg.eval_size:]
+    if not problems:
+        raise DatasetError(f"no training problems in {cfg.data!r}")
+    return problems, held_out
+
+
+class ProblemStream:
+    """The problems in a seeded permutation per epoch; epoch and pos are saved in checkpoints."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        self.problems, self.seed, self.epoch, self.pos = problems, seed, 0, 0
+
+    def next(self, k: int) -> list[Problem]:
+        out = []
+        while len(out) < k:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+            take = order[self.pos:self.pos + k - len(out)]
+            out += [self.problems[i] for i in take]
+            self.pos += len(take)
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out

@@ -16,7 +16,9 @@ import torch
 from minitir.generate import Completion
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
-from minitir.trainer import Sample, TrainConfig, Trainer
+from minitir.config import TrainConfig
+from minitir.rollout import Sample
+from minitir.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -59,7 +61,7 @@ def batch() -> list[Sample]:
 
 
 def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
-    """Build a trainer for `case` and run _prepare + _update on this process's share of batch()."""
+    """Build a trainer for `case` and run prepare + update on this process's share of batch()."""
     tc = TrainConfig(prompt="{question}", prompts_per_step=2, n_samples=4, max_prompt_tokens=6, max_new_tokens=14,
                      micro_batch_tokens=20, max_tool_calls=0, lr=1e-3, grad_clip=1e3, eval_size=0,
                      tensorboard=False, run_dir=str(run_dir), run_name="dist",
@@ -69,11 +71,11 @@ def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
     samples = batch()
     if t.dist.enabled:  # whole groups per rank
         samples = samples[4 * t.dist.rank:4 * t.dist.rank + 4]
-    for g in range(0, len(samples), 4):   # the group baseline, as sampling computes it
-        t._score_group(samples[g:g + 4])
-    m = {}
-    t._prepare(samples, m)
-    t._update(samples, m)
+    stats = {"groups_kept": 0, "dropped_overlong": 0, "dropped_repetitive": 0}
+    for g in range(0, len(samples), 4):   # the group baseline, as collecting computes it
+        t._keep(samples[g:g + 4], stats)
+    t.prepare(samples)
+    m = t.learner.update(samples, t.step)
     return t, m
 
 
@@ -89,11 +91,11 @@ def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
     dist = torch.load(out)
     t, m = one_step(case, tmp_path)
     try:
-        single = full_params(t.model)
+        single = full_params(t.learner.model)
         assert set(single) == set(dist["params"])
         moved = 0.0
         # AdamW's first step is nearly sign(grad) * lr, so compare the (clipped) gradients themselves too
-        for n, g in full_params(t.model, grads=True).items():
+        for n, g in full_params(t.learner.model, grads=True).items():
             torch.testing.assert_close(dist["grads"][n], g, atol=1e-6, rtol=1e-4, msg=n)
         for n, p in single.items():
             torch.testing.assert_close(dist["params"][n], p, atol=1e-5, rtol=0, msg=n)
@@ -101,7 +103,7 @@ def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
             moved = max(moved, float((p - full_params(tiny_model())[n]).abs().max()))
         assert moved > 1e-4  # the step did change the weights
         if case == "ppo":
-            crit = full_params(t.critic)
+            crit = full_params(t.learner.critic)
             for n, p in crit.items():
                 torch.testing.assert_close(dist["critic"][n], p, atol=1e-5, rtol=0, msg=n)
         for k in ("loss", "grad_norm", "clipfrac", "entropy", "kl", "value_loss"):
@@ -170,9 +172,9 @@ def test_eval_py_shards_problems_and_matches_one_process(tmp_path, tiny_checkpoi
 def _worker(case: str, out: str):
     torch.set_num_threads(1)
     t, m = one_step(case, Path(out).parent / "workers")
-    params, grads = full_params(t.model), full_params(t.model, grads=True)
-    critic = full_params(t.critic) if t.critic is not None else None
-    decoder = {n: p.clone() for n, p in t._decoder().named_parameters()}  # the generator's gathered copy
+    params, grads = full_params(t.learner.model), full_params(t.learner.model, grads=True)
+    critic = full_params(t.learner.critic) if t.learner.critic is not None else None
+    decoder = {n: p.clone() for n, p in t.learner.decoder().named_parameters()}  # the generator's gathered copy
     if t.dist.main:
         torch.save({"params": params, "grads": grads, "critic": critic, "metrics": m, "decoder": decoder}, out)
     t.close()

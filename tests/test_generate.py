@@ -7,7 +7,8 @@ import torch
 
 from minitir import attention
 from minitir.checkpoint import embedded_checkpoint, load_model
-from minitir.generate import GenerationConfig, Generator, ToolOutput, _Seq, generate
+from minitir.generate import ToolOutput, generate
+from minitir.sampling import sample
 from tests.conftest import make_hf_model
 
 
@@ -120,10 +121,8 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, t
 def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, kept):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 4000
-    g = Generator.__new__(Generator)  # only the sampler: no model needed
-    g.cfg = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    seqs = [_Seq(idx=i, prompt=[], gen=torch.Generator().manual_seed(i)) for i in range(n)]
-    ids, lps = g._sample(logits.repeat(n, 1), seqs)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(n)]   # one stream per row
+    ids, lps = sample(logits.repeat(n, 1), gens(), temperature, top_k, top_p)
     logp = torch.log_softmax(logits / temperature, -1)
     assert set(ids) <= set(kept)
     expected = logp[kept].exp() / logp[kept].exp().sum()
@@ -132,8 +131,7 @@ def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, k
         assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (k, freq, p)
     # the reported log-prob is the unfiltered tempered one (what the trainer recomputes)
     assert max(abs(lp - logp[i].item()) for i, lp in zip(ids, lps)) < 1e-6
-    again, _ = g._sample(logits.repeat(n, 1), [_Seq(idx=i, prompt=[], gen=torch.Generator().manual_seed(i))
-                                               for i in range(n)])
+    again, _ = sample(logits.repeat(n, 1), gens(), temperature, top_k, top_p)
     assert again == ids
 
 
@@ -302,7 +300,6 @@ def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
     # the policy's own tokens are exactly its script, tool tokens are masked out
     policy = [t for t, mk in zip(a.tokens, a.policy_mask) if mk]
     assert policy == scripts[1] + [tok.eos_token_id]
-    first_out = a.text.index("```output\n")
     assert sum(1 - mk for mk in a.policy_mask) <= 2 * 22
 
 

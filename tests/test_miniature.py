@@ -9,7 +9,8 @@ from minitir import miniature
 from minitir.checkpoint import embedded_checkpoint, load_pretrained, save_pretrained
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import TEMPLATES, render_prompt
-from minitir.trainer import TrainConfig, Trainer
+from minitir.config import TrainConfig
+from minitir.trainer import Trainer
 from minitir.vocab import CompactTokenizer
 
 # the fast version: one problem kind, a smaller model and corpus (the full one: minitir.miniature.BaseConfig)

@@ -13,7 +13,9 @@ import torch
 from minitir.generate import Completion
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
-from minitir.trainer import ConfigError, Sample, TrainConfig, Trainer
+from minitir.config import ConfigError, TrainConfig
+from minitir.rollout import Sample
+from minitir.trainer import Trainer
 
 CODE_OPEN, CODE_CLOSE = "```python\nprint(", ")\n```"
 ANS_OPEN, ANS_CLOSE = "</think> <answer>\\boxed{", "}</answer>"
@@ -190,7 +192,7 @@ def rollouts_with_tool_output(tmp_path, **overrides):
     sandbox, grader); some of them called the tool."""
     tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True, **overrides)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
-    kept, _, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
+    kept, _, _ = t.collect({"generate": 0.0, "grade": 0.0})
     with_tool = [s for s in kept if 0 in s.completion.policy_mask]
     assert len(with_tool) >= 2, "the rollouts must contain tool output for this test to mean anything"
     return t, kept, with_tool
@@ -203,7 +205,7 @@ def test_trainer_logprobs_equal_the_generators_on_rollouts_with_tool_output(tmp_
     try:
         for s in kept:
             assert s.loss_mask == s.completion.policy_mask     # the environment's tokens are not the policy's
-        logp, _, seq = t._forward(t.model, with_tool, with_entropy=False)
+        logp, _, seq = t.learner.logprobs(t.learner.model, with_tool)
         gen = torch.tensor([lp for s in with_tool for lp, k in zip(s.completion.logprobs, s.loss_mask) if k])
         assert logp.shape == gen.shape
         assert (logp - gen).abs().max() <= 1e-4
@@ -225,10 +227,10 @@ def test_tool_output_tokens_get_no_gradient(tmp_path):
             toks = [tool_ids.pop(0) if k == 0 else x for x, k in zip(c.tokens[:end], s.loss_mask[:end])]
             cut = Sample(prompt_ids=s.prompt_ids, gold=s.gold, completion=Completion(
                 toks, c.logprobs[:end], c.policy_mask[:end], "", "length"), loss_mask=s.loss_mask[:end], score=1.0)
-            t.model.zero_grad()
-            t._prepare([cut], {})
-            t._update([cut], {})
-            return [p.grad.clone() for p in t.model.parameters()]
+            t.learner.model.zero_grad()
+            t.prepare([cut])
+            t.learner.update([cut], t.step)
+            return [p.grad.clone() for p in t.learner.model.parameters()]
 
         n_tool = end - sum(s.loss_mask[:end])
         real = grads([x for x, k in zip(c.tokens[:end], s.loss_mask[:end]) if k == 0])
@@ -251,16 +253,16 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
                                          micro_batch_tokens=256, tis_cap=1.5)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
-        kept, _, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
-        t._prepare(kept, {})
+        kept, _, _ = t.collect({"generate": 0.0, "grade": 0.0})
+        t.prepare(kept)
         g = torch.Generator().manual_seed(0)
         for s in kept:   # ratios away from 1 (some clipped), a reference that differs, advantages of both signs
             n = len(s.old_logp)
             s.old_logp = (torch.tensor(s.old_logp) + 0.4 * torch.randn(n, generator=g)).tolist()
             s.ref_logp = (torch.tensor(s.ref_logp) + 0.3 * torch.randn(n, generator=g)).tolist()
             s.adv = (2 * torch.randn(n, generator=g)).tolist()
-        assert len(t._micro_batches(kept)) > 1
-        logp, ent, seq = t._forward(t.model, kept, with_entropy=True)
+        assert len(t.learner.micro_batches(kept)) > 1
+        logp, ent, seq = t.learner.logprobs(t.learner.model, kept, with_entropy=True)
         cat = lambda key: torch.tensor([v for s in kept for v in getattr(s, key)])
         tok_loss, _ = rl.policy_loss(logp, cat("old_logp"), cat("adv"), tc.clip_low, tc.clip_high, tc.dual_clip)
         gen = torch.tensor([lp for s in kept for lp, k in zip(s.completion.logprobs, s.loss_mask) if k])
@@ -272,7 +274,7 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
         (tok_loss * w).sum().backward()
         want = [p.grad.clone() for p in model.parameters()]
         t.cfg.ppo_epochs = 1
-        t._update(kept, {})   # one optimizer step; the gradients it stepped on stay in .grad
+        t.learner.update(kept, t.step)   # one optimizer step; the gradients it stepped on stay in .grad
         got = [p.grad for p in model.parameters()]
         for a, b in zip(got, want):
             assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
@@ -289,18 +291,18 @@ def test_paper_filters_drop_and_carry_over(tmp_path):
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         timing = {"generate": 0.0, "grade": 0.0}
-        kept, sampled, stats = t._sample_groups(timing)
+        kept, sampled, stats = t.collect(timing)
         cut = [s for s in sampled if s.completion.finish_reason == "length"]
         assert cut and stats["dropped_overlong"] == len(cut)         # a code block never fits in 8 tokens
         assert not any(s.completion.finish_reason == "length" for s in kept)
         assert len(kept) == tc.prompts_per_step * tc.n_samples and stats["groups_sampled"] > tc.prompts_per_step
         carried = list(t.carry)
         assert stats["carried_out"] == len(carried) > 0
-        kept2, _, stats2 = t._sample_groups(timing)
+        kept2, _, stats2 = t.collect(timing)
         assert stats2["carried_in"] == len(carried) and kept2[:len(carried)] == carried
         t.cfg.filter_overlong, t.cfg.filter_repetition, t.cfg.carry_over, t.cfg.max_new_tokens = False, 1e-9, False, 24
         t.carry = []
-        kept3, sampled3, stats3 = t._sample_groups(timing)
+        kept3, sampled3, stats3 = t.collect(timing)
         assert stats3["dropped_repetitive"] > 0 and not any(s.correct for s in kept3)   # every correct one repeats a bit
     finally:
         t.close()
@@ -317,7 +319,7 @@ def test_grade_errors_are_counted_and_kept_out_of_the_statistics(tmp_path):
         t.grader.math_equal_many = lambda pairs: [None if i % 4 == 0 else v for i, v in enumerate(real(pairs))]
         m = t.train_step()
         assert m["grade_errors"] == tc.prompts_per_step * tc.n_samples // 4
-        kept, sampled, _ = t._sample_groups({"generate": 0.0, "grade": 0.0})
+        kept, sampled, _ = t.collect({"generate": 0.0, "grade": 0.0})
         lost = [s for s in sampled if not s.graded]
         assert lost and all(s.score == 0 and not any(s.loss_mask) for s in lost) and not set(map(id, lost)) & set(map(id, kept))
         group = sampled[:tc.n_samples]
@@ -342,7 +344,7 @@ def test_void_turns_are_masked_but_counted(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.json")))
 def test_every_preset_loads_and_validates(name):
     import train
-    from minitir.trainer import validate
+    from minitir.config import validate
     cfg, _ = train.parse(["--config", name])
     validate(cfg, torch.device("cpu"))
     assert cfg.reward == "strict" and cfg.prompt == "zero_tir"
@@ -368,7 +370,7 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
         str(tmp_path), False, 8, 24, 64
     t = Trainer(cfg, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
-        assert t.opt.param_groups[0]["betas"] == (0.9, 0.95) and t.sched.get_last_lr() == [1e-6]
+        assert t.learner.opt.param_groups[0]["betas"] == (0.9, 0.95) and t.learner.sched.get_last_lr() == [1e-6]
     finally:
         t.close()
 

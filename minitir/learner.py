@@ -1,0 +1,239 @@
+"""The policy and what learns with it: the models (policy, reference, critic, the generator's copy), the
+optimizers, forward passes over packed samples, and the update.
+
+The update makes ppo_epochs passes over a step's samples in mini_batches optimizer steps. Each mini-batch is
+packed into micro-batches under a token budget; each micro-batch's objective (rl.token_objective) is
+differentiated chunk by chunk inside the log-prob head (logprobs.token_loss), and gradients accumulate.
+Token weights are normalised over the global mini-batch, so micro-batch losses add up and the sum over ranks
+is the one-process loss; FSDP averages gradients over ranks, hence each backward is scaled by their number.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from minitir import batching, distributed, rl
+from minitir.checkpoint import load_pretrained
+from minitir.logprobs import token_logprobs, token_loss
+from minitir.rollout import Sample
+
+
+class Critic(nn.Module):
+    """A copy of the policy with a scalar value head (PPO)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.body = copy.deepcopy(policy)
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype, device=policy.device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+
+class Learner:
+    def __init__(self, cfg, dist, device, model=None, tokenizer=None):
+        """Policy, reference (kl_coef > 0: the starting policy, also when resuming), critic (ppo), and the copy
+        the generator decodes with when the trained weights are sharded or float32 masters under autocast
+        (casting every weight at every decode step would dominate decoding). On CUDA, dtype auto keeps float32
+        weights and computes in bfloat16: AdamW steps at lr 1e-6 would round away in bfloat16 weights."""
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.autocast_on = cfg.dtype == "auto" and device.type == "cuda"
+        if model is None:
+            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+            model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device)
+        self.model, self.tok = model, tokenizer
+        self.model.checkpointing = cfg.checkpointing
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.critic = Critic(model) if cfg.algo == "ppo" else None
+        self.gen_model, self.gen_version, self.version = None, -1, 0
+        if dist.enabled or self.autocast_on:
+            self.gen_model = copy.deepcopy(model).requires_grad_(False).eval()
+            if self.autocast_on:
+                self.gen_model.to(torch.bfloat16)
+
+    def shard(self):
+        """FSDP2 over the ranks (after any checkpoint weights are loaded into the whole models)."""
+        if not self.dist.enabled:
+            return
+        for m in (self.model, self.ref, self.critic.body if self.critic else None):
+            if m is not None:
+                distributed.shard(m, bf16=self.autocast_on)
+        if self.critic is not None:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(self.critic.value_head)
+
+    def build_optimizers(self):
+        cfg = self.cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                     weight_decay=cfg.weight_decay)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr) if self.critic else None
+        total = max(1, cfg.steps * cfg.ppo_epochs * cfg.mini_batches)
+
+        def schedule(i):
+            warm = min(1.0, (i + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            return warm * 0.5 * (1 + math.cos(math.pi * min(i, total) / total)) if cfg.lr_schedule == "cosine" else warm
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+
+    def decoder(self) -> nn.Module:
+        """The model the generator runs: the policy itself, or its plain copy refreshed after each update."""
+        if self.gen_model is None:
+            return self.model
+        if self.gen_version != self.version:
+            distributed.gather_weights(self.model, self.gen_model)
+            self.gen_version = self.version
+        return self.gen_model
+
+    # --------------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.autocast_on)
+
+    def micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        mbs = batching.micro_batches(samples, self.cfg.micro_batch_tokens)
+        return mbs + [[] for _ in range(int(self.dist.max(len(mbs))) - len(mbs))]   # FSDP: equal counts
+
+    def _states(self, model: nn.Module, samples: list[Sample]):
+        """Packed forward -> for each policy token the final hidden state before it [M, D], the token [M] and
+        its sequence's index [M]. An empty list runs a one-token placeholder (see batching.placeholder)."""
+        ids, cu, sel, seq = batching.policy_positions(samples or batching.placeholder(self.tok.eos_token_id or 0),
+                                                      self.device)
+        with self.autocast():
+            hidden = model.hidden_packed(ids, cu)                                       # [N, D]
+        return hidden[sel - 1], ids[sel], seq
+
+    def logprobs(self, model: nn.Module, samples: list[Sample], with_entropy: bool = False):
+        """-> per policy token: log-probs [M], entropy [M] or None, sequence index [M]."""
+        h, targets, seq = self._states(model, samples)
+        with self.autocast():
+            logp, ent = token_logprobs(h, model.lm_head.weight, targets, temperature=self.cfg.temperature,
+                                       with_entropy=with_entropy)
+        return logp, ent, seq
+
+    def values(self, samples: list[Sample]):
+        """-> the critic's value at each policy token [M], sequence index [M]."""
+        h, _, seq = self._states(self.critic.body, samples)
+        with self.autocast():
+            return self.critic.value_head(h).squeeze(-1).float(), seq
+
+    @torch.no_grad()
+    def score(self, samples: list[Sample], need_old: bool):
+        """Before any update: old log-probs (need_old), reference log-probs and old values of every sample."""
+        self.model.eval()
+        for mb in self.micro_batches(samples):
+            if need_old:
+                logp, _, seq = self.logprobs(self.model, mb)
+                for s, v in zip(mb, batching.per_sample(logp, mb, seq)):
+                    s.old_logp = v
+            if self.ref is not None:
+                logp, _, seq = self.logprobs(self.ref, mb)
+                for s, v in zip(mb, batching.per_sample(logp, mb, seq)):
+                    s.ref_logp = v
+            if self.critic is not None:
+                vals, seq = self.values(mb)
+                for s, v in zip(mb, batching.per_sample(vals, mb, seq)):
+                    s.old_values = v
+        if self.ref is not None:
+            distributed.reshard(self.ref)
+
+    # --------------------------------------------------------------------------------------------
+    def update(self, samples: list[Sample], step: int) -> dict:
+        """ppo_epochs passes over the samples in mini_batches optimizer steps -> metrics (means over steps),
+        with the generator/trainer log-prob gap of the first pass."""
+        cfg, d = self.cfg, self.dist
+        order_gen = torch.Generator().manual_seed(cfg.seed * 7_777 + step + 1_000_003 * d.rank)
+        steps, gap = [], torch.zeros(3, dtype=torch.float64)   # |generator - trainer log-prob|: sum, count, max
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(samples), generator=order_gen).tolist()
+            for b in range(cfg.mini_batches):
+                part = order[b * len(samples) // cfg.mini_batches:(b + 1) * len(samples) // cfg.mini_batches]
+                m = self._optimizer_step([samples[i] for i in part], gap if epoch == 0 else None)
+                steps += [m] if m else []
+        out = {k: sum(m[k] for m in steps) / len(steps) for k in (steps[0] if steps else {})}
+        gap_sum, gap_max = d.all_reduce(gap[:2].clone()), d.all_reduce(gap[2:].clone(), "max")
+        if gap_sum[1] > 0:
+            out["logprob_gap_mean"], out["logprob_gap_max"] = float(gap_sum[0] / gap_sum[1]), float(gap_max[0])
+        out["lr"] = self.sched.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self, mini: list[Sample], gap) -> dict | None:
+        """One mini-batch: its token weights, gradients accumulated over its micro-batches, one optimizer step."""
+        cfg, d = self.cfg, self.dist
+        local = sum(sum(s.loss_mask) for s in mini)
+        total = d.all_reduce(torch.tensor([float(local), float(len(mini))]))   # global tokens, sequences
+        if total[0] == 0:
+            return None
+        seq = torch.cat([torch.zeros(0, dtype=torch.long)] +
+                        [torch.full((sum(s.loss_mask),), i, dtype=torch.long) for i, s in enumerate(mini)])
+        weights = rl.token_weights(torch.ones(local), seq, int(total[1]), cfg.loss_agg, cfg.max_new_tokens,
+                                   total_tokens=float(total[0])).to(self.device)           # [local tokens]
+        self.opt.zero_grad(set_to_none=True)
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        stats, value_loss, offset = rl.ObjectiveStats(), 0.0, 0
+        for mb in self.micro_batches(mini):
+            if not mb:   # a placeholder: keeps this rank in step with the others' collectives
+                self._placeholder_backward()
+                continue
+            w = weights[offset:offset + sum(sum(s.loss_mask) for s in mb)]                # [M]
+            offset += w.shape[0]
+            stats = stats + self._policy_backward(mb, w, gap)
+            if self.critic is not None:
+                value_loss += self._critic_backward(mb, w)
+        gn = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.version += 1
+        if self.critic_opt is not None:
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+            self.critic_opt.step()
+        out = {**vars(stats.all_reduce(d.all_reduce)), "grad_norm": float(gn)}
+        if self.ref is None:
+            out.pop("kl")
+        if self.critic is not None:
+            out["value_loss"] = d.sum(value_loss)
+        return out
+
+    def _policy_backward(self, mb: list[Sample], w: torch.Tensor, gap) -> rl.ObjectiveStats:
+        """The objective over one micro-batch's policy tokens, its gradient taken chunk by chunk inside the
+        head's forward (token_loss), then backward through the model."""
+        cfg, dev = self.cfg, self.device
+        h, targets, _ = self._states(self.model, mb)                                    # [M, D], [M]
+        adv = batching.per_token(mb, "adv", dev)                                        # [M]
+        old = batching.per_token(mb, "old_logp", dev) if mb[0].old_logp else None       # None: r = 1
+        ref = batching.per_token(mb, "ref_logp", dev) if self.ref is not None else None
+        gen = batching.generator_logprobs(mb, dev)                                      # [M]
+        stats = [rl.ObjectiveStats()]
+
+        def objective(lp, ent, rows):   # lp, ent [C]: the micro-batch's tokens `rows`
+            loss, s = rl.token_objective(
+                lp, ent, None if old is None else old[rows], adv[rows], w[rows], clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None, ref_logp=None if ref is None else ref[rows],
+                kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+                entropy_coef=cfg.entropy_coef, gen_logp=gen[rows], tis_cap=cfg.tis_cap)
+            stats[0] = stats[0] + s
+            return loss
+
+        with self.autocast():
+            loss, logp, _ = token_loss(h, self.model.lm_head.weight, targets, objective,
+                                       temperature=cfg.temperature, with_entropy=True)
+        (loss * self.dist.world).backward()
+        if gap is not None:
+            g = (gen - logp.float()).abs()
+            gap += torch.tensor([float(g.sum()), len(g), 0.0], dtype=torch.float64)
+            gap[2] = max(gap[2], float(g.max()))
+        return stats[0]
+
+    def _critic_backward(self, mb: list[Sample], w: torch.Tensor) -> float:
+        vals, _ = self.values(mb)
+        old_v, ret = batching.per_token(mb, "old_values", self.device), batching.per_token(mb, "returns", self.device)
+        vloss = (rl.value_loss(vals, old_v, ret, self.cfg.value_clip) * w).sum()
+        (vloss * self.dist.world).backward()
+        return float(vloss.detach())
+
+    def _placeholder_backward(self):
+        (self.logprobs(self.model, [])[0].sum() * 0).backward()
+        if self.critic is not None:
+            (self.values([])[0].sum() * 0).backward()

@@ -1,0 +1,148 @@
+"""A run's directory: its configuration, metrics and sample logs, checkpoints, and exact resume.
+
+    runs/NAME/config.json            the full TrainConfig
+    runs/NAME/metrics.jsonl          one line per step (and step 0: the held-out evaluation before training)
+    runs/NAME/samples.jsonl          a few whole rollouts per step
+    runs/NAME/scaling.png, .json     written when the run ends
+    runs/NAME/checkpoints/step-N/    a model directory transformers and vLLM load, plus trainer_state.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from minitir import distributed
+from minitir.checkpoint import load_model, save_pretrained
+from minitir.config import ConfigError
+
+
+def open_run(cfg, dist, resume: str) -> tuple[Path, Path | None]:
+    """-> (the run directory, the checkpoint to resume from or None). A new run is named by rank 0 and gets
+    config.json; a resumed one must hold a complete checkpoint."""
+    if resume:
+        return Path(resume), latest_checkpoint(Path(resume))
+    run_dir = Path(cfg.run_dir) / dist.broadcast(cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return run_dir, None
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    ck = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.pt").exists())
+    if not ck:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    return ck[-1]
+
+
+class RunLog:
+    """metrics.jsonl (and TensorBoard when installed) and samples.jsonl, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, main: bool):
+        self.run_dir, self.main, self.tb = run_dir, main, None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if tensorboard and main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def metrics(self, m: dict):
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, m["step"])
+
+    def samples(self, samples: list, step: int, n: int) -> str:
+        """The first n rollouts of the step, whole (tool blocks included) -> the first one, for the console."""
+        rows = [{"step": step, "question": s.question, "gold": s.gold, "response": s.completion.text,
+                 "answer": s.answer, "reward": s.reward, "correct": s.correct, "graded": s.graded,
+                 "format_ok": s.format_ok, "tool_calls": s.completion.num_tool_calls,
+                 "tool_errors": s.completion.num_tool_errors, "finish_reason": s.completion.finish_reason}
+                for s in samples[:n]]
+        if not (rows and self.main):
+            return ""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        r = rows[0]
+        return (f"--- step {step}: {r['question']}  (gold {r['gold']}; reward {r['reward']:g}, "
+                f"{r['tool_calls']} tool call(s), {r['finish_reason']})\n{r['response']}\n---")
+
+    def truncate(self, step: int):
+        """On resume: metrics after the checkpoint belong to the abandoned run, so the log stays one history."""
+        if self.main and self.metrics_path.exists():
+            lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["step"] <= step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def save_checkpoint(t) -> Path:
+    """run_dir/checkpoints/step-N/{model files, trainer_state.pt} of trainer t, written by rank 0 under a
+    temporary name and renamed, so a crash mid-write leaves the previous checkpoint as the latest complete
+    one. Model and optimizer state are full (unsharded), so any number of ranks can resume from them."""
+    d, L = t.dist, t.learner
+    model = distributed.model_state(L.model, d)                 # collectives: every rank takes part
+    state = {"step": t.step, "data_epoch": t.data.epoch, "data_pos": t.data.pos,
+             "optimizer": distributed.optimizer_state(L.model, L.opt, d), "scheduler": L.sched.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "carry": d.gather(t.carry)}   # every rank's surplus of filter survivors
+    if L.critic is not None:
+        state["critic"] = distributed.model_state(L.critic, d)
+        state["critic_optimizer"] = distributed.optimizer_state(L.critic, L.critic_opt, d)
+    ck = t.run_dir / "checkpoints"
+    final = ck / f"step-{t.step:06d}"
+    if d.main:
+        ck.mkdir(parents=True, exist_ok=True)
+        tmp = ck / f".tmp-step-{t.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(L.model, L.tok, tmp, state_dict=model)
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ck.glob("step-*"))[:-max(t.cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load_weights(t, path: Path) -> dict:
+    """Model (and critic) weights from a checkpoint into trainer t's unsharded models -> the trainer state."""
+    L = t.learner
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    L.model.load_state_dict(load_model(path, dtype=L.model.dtype, device=t.device).state_dict())
+    if L.critic is not None:
+        L.critic.load_state_dict(state["critic"])
+    return state
+
+
+def load_state(t, state: dict):
+    """Optimizer, schedule, RNG, data position and carried samples; after sharding (the optimizer state is
+    resharded)."""
+    L = t.learner
+    distributed.load_optimizer_state(L.model, L.opt, state["optimizer"], t.dist)
+    L.sched.load_state_dict(state["scheduler"])
+    if L.critic is not None:
+        distributed.load_optimizer_state(L.critic, L.critic_opt, state["critic_optimizer"], t.dist)
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    t.step, t.data.epoch, t.data.pos = state["step"], state["data_epoch"], state["data_pos"]
+    carried = sum(state.get("carry", []), [])   # on however many ranks now: rank r takes its share
+    lo, hi = distributed.split(len(carried), t.dist)
+    t.carry = carried[lo:hi]
+    t.log.truncate(t.step)
