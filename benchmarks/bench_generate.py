@@ -15,7 +15,7 @@
    Every variant produces the same tokens: the model's real forward passes run, but each response is
    forced to a fixed script (filler text around two code blocks), so only the engine differs.
 
-    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 512] [--rounds 2] [--latency 0.2]
+    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 512] [--rounds 2] [--groups 2,8] [--latency 0.2]
 """
 import argparse
 import sys
@@ -160,6 +160,8 @@ def main():
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--groups", default="2,8", help="prompts per RL-workload row (x 8 responses each)")
+    ap.add_argument("--skip-tools", action="store_true", help="leave out the tool-interleaved rollout")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_pretrained("smollm2-135m")
@@ -171,7 +173,7 @@ def main():
     print("| groups | prompt tokens | transformers tok/s | minitir tok/s | speed-up | first token s (tf / minitir) | "
           "ms per decode step (tf / minitir) |")
     print("|---|---|---|---|---|---|---|")
-    for n_prompts in (2, 8):
+    for n_prompts in [int(x) for x in a.groups.split(",")]:
         best, lens = rl_workload(model, tok, hf, n_prompts, 8, a.new_tokens, a.rounds)
         (o, o1, od), (t, t1, td) = best["ours"], best["theirs"]
         print(f"| {n_prompts} x 8 (batch {n_prompts * 8}) | {min(lens)}-{max(lens)} | {t:.1f} | {o:.1f} | {o / t:.2f}x | "
@@ -183,6 +185,8 @@ def main():
     for batch in (1, 16):
         ours, theirs = bench_decode(model, tok, hf, batch, a.new_tokens // 2)
         print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
+    if a.skip_tools:
+        return
     print(f"\ntool-interleaved rollout: 16 responses x 2 tool calls, tool latency {a.latency * 1000:.0f} ms")
     print("| engine | seconds | tokens | tokens/s | minitir speed-up |")
     print("|---|---|---|---|---|")
