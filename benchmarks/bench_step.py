@@ -1,16 +1,74 @@
 """Time per RL step of the smollm2-cpu preset (SmolLM2-135M, 2 prompts x 4 responses, up to 160 new
-tokens), split into generate / tools / grade / train.
+tokens, the zero_tir prompt with its sandbox), split into generate / tools / grade / train; and, when trl
+is installed (not a requirement of minitir), TRL's GRPOTrainer on the same problems in the same order, with
+the same sampling, group shape, token budget, optimizer and checkpointing (full), in the same run.
 
     python benchmarks/bench_step.py [--steps 3]      (extra flags go to train.py, e.g. --max-new-tokens 64)
+
+The first step of each is a warm-up and left out of the averages. TRL generates through transformers'
+generate without a tool (no stop strings, no sandbox); the fair unit is time per generated token.
 """
+import importlib.util
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from minitir.trainer import Trainer  # noqa: E402
+
+
+def minitir_rows(cfg):
+    t = Trainer(cfg)
+    try:
+        return [t.train_step() for _ in range(cfg.steps)]
+    finally:
+        t.close()
+
+
+def trl_rows(cfg):
+    """[(seconds, generated tokens)] per GRPOTrainer step; the problems are the ones minitir draws."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from minitir.checkpoint import resolve
+    from minitir.reward import grade
+    from minitir.tasks import ProblemStream, get_template, render_prompt, training_problems
+    problems = ProblemStream(training_problems(cfg, say=lambda *a: None)[0], cfg.seed).next(cfg.prompts_per_step * cfg.steps)
+    template = get_template(cfg.prompt)
+    data = Dataset.from_list([{"prompt": render_prompt(template, p.question), "gold": p.answer} for p in problems])
+    path = str(resolve(cfg.model))
+    tokens, rows = [], []
+
+    def reward(completions, gold, completion_ids, **_):
+        tokens.append(sum(len(c) for c in completion_ids))
+        return [float(grade(c, g)) for c, g in zip(completions, gold)]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            rows.append((time.perf_counter() - self.t, tokens[-1]))
+
+    with tempfile.TemporaryDirectory() as d:
+        args = GRPOConfig(output_dir=d, use_cpu=True, bf16=False, seed=cfg.seed, max_steps=cfg.steps,
+                          per_device_train_batch_size=cfg.prompts_per_step * cfg.n_samples, num_generations=cfg.n_samples,
+                          max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          learning_rate=cfg.lr, lr_scheduler_type="constant", optim="adamw_torch", max_grad_norm=cfg.grad_clip,
+                          adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1], beta=0.0, num_iterations=1,
+                          gradient_checkpointing=cfg.checkpointing != "none", shuffle_dataset=False,
+                          save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                    processing_class=AutoTokenizer.from_pretrained(path, padding_side="left"),
+                    callbacks=[Clock()]).train()
+    return rows
 
 
 def main():
@@ -21,20 +79,28 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         cfg, _ = train.parse(["--config", "smollm2-cpu", "--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
-        t = Trainer(cfg)
-        try:
-            rows = [t.train_step() for _ in range(cfg.steps)]
-        finally:
-            t.close()
+        rows = minitir_rows(cfg)
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
-          f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing")
+          f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")
+    ours = []
     for m in rows:
         total = m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"]
+        ours.append((total, round(m["response_length"] * cfg.prompts_per_step * cfg.n_samples)))   # sampled tokens
         print(f"| {m['step']} | {m['time/generate_s']:.1f} | {m['time/tools_s']:.2f} | {m['time/grade_s']:.2f} | "
               f"{m['time/train_s']:.1f} | {total:.1f} | {m['tokens_per_s']:.1f} | {m['response_length_all']:.0f} |")
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("time")}))
+    if importlib.util.find_spec("trl") is None:
+        print("\ntrl is not installed: no TRL row (pip install trl to measure it)")
+        return
+    theirs = trl_rows(cfg)
+    print("\nwhole RL step against TRL's GRPOTrainer (steps after the first)")
+    print("| trainer | seconds per step | generated tokens per step | ms per generated token |")
+    print("|---|---|---|---|")
+    for name, r in (("TRL GRPOTrainer", theirs), ("minitir", ours)):
+        s, n = sum(x for x, _ in r[1:]) / len(r[1:]), sum(y for _, y in r[1:]) / len(r[1:])
+        print(f"| {name} | {s:.1f} | {n:.0f} | {1000 * s / n:.1f} |")
 
 
 if __name__ == "__main__":

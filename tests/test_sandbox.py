@@ -326,3 +326,25 @@ def test_server_refuses_huge_bodies_and_sheds_load(sb):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_python_installed_under_tmp():
+    """An interpreter whose prefix lies under /tmp (a venv there, as benchmarks make): the view's fresh /tmp
+    must neither fail to build over it (no isolation at all) nor lose it when /tmp is emptied after a run."""
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        venv = Path(d) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+        code = ("import json\nfrom minitir.sandbox import Sandbox\n"
+                "with Sandbox(timeout_s=5, memory_mb=512, workers=1) as sb:\n"
+                "    runs = [sb.run('import sys, sympy\\nopen(\"/tmp/x\", \"w\").write(\"1\")\\n"
+                "print(sys.prefix, sympy.Integer(2) ** 10)') for _ in range(2)]\n"
+                "    print(json.dumps([sb.isolation, [(r.status, r.stdout, r.stderr) for r in runs]]))\n")
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=PROJECT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        iso, runs = json.loads(out.stdout.splitlines()[-1])
+        assert iso["view"] and not iso["problem"], iso
+        assert runs == [["ok", f"{venv} 1024\n", ""]] * 2, runs

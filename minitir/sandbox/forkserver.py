@@ -162,8 +162,10 @@ def _kill_uid(uid: int):
     os.waitpid(pid, 0)
 
 
-def _empty(directory: str):
+def _empty(directory: str, keep=()):
     for entry in os.scandir(directory):
+        if entry.name in keep:
+            continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
@@ -252,7 +254,7 @@ class ForkServer:
             _kill_children(keep={self.spare.pid})
         shutil.rmtree(spare.run.outside, ignore_errors=True)
         if self.iso.view:
-            _empty(os.path.join(self.iso.view, "tmp"))
+            _empty(os.path.join(self.iso.view, "tmp"), self.iso.tmp_keep)
         elif self.uid is not None:
             _remove_owned(self.uid, start)
         return _result(bufs, dropped, status, timed_out, time.perf_counter() - t0)

@@ -43,6 +43,7 @@ class Isolation:
     network: bool          # runs cannot reach any network
     view: str | None       # the private root runs chroot into (a path in the fork server's mount namespace)
     problem: str = ""      # what is not isolated, and why
+    tmp_keep: tuple[str, ...] = ()   # entries of the view's /tmp that hold Python (a venv under /tmp): kept
 
 
 def _call(ret: int, what: str):
@@ -124,11 +125,15 @@ def enter_namespaces() -> tuple[str, str]:
     return "user", ""
 
 
-def build_view(view: str, sources: dict[str, str] | None = None):
+def build_view(view: str, sources: dict[str, str] | None = None) -> tuple[str, ...]:
     """The private root at `view` (an empty directory): see the module docstring. sources maps a
-    directory Python needs to where it can be read from (default: itself)."""
+    directory Python needs to where it can be read from (default: itself). -> the names in the view's /tmp
+    that lead to Python's directories (an interpreter or venv under /tmp), which emptying /tmp must keep."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing mounted here propagates to the host
     _mount("tmpfs", view, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
+    for d, size, mode in (("tmp", TMP_SIZE, "1777"), ("sandbox", WORK_SIZE, "711")):   # before Python's binds,
+        os.mkdir(os.path.join(view, d))                  # which may lie below /tmp (a venv there)
+        _mount("tmpfs", os.path.join(view, d), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode={mode}")
     for d in SYSTEM_DIRS:
         src, dst = "/" + d, os.path.join(view, d)
         if os.path.islink(src):
@@ -136,7 +141,8 @@ def build_view(view: str, sources: dict[str, str] | None = None):
         elif os.path.isdir(src):
             _bind(src, dst, directory=True)
     hidden = set()   # directories made only to hold a bind mount below them: traversable, not listable
-    for d in python_dirs() if sources is None else list(sources):
+    dirs = python_dirs() if sources is None else list(sources)
+    for d in dirs:
         parent = os.path.dirname(d)
         while parent != "/" and not os.path.exists(view + parent):
             hidden.add(view + parent)
@@ -148,13 +154,11 @@ def build_view(view: str, sources: dict[str, str] | None = None):
             src = os.path.join("/", sub, n)
             if os.path.exists(src):
                 _bind(os.path.realpath(src), os.path.join(view, sub, n), directory=False, read_only=sub == "etc")
-    for d, size, mode in (("tmp", TMP_SIZE, "1777"), ("sandbox", WORK_SIZE, "711")):
-        os.mkdir(os.path.join(view, d))
-        _mount("tmpfs", os.path.join(view, d), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode={mode}")
     for h in sorted(hidden, key=len, reverse=True):
         os.chmod(h, 0o111)
     f = os.statvfs(view).f_flag
     _mount(None, view, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | (f & (MS_NOATIME | MS_NODIRATIME)))
+    return tuple(sorted({d.split(os.sep)[2] for d in dirs if d.startswith("/tmp" + os.sep)}))
 
 
 def _bind(src: str, dst: str, directory: bool, read_only: bool = True):
@@ -181,12 +185,12 @@ def setup(base: str, as_user: int | None = None) -> Isolation:
     view = os.path.join(base, "view")
     os.mkdir(view)
     try:
-        build_view(view, sources)
+        keep = build_view(view, sources)
     except OSError as e:
         return Isolation(mode, True, None, f"no private filesystem view ({e}): code sees every file this "
                                            f"{'machine' if mode == 'root' else 'user'} can read")
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
-    return Isolation(mode, True, view)
+    return Isolation(mode, True, view, tmp_keep=keep)
 
 
 def enter_view(view: str, workdir: str):
