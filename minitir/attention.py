@@ -226,15 +226,19 @@ def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True):
-    """Self-attention over packed sequences (keys = queries), the training/scoring call site."""
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=None, max_seqlen_k=None):
+    """Attention over packed sequences, the training/scoring call site: sequence b's queries are
+    q[cu_seqlens[b]:cu_seqlens[b+1]], its keys k[cu_seqlens_k[b]:cu_seqlens_k[b+1]] (default: the same
+    tokens); with more keys than queries the queries are the last ones (bottom-right causal)."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     name = backend(q) if q.dtype == k.dtype == v.dtype else "sdpa"
     if name == "flash-attn":
-        return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+        return _flash_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=causal)
     if name == "torch-varlen":
-        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return _torch_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
                              window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
-    return varlen_attention_torch(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+    return varlen_attention_torch(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=causal)
 
 
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):

@@ -1,6 +1,9 @@
-"""Samples into the trainer's forward passes: packing into micro-batches under a token budget, and the
-positions whose next token the policy chose (loss_mask == 1), as flat tensors and back."""
+"""Samples into the trainer's forward passes: micro-batches under a token budget, each packed into one
+forward pass (a group's prompt once), with the positions whose next token the policy chose (loss_mask == 1),
+as flat tensors and back."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,17 +12,20 @@ from minitir.rollout import Sample
 
 
 def micro_batches(samples: list[Sample], budget: int, count: int | None = None) -> list[list[Sample]]:
-    """Greedy packing in order under `budget` tokens (a sequence is prompt + completion; one always fits,
-    config.validate checks); samples without loss tokens are left out. With count (FSDP: every forward is
-    a collective, so every rank runs as many as the busiest), empty micro-batches pad the list to count."""
+    """Greedy packing in order under `budget` tokens (a sample counts its completion, and its prompt unless
+    the previous sample in the micro-batch has the same one; one sample always fits, config.validate
+    checks); samples without loss tokens are left out. With count (FSDP: every forward is a collective, so
+    every rank runs as many as the busiest), empty micro-batches pad the list to count."""
     out, cur, used = [], [], 0
     for s in samples:
         if not any(s.loss_mask):
             continue
-        n = len(s.prompt_ids) + len(s.completion.tokens)
+        shared = bool(cur) and cur[-1].prompt_ids == s.prompt_ids     # packed once per group (see pack)
+        n = len(s.completion.tokens) + (0 if shared else len(s.prompt_ids))
         if cur and used + n > budget:
             out.append(cur)
             cur, used = [], 0
+            n = len(s.prompt_ids) + len(s.completion.tokens)
         cur.append(s)
         used += n
     out += [cur] if cur else []
@@ -32,19 +38,39 @@ def placeholder(eos: int) -> list[Sample]:
     return [Sample(prompt_ids=[eos], completion=Completion([eos], [0.0], [1], "", "stop"), gold="", loss_mask=[1])]
 
 
-def policy_positions(samples: list[Sample], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples packed back to back -> (token ids [N], cu_seqlens [S+1] int32, the positions of the policy's
-    tokens [M] (loss_mask == 1, in order), each one's sequence index [M]). The hidden state that predicts
-    the token at position p is the one at p - 1."""
-    ids, cu, sel, seq_index = [], [0], [], []
+@dataclass
+class Packed:
+    """Samples as one packed forward pass (`Transformer.hidden_packed`). A prompt is packed once for the
+    consecutive samples that share it (a group's responses), each response a sequence that continues it."""
+    ids: torch.Tensor          # [N] tokens: prompts and responses back to back
+    cu_seqlens: torch.Tensor   # [S+1] int32 sequence boundaries in ids
+    continues: list[int]       # [S] the prompt sequence a response continues (-1: a prompt)
+    pred: torch.Tensor         # [M] for each policy token (loss_mask == 1, in order): the position predicting it
+    targets: torch.Tensor      # [M] the policy token
+    seq_index: torch.Tensor    # [M] its sample's index
+
+
+def pack(samples: list[Sample], device) -> Packed:
+    ids, cu, continues, pred, targets, seq_index = [], [0], [], [], [], []
+    prompt = -1   # the sequence index of the prompt being continued
     for i, s in enumerate(samples):
-        start = cu[-1] + len(s.prompt_ids)
-        ids += s.prompt_ids + s.completion.tokens
-        sel += [start + j for j, m in enumerate(s.loss_mask) if m]
-        seq_index += [i] * sum(s.loss_mask)
+        if not (i and samples[i - 1].prompt_ids == s.prompt_ids):
+            ids += s.prompt_ids
+            cu.append(len(ids))
+            continues.append(-1)
+            prompt = len(continues) - 1
+        start, prompt_end = len(ids), cu[prompt + 1] - 1
+        ids += s.completion.tokens
         cu.append(len(ids))
-    return (torch.tensor(ids, device=device), torch.tensor(cu, dtype=torch.int32, device=device),
-            torch.tensor(sel, dtype=torch.long, device=device), torch.tensor(seq_index, dtype=torch.long, device=device))
+        continues.append(prompt)
+        for j, (t, m) in enumerate(zip(s.completion.tokens, s.loss_mask)):
+            if m:   # token j is predicted at the position before it: for j = 0, the prompt's last one
+                pred.append(start + j - 1 if j else prompt_end)
+                targets.append(t)
+                seq_index.append(i)
+    long = dict(dtype=torch.long, device=device)
+    return Packed(torch.tensor(ids, device=device), torch.tensor(cu, dtype=torch.int32, device=device), continues,
+                  torch.tensor(pred, **long), torch.tensor(targets, **long), torch.tensor(seq_index, **long))
 
 
 def per_token(samples: list[Sample], key: str, device) -> torch.Tensor:

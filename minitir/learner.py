@@ -97,11 +97,10 @@ class Learner:
     def _states(self, model: nn.Module, samples: list[Sample]):
         """Packed forward -> for each policy token the final hidden state before it [M, D], the token [M] and
         its sequence's index [M]. An empty list runs a one-token placeholder (see batching.placeholder)."""
-        ids, cu, sel, seq = batching.policy_positions(samples or batching.placeholder(self.tok.eos_token_id or 0),
-                                                      self.device)
+        p = batching.pack(samples or batching.placeholder(self.tok.eos_token_id or 0), self.device)
         with self.autocast():
-            hidden = model.hidden_packed(ids, cu)                                       # [N, D]
-        return hidden[sel - 1], ids[sel], seq
+            hidden = model.hidden_packed(p.ids, p.cu_seqlens, p.continues)             # [N, D]
+        return hidden[p.pred], p.targets, p.seq_index
 
     def logprobs(self, model: nn.Module, samples: list[Sample], with_entropy: bool = False):
         """-> per policy token: log-probs [M], entropy [M] or None, sequence index [M]."""

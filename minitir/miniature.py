@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minitir.tasks import TEMPLATES, Problem, PromptTemplate, render_prompt
+from minitir.tasks import TEMPLATES, Problem, PromptTemplate, primes_below, render_prompt
 
 VERSION = 1   # bump when the corpus or the training changes: cached base models are keyed on it
 
@@ -40,15 +40,6 @@ VERSION = 1   # bump when the corpus or the training changes: cached base models
 # ------------------------------------------------------------------------------------------------
 # problems where code pays
 # ------------------------------------------------------------------------------------------------
-def _primes_below(n: int) -> list[int]:
-    sieve = bytearray([1]) * max(n, 2)
-    sieve[0:2] = b"\x00\x00"
-    for i in range(2, int(n ** 0.5) + 1):
-        if sieve[i]:
-            sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
-    return [i for i in range(n) if sieve[i]]
-
-
 def _product(r: random.Random, small: bool):
     a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
     return f"Compute ${a} \\times {b}$.", f"print({a} * {b})", a * b
@@ -66,7 +57,7 @@ def _mod_pow(r: random.Random, small: bool):
 def _prime_sum(r: random.Random, small: bool):
     n = r.randint(5, 30) if small else r.randint(100, 999)
     return (f"What is the sum of all prime numbers less than ${n}$?",
-            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(_primes_below(n)))
+            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(primes_below(n)))
 
 
 KINDS = {"product": _product, "mod_pow": _mod_pow, "prime_sum": _prime_sum}

@@ -1,8 +1,9 @@
 """One decoder for the Qwen2/Qwen2.5 and Llama (SmolLM2) families, with three forward paths:
 
 - `model(input_ids, attention_mask=None)`: a padded batch [B, T] -> logits [B, T, V];
-- `model.hidden_packed(input_ids, cu_seqlens)`: packed sequences [N] -> final hidden states [N, D],
-  for training and scoring (pair it with `minitir.logprobs.token_logprobs`);
+- `model.hidden_packed(input_ids, cu_seqlens, continues=None)`: packed sequences [N] -> final hidden states
+  [N, D], for training and scoring (pair it with `minitir.logprobs.token_logprobs`); a group's responses
+  can continue one packed copy of their prompt;
 - `model.forward_cached(input_ids, cache, rows, n_new)`: append tokens to a `KVCache` and return logits,
   for decoding and chunked prefill.
 
@@ -258,18 +259,36 @@ class Transformer(nn.Module):
         return linear(self._layers(self.model.embed_tokens(input_ids), cos, sin, attend), self.lm_head.weight)
 
     # --- path 2: packed variable-length sequences -----------------------------------------------
-    def hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                      continues: list[int] | None = None) -> torch.Tensor:
         """input_ids [N] holding sequences back to back, cu_seqlens [S+1] int32 (0, len0, len0+len1, ...)
-        -> final-norm hidden states [N, hidden]. No padding, no cross-sequence attention."""
-        cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+        -> final-norm hidden states [N, hidden]. No padding, no cross-sequence attention, except that
+        with continues, sequence s continues sequence continues[s] (-1: none), packed once for all that
+        continue it: s's positions start after it and s attends to its tokens, then causally to its own.
+        That is how a group's responses share their prompt in training (computed once, not n times)."""
+        dev = input_ids.device
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32)
         lengths = cu[1:] - cu[:-1]
         max_len = int(lengths.max()) if len(lengths) else 0
         starts = torch.repeat_interleave(cu[:-1].long(), lengths.long())
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+        positions = torch.arange(input_ids.shape[0], device=dev) - starts
+        if not continues or max(continues) < 0:
+            keys = cu_k = max_k = None
+        else:
+            bounds = cu.tolist()
+            span = lambda s: list(range(bounds[s], bounds[s + 1]))
+            keys = [span(p) + span(s) if p >= 0 else span(s) for s, p in enumerate(continues)]
+            cu_k = torch.tensor([0] + [len(x) for x in keys], device=dev).cumsum(0).to(torch.int32)   # [S+1]
+            max_k = max(len(x) for x in keys)
+            before = torch.tensor([bounds[p + 1] - bounds[p] if p >= 0 else 0 for p in continues], device=dev)
+            positions = positions + torch.repeat_interleave(before, lengths.long())
+            keys = torch.tensor(sum(keys, []), device=dev)                                       # [N_k]
         cos, sin = self._rope(positions)
 
         def attend(q, k, v):  # [N, H, D]
-            return varlen_attention(q, k, v, cu, max_len, causal=True)
+            if keys is None:
+                return varlen_attention(q, k, v, cu, max_len, causal=True)
+            return varlen_attention(q, k[keys], v[keys], cu, max_len, causal=True, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
 
         return self._layers(self.model.embed_tokens(input_ids), cos, sin, attend)
 

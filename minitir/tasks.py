@@ -255,7 +255,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
 # ------------------------------------------------------------------------------------------------
 # the offline synthetic task: exact answers, and code is the reliable way to them
 # ------------------------------------------------------------------------------------------------
-def _primes_below(n: int) -> list[int]:
+def primes_below(n: int) -> list[int]:
     sieve = bytearray([1]) * max(n, 2)
     sieve[0:2] = b"\x00\x00"
     for i in range(2, int(n ** 0.5) + 1):
@@ -276,7 +276,7 @@ def _mod_pow(r: random.Random, d: int):
 
 def _prime_sum(r: random.Random, d: int):
     n = r.randrange(10 ** d, 10 ** (d + 1))
-    return f"What is the sum of all prime numbers less than ${n}$?", str(sum(_primes_below(n)))
+    return f"What is the sum of all prime numbers less than ${n}$?", str(sum(primes_below(n)))
 
 
 def _count_divisible(r: random.Random, d: int):

@@ -190,6 +190,7 @@ def test_call_sites_dispatch_to_torch_varlen(monkeypatch):
     ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(0))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     ref_h = m.hidden_packed(ids, cu)
+    ref_s = m.hidden_packed(ids, cu, [-1, 0])   # the second sequence continues the first (a shared prompt)
     ref_l = m.forward_cached(ids[None, :4], KVCache(m.config, rows=2, max_len=16), torch.tensor([1]))
     from types import SimpleNamespace
     tok = SimpleNamespace(eos_token_id=None, decode=lambda ids: "")
@@ -198,9 +199,10 @@ def test_call_sites_dispatch_to_torch_varlen(monkeypatch):
     monkeypatch.setattr(attention, "TORCH_VARLEN_PAGED", True)
     monkeypatch.setattr(attention, "backend", lambda t: "torch-varlen")
     assert torch.allclose(m.hidden_packed(ids, cu), ref_h, atol=1e-5)
+    assert torch.allclose(m.hidden_packed(ids, cu, [-1, 0]), ref_s, atol=1e-5)
     assert torch.allclose(m.forward_cached(ids[None, :4], KVCache(m.config, rows=2, max_len=16), torch.tensor([1])),
                           ref_l, atol=1e-5)
-    assert calls["packed"] == 2 and calls["paged"] == 2
+    assert calls["packed"] == 4 and calls["paged"] == 2
     got = generate(m, tok, [[5, 17, 33], [70, 3, 1, 2, 8]], max_new_tokens=6, temperature=1.0, seed=2)
     for a, b in zip(got, ref_g):
         assert a.tokens == b.tokens and max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5

@@ -47,6 +47,37 @@ def test_packed_forward_matches_per_sequence(tiny_pair):
         assert (logits[cu[i]:cu[i + 1]] - ref).abs().max() <= TOL
 
 
+def test_shared_prompt_packing(tiny_pair):
+    """A prompt packed once and continued by three responses (as a GRPO group trains): the same logits as
+    transformers on each prompt + response, and the same gradients as packing the prompt three times, for a
+    loss on the responses, in every checkpointing mode."""
+    hf, m = tiny_pair
+    g = torch.Generator().manual_seed(4)
+    prompt, responses = torch.randint(0, 97, (7,), generator=g), [torch.randint(0, 97, (n,), generator=g) for n in (5, 1, 6)]
+    shared_ids, shared_cu = torch.cat([prompt] + responses), torch.tensor([0, 7, 12, 13, 19], dtype=torch.int32)
+    full_ids = torch.cat([torch.cat([prompt, r]) for r in responses])
+    full_cu = torch.tensor([0, 12, 20, 33], dtype=torch.int32)
+    with torch.no_grad():
+        logits = m.lm_head(m.hidden_packed(shared_ids, shared_cu, [-1, 0, 0, 0]))
+    for i, r in enumerate(responses):
+        ref = hf_logits(hf, torch.cat([prompt, r])[None])[0]
+        assert (logits[:7] - ref[:7]).abs().max() <= TOL
+        assert (logits[shared_cu[i + 1]:shared_cu[i + 2]] - ref[7:]).abs().max() <= TOL
+    shared_resp = torch.arange(7, 19)
+    full_resp = torch.cat([torch.arange(a + 7, b) for a, b in ((0, 12), (12, 20), (20, 33))])
+    m.train()
+    for ckpt in ("none", "selective", "full"):
+        m.checkpointing = ckpt
+        grads = []
+        for ids, cu, cont, resp in ((shared_ids, shared_cu, [-1, 0, 0, 0], shared_resp), (full_ids, full_cu, None, full_resp)):
+            m.zero_grad()
+            m.lm_head(m.hidden_packed(ids, cu, cont)[resp]).square().sum().backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    m.checkpointing = "none"
+
+
 def test_kv_cache_prefill_then_decode(tiny_pair):
     """Rows of different lengths in one right-padded prefill, a chunked second prefill, then decode steps,
     through a cache with more rows than the batch (rows addressed by index)."""

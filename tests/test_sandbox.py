@@ -78,6 +78,9 @@ CASES = {
                                "threading.Thread(target=lambda: time.sleep(100)).start()\nprint('main done')", {"ok"}),
     "read stdin": ("print(input())", {"error"}),
     "os._exit": ("import os\nprint('bye', flush=True)\nos._exit(3)", {"error"}),
+    "process limit": ("import os, time\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
+                      "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+                      "    print(type(e).__name__, n)", {"ok"}),
     "ignore SIGTERM": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(100)",
                        {"timeout"}),
 }
@@ -98,6 +101,9 @@ def test_adversarial(sb, name):
         assert "EOFError" in r.stderr
     if name == "os._exit":
         assert r.exit_code == 3 and r.stdout == "bye\n"
+    if name == "process limit":   # a fork bomb stops at MAX_PROCESSES in either mode (it once filled the memory)
+        error, n = r.stdout.split()
+        assert error == "BlockingIOError" and int(n) < 64, r.stdout
     check_clean(sb)
 
 

@@ -27,6 +27,7 @@ from minitir.sandbox.child import MEMORY_EXIT, run_user_code
 
 PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
 SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+MAX_PROCESSES = 64   # per run (RLIMIT_NPROC): a fork bomb stops there instead of filling the host's memory
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -69,8 +70,8 @@ def _spare_child(run: "_Run", iso, uid: int | None, vm_base: int, req_r: int, ou
         limits = [(resource.RLIMIT_CPU, int(float(req["timeout_s"])) + 1),
                   (resource.RLIMIT_AS, vm_base + int(req["memory_mb"]) * 2 ** 20),
                   (resource.RLIMIT_FSIZE, 16 * 2 ** 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
-        if uid is not None:  # a uid of its own: the process limit counts only this run's processes
-            limits.append((resource.RLIMIT_NPROC, 64))
+        if uid is not None or (iso.mode == "user" and isolation.NPROC_PER_USER_NAMESPACE):
+            limits.append((resource.RLIMIT_NPROC, MAX_PROCESSES))   # counts this worker's processes only
         for what, n in limits:
             resource.setrlimit(what, (n, n))
         code = run_user_code(req["code"])

@@ -34,6 +34,9 @@ ETC_FILES = ("ld.so.cache", "localtime")
 TMP_SIZE, WORK_SIZE = "64m", "256m"
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Since Linux 5.14 RLIMIT_NPROC counts a uid's processes per user namespace: in the fork server's own user
+# namespace that is its runs alone, not every process of the user (which made the limit unusable before).
+NPROC_PER_USER_NAMESPACE = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit()) >= (5, 14)
 
 
 @dataclass
