@@ -148,6 +148,7 @@ class Learner:
             order = torch.randperm(len(samples), generator=order_gen).tolist()
             for b in range(cfg.mini_batches):
                 part = order[b * len(samples) // cfg.mini_batches:(b + 1) * len(samples) // cfg.mini_batches]
+                part.sort()   # the shuffle picks each step's samples; in step order, a group's prompt is packed once
                 m = self._optimizer_step([samples[i] for i in part], gap if epoch == 0 else None)
                 steps += [m] if m else []
         out = {k: sum(m[k] for m in steps) / len(steps) for k in (steps[0] if steps else {})}

@@ -282,7 +282,7 @@ class Transformer(nn.Module):
             max_k = max(len(x) for x in keys)
             before = torch.tensor([bounds[p + 1] - bounds[p] if p >= 0 else 0 for p in continues], device=dev)
             positions = positions + torch.repeat_interleave(before, lengths.long())
-            keys = torch.tensor(sum(keys, []), device=dev)                                       # [N_k]
+            keys = torch.tensor([i for x in keys for i in x], device=dev)                        # [N_k]
         cos, sin = self._rope(positions)
 
         def attend(q, k, v):  # [N, H, D]

@@ -282,6 +282,26 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
         t.close()
 
 
+def test_update_packs_each_groups_prompt_once(tmp_path, monkeypatch):
+    """The update shuffles which samples go into which optimizer step, but packs each step's samples in group
+    order, so every micro-batch computes a group's prompt once, not once per response."""
+    from minitir import batching
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, mini_batches=2, ppo_epochs=2)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    packed = []
+    pack = batching.pack
+    monkeypatch.setattr(batching, "pack", lambda samples, device: packed.append(samples) or pack(samples, device))
+    try:
+        kept, _, _ = t.collect({"generate": 0.0, "grade": 0.0})
+        t.prepare(kept)
+        t.learner.update(kept, t.step)
+    finally:
+        t.close()
+    assert len(packed) >= 4
+    for samples in packed:   # as many prompt sequences as distinct prompts in the micro-batch
+        assert pack(samples, "cpu").continues.count(-1) == len({tuple(s.prompt_ids) for s in samples})
+
+
 def test_paper_filters_drop_and_carry_over(tmp_path):
     """filter_overlong drops responses cut at the length limit, filter_repetition drops correct responses
     above the threshold, and carry_over fills exactly one batch with the survivors and keeps the rest
