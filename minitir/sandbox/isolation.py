@@ -193,7 +193,10 @@ def setup(base: str, as_user: int | None = None) -> Isolation:
         return Isolation(mode, True, None, f"no private filesystem view ({e}): code sees every file this "
                                            f"{'machine' if mode == 'root' else 'user'} can read")
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
-    return Isolation(mode, True, view, tmp_keep=keep)
+    problem = "" if mode == "root" or NPROC_PER_USER_NAMESPACE else (
+        "runs have no process limit (before Linux 5.14 RLIMIT_NPROC counts every process of the user), so a "
+        "fork bomb is stopped only by the timeout")
+    return Isolation(mode, True, view, problem, tmp_keep=keep)
 
 
 def enter_view(view: str, workdir: str):
