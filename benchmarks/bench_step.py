@@ -6,8 +6,11 @@ the same sampling, group shape, token budget, optimizer and checkpointing (full)
     python benchmarks/bench_step.py [--steps 3]      (extra flags go to train.py, e.g. --max-new-tokens 64)
 
 The first step of each is a warm-up and left out of the averages. TRL generates through transformers'
-generate without a tool (no stop strings, no sandbox); the fair unit is time per generated token.
+generate without a tool and without stop strings, so its responses run to the token limit; a second minitir
+run generates the same way (no stop strings, no tool, EOS ignored: every response max_new_tokens long), so
+the two steps hold the same tokens and compare as they are.
 """
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -19,15 +22,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from minitir.trainer import Trainer  # noqa: E402
+from minitir import trainer  # noqa: E402
+from minitir.rollout import generation_config  # noqa: E402
 
 
-def minitir_rows(cfg):
-    t = Trainer(cfg)
+def minitir_rows(cfg, like_trl: bool = False):
+    """One row of metrics per step. like_trl: responses generated as TRL's are, each max_new_tokens long."""
+    def without_stops(template, **kw):
+        return dataclasses.replace(generation_config(template, **kw), stop=(), max_tool_calls=0, ignore_eos=True)
+
+    trainer.generation_config = without_stops if like_trl else generation_config
+    t = trainer.Trainer(cfg)
     try:
         return [t.train_step() for _ in range(cfg.steps)]
     finally:
         t.close()
+        trainer.generation_config = generation_config
 
 
 def trl_rows(cfg):
@@ -80,14 +90,14 @@ def main():
         cfg, _ = train.parse(["--config", "smollm2-cpu", "--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
         rows = minitir_rows(cfg)
+        same = (minitir_rows(dataclasses.replace(cfg, run_name="bench-as-trl"), like_trl=True)
+                if importlib.util.find_spec("trl") is not None else [])
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
           f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")
-    ours = []
     for m in rows:
         total = m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"]
-        ours.append((total, round(m["response_length"] * cfg.prompts_per_step * cfg.n_samples)))   # sampled tokens
         print(f"| {m['step']} | {m['time/generate_s']:.1f} | {m['time/tools_s']:.2f} | {m['time/grade_s']:.2f} | "
               f"{m['time/train_s']:.1f} | {total:.1f} | {m['tokens_per_s']:.1f} | {m['response_length_all']:.0f} |")
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("time")}))
@@ -98,7 +108,10 @@ def main():
     print("\nwhole RL step against TRL's GRPOTrainer (steps after the first)")
     print("| trainer | seconds per step | generated tokens per step | ms per generated token |")
     print("|---|---|---|---|")
-    for name, r in (("TRL GRPOTrainer", theirs), ("minitir", ours)):
+    steps = lambda ms: [(m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"],
+                         round(m["response_length"] * cfg.prompts_per_step * cfg.n_samples)) for m in ms]  # sampled tokens
+    for name, r in (("TRL GRPOTrainer", theirs), ("minitir (stop strings, tool)", steps(rows)),
+                    (f"minitir, as TRL generates (no stops, no tool, {cfg.max_new_tokens} tokens each)", steps(same))):
         s, n = sum(x for x, _ in r[1:]) / len(r[1:]), sum(y for _, y in r[1:]) / len(r[1:])
         print(f"| {name} | {s:.1f} | {n:.0f} | {1000 * s / n:.1f} |")
 

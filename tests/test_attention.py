@@ -128,6 +128,35 @@ def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T, impl):
     assert torch.equal(k_cache[others], before_k[others])             # other rows untouched
 
 
+def test_split_pads_at_most_split_padding():
+    """Hand-computed: a run ends where padding its rows to a common length would cost more than 256 keys."""
+    assert attention._split([10, 10, 10, 10]) == [(0, 4)]
+    assert attention._split([0] * 8 + [63] * 8) == [(0, 8), (8, 16)]        # 8 x 63 = 504 padded keys: split
+    assert attention._split([0] * 4 + [63] * 4) == [(0, 8)]                 # 4 x 63 = 252: one call
+    assert attention._split([100, 300, 100]) == [(0, 2), (2, 3)]            # 200 padded, then 400
+
+
+@pytest.mark.parametrize("split", [0, 10 ** 9])   # every length change splits / one padded call
+@pytest.mark.parametrize("T", [1, 2])
+def test_kvcache_split_into_calls_matches_naive(monkeypatch, split, T):
+    """Rows of unequal lengths, some consecutive in the cache and some not, attend in one masked call or in
+    runs of rows (a view for consecutive rows, a gather otherwise): the same outputs and cache either way."""
+    monkeypatch.setattr(attention, "SPLIT_PADDING", split)
+    g = torch.Generator().manual_seed(3)
+    rows, lens = [4, 5, 0, 1, 2, 6], [3, 3, 6, 1, 1, 9]
+    k_cache, v_cache = (torch.randn(7, 16, 2, 8, generator=g) for _ in range(2))
+    q = torch.randn(len(rows), T, 4, 8, generator=g)
+    k, v = (torch.randn(len(rows), T, 2, 8, generator=g) for _ in range(2))
+    plan_calls = len(attention._split(lens))
+    assert plan_calls == (1 if split else 4)
+    out = kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                  cache_batch_idx=torch.tensor(rows, dtype=torch.int32), causal=True)
+    for b, (r, s) in enumerate(zip(rows, lens)):
+        assert torch.equal(k_cache[r, s:s + T], k[b]) and torch.equal(v_cache[r, s:s + T], v[b])
+        ref = naive(q[b], k_cache[r, :s + T], v_cache[r, :s + T], causal=True)
+        assert (out[b] - ref).abs().max() < 1e-5
+
+
 def test_call_sites_dispatch_to_flash_functions(monkeypatch):
     """Force the flash path with the stand-ins plugged in as the 'flash' kernels: the call sites must pass
     arguments flash-attn accepts (keyword names, int32 metadata), and the results must not change."""

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minitir import attention
+from minitir import attention, sampling
 from minitir.checkpoint import embedded_checkpoint, load_model
 from minitir.generate import ToolOutput, generate
 from minitir.sampling import sample
@@ -133,6 +133,25 @@ def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, k
     assert max(abs(lp - logp[i].item()) for i, lp in zip(ids, lps)) < 1e-6
     again, _ = sample(logits.repeat(n, 1), gens(), temperature, top_k, top_p)
     assert again == ids
+
+
+@pytest.mark.parametrize("head", [2, 128])
+def test_gumbel_max_with_a_tail_follows_the_distribution(monkeypatch, head):
+    """400 tokens, a fifth filtered out: with noise for the 2 (or 128) most likely only, the tail's tokens
+    are drawn when the tail wins; frequencies match the renormalised probabilities in bins of 40 tokens and
+    for each of the first 8, and a row's sample depends on its generator alone."""
+    monkeypatch.setattr(sampling, "HEAD", head)
+    logits = torch.linspace(0.0, -3.0, 400)
+    logits[::5] = float("-inf")
+    n = 20000
+    gens = lambda k: [torch.Generator().manual_seed(i) for i in range(k)]
+    ids = torch.tensor(sampling.gumbel_max(logits.repeat(n, 1), gens(n)).tolist())
+    p = torch.softmax(logits, -1)
+    freq = torch.bincount(ids, minlength=400).float() / n
+    assert freq[::5].sum() == 0
+    for f, q in [(freq[i:i + 40].sum(), p[i:i + 40].sum()) for i in range(0, 400, 40)] + list(zip(freq[:8], p[:8])):
+        assert abs(f - q) < 4.5 * (q * (1 - q) / n) ** 0.5 + 1e-4, (float(f), float(q))
+    assert sampling.gumbel_max(logits.repeat(50, 1), gens(50)).tolist() == ids[:50].tolist()
 
 
 def test_top_k_one_is_greedy(tmp_path, tok):
