@@ -105,11 +105,12 @@ def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, ca
     samples = generate_groups(model, tok, template, problems, cfg.n_samples, gen, tool,
                               autocast=model.device.type == "cuda")
     grade(samples, grader, cfg.reward, tok)
+    prompts = [render_prompt(template, p.question, tok) for p in problems]   # once per problem, not per sample
     rows = []
     for i, s in enumerate(samples):
         p, c = problems[i // cfg.n_samples], s.completion
         rows.append({"benchmark": bench, "problem_id": p.id, "sample": i % cfg.n_samples, "max_tool_calls": calls,
-                     "prompt": render_prompt(template, p.question, tok), "response": c.text, "answer": s.answer,
+                     "prompt": prompts[i // cfg.n_samples], "response": c.text, "answer": s.answer,
                      "gold": p.answer, "correct": s.correct, "grade_error": not s.graded,
                      "num_tool_calls": c.num_tool_calls, "num_tool_errors": c.num_tool_errors,
                      "length": len(c.tokens), "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})

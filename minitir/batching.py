@@ -11,11 +11,10 @@ from minitir.generate import Completion
 from minitir.rollout import Sample
 
 
-def micro_batches(samples: list[Sample], budget: int, count: int | None = None) -> list[list[Sample]]:
+def micro_batches(samples: list[Sample], budget: int) -> list[list[Sample]]:
     """Greedy packing in order under `budget` tokens (a sample counts its completion, and its prompt unless
     the previous sample in the micro-batch has the same one; one sample always fits, config.validate
-    checks); samples without loss tokens are left out. With count (FSDP: every forward is a collective, so
-    every rank runs as many as the busiest), empty micro-batches pad the list to count."""
+    checks); samples without loss tokens are left out."""
     out, cur, used = [], [], 0
     for s in samples:
         if not any(s.loss_mask):
@@ -28,8 +27,7 @@ def micro_batches(samples: list[Sample], budget: int, count: int | None = None) 
             n = len(s.prompt_ids) + len(s.completion.tokens)
         cur.append(s)
         used += n
-    out += [cur] if cur else []
-    return out + [[] for _ in range((count or 0) - len(out))]
+    return out + ([cur] if cur else [])
 
 
 def placeholder(eos: int) -> list[Sample]:

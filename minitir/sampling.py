@@ -40,14 +40,18 @@ def gumbel_max(logp: torch.Tensor, generators: list) -> torch.Tensor:
     u = torch.empty(B, K + 1, dtype=logp.dtype, device=logp.device)
     for b, g in enumerate(generators):
         u[b].uniform_(generator=g)
-    noise = u.log_().neg_().log_().neg_()                                  # Gumbel(0, 1); u = 0: -inf, never
+    noise = _gumbel_(u)                                                                     # [B, K + 1]
     best, at = (top + noise[:, :K]).max(-1)                                                 # [B]
     ids = idx.gather(-1, at[:, None]).squeeze(-1)
     tail_wins = rest.logsumexp(-1) + noise[:, K] > best                                     # [B]
     for b in tail_wins.nonzero().flatten().tolist():
-        u = torch.empty_like(rest[b]).uniform_(generator=generators[b])
-        ids[b] = (rest[b] - u.log_().neg_().log_()).argmax()
+        ids[b] = (rest[b] + _gumbel_(torch.empty_like(rest[b]).uniform_(generator=generators[b]))).argmax()
     return ids
+
+
+def _gumbel_(u: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) -> Gumbel(0, 1) noise -log(-log u), in place (u = 0 gives -inf: never chosen)."""
+    return u.log_().neg_().log_().neg_()
 
 
 def _top_k(logp: torch.Tensor, k: int) -> torch.Tensor:

@@ -178,7 +178,6 @@ class Trainer:
             s.loss_mask = [0] * len(c.tokens) if drop else list(c.policy_mask)
 
     # --------------------------------------------------------------------------------------------
-    # --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, samples: list[Sample]):
         """Old log-probs (with several updates per step, or KL in the reward), reference log-probs and old
@@ -225,7 +224,6 @@ class Trainer:
             L = sum(s.loss_mask)
             s.adv, i = tok[i:i + L].tolist(), i + L
 
-    # --------------------------------------------------------------------------------------------
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
