@@ -111,8 +111,9 @@ def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, ca
         p, c = problems[i // cfg.n_samples], s.completion
         rows.append({"benchmark": bench, "problem_id": p.id, "sample": i % cfg.n_samples, "max_tool_calls": calls,
                      "prompt": prompts[i // cfg.n_samples], "response": c.text, "answer": s.answer,
-                     "gold": p.answer, "correct": s.correct, "grade_error": not s.graded,
+                     "gold": p.answer, "correct": s.correct, "grade_error": not s.graded and not c.num_tool_failures,
                      "num_tool_calls": c.num_tool_calls, "num_tool_errors": c.num_tool_errors,
+                     "num_tool_failures": c.num_tool_failures,
                      "length": len(c.tokens), "policy_length": sum(c.policy_mask), "finish_reason": c.finish_reason})
     return rows
 
@@ -151,9 +152,10 @@ def run(cfg: EvalConfig) -> dict | None:
                     with open(samples_path, "a") as f:  # whole problems at a time, so a resume never splits one
                         f.writelines(json.dumps(r) + "\n" for r in rows)
                 records += rows
-                errors = sum(r["grade_error"] for r in rows)
+                errors, failed = sum(r["grade_error"] for r in rows), sum(r["num_tool_failures"] > 0 for r in rows)
                 say(f"{bench} (max {calls} tool calls): {len(todo)} problems x {cfg.n_samples} in "
-                    f"{time.time() - t:.0f}s" + (f", {errors} could not be graded" if errors else ""))
+                    f"{time.time() - t:.0f}s" + (f", {errors} could not be graded" if errors else "") +
+                    (f", {failed} met a sandbox failure (counted as wrong)" if failed else ""))
     finally:
         grader.close()
         if tool is not None:

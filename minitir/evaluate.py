@@ -60,6 +60,7 @@ def summarize(records: list[dict]) -> dict:
             "code_ratio": sum(r["num_tool_calls"] > 0 for r in flat) / len(flat),
             "tool_calls_per_response": calls_total / len(flat),
             "tool_error_rate": sum(r["num_tool_errors"] for r in flat) / max(calls_total, 1),
+            "tool_failures": sum(r.get("num_tool_failures", 0) > 0 for r in flat),   # the sandbox's, not the code's
             "response_length": sum(r["length"] for r in flat) / len(flat),
             "truncation_rate": sum(r["finish_reason"] == "length" for r in flat) / len(flat),
         })

@@ -38,6 +38,7 @@ class Completion:
     finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"
     num_tool_calls: int = 0
     num_tool_errors: int = 0
+    num_tool_failures: int = 0 # calls the tool itself failed (ToolOutput.failed): the response is not the policy's alone
     policy_text: str = ""      # the model's own text: the policy tokens alone, tool output left out
 
 
@@ -85,6 +86,7 @@ class Sequence:
     segment_start: int = 0   # index in tokens where the current policy segment (after the last tool output) starts
     tool_calls: int = 0
     tool_errors: int = 0
+    tool_failures: int = 0
     finish: str | None = None
     future: object = None    # the running tool call
     donor: "Sequence | None" = None   # an active sequence with the same prompt, whose cached prompt this one copies
@@ -95,6 +97,7 @@ class Sequence:
     def completion(self, tok) -> Completion:
         return Completion(tokens=self.tokens, logprobs=self.logprobs, policy_mask=self.mask, finish_reason=self.finish,
                           text=tok.decode(self.tokens), num_tool_calls=self.tool_calls, num_tool_errors=self.tool_errors,
+                          num_tool_failures=self.tool_failures,
                           policy_text=tok.decode([t for t, m in zip(self.tokens, self.mask) if m]))
 
 
@@ -321,6 +324,7 @@ class Engine:
         prefilled into the same cache row after the last sampled token, which is not cached yet."""
         c = self.cfg
         s.tool_errors += out.error
+        s.tool_failures += out.failed
         toks = self.tools.output_tokens(s, out, min(c.max_new_tokens - len(s.tokens),
                                                     self.max_len - len(s.prompt) - len(s.tokens)))
         s.tokens += toks

@@ -21,7 +21,8 @@ class Sample:
     gold: str
     question: str = ""
     correct: bool = False
-    graded: bool = True            # False: the grader could not check it (counted, kept out of the statistics)
+    graded: bool = True            # False: the grader could not check it, or the sandbox failed under its code
+                                   # (counted apart, kept out of the statistics and the loss)
     format_ok: bool = False
     answer: str | None = None      # what was compared with the gold answer
     reward: float = 0.0
@@ -79,34 +80,39 @@ def generate_groups(model, tok, template: PromptTemplate, problems: list[Problem
 def grade(samples: list[Sample], grader, kind: str, tok=None):
     """Sets answer, correct, format_ok and graded on each sample. strict: the paper's gates (format and
     ended normally), then the final answer after </think>; lenient: any \\boxed answer. Tool output never
-    counts (the model's own text is graded). A check the grader could not make leaves the sample ungraded."""
+    counts (the model's own text is graded). A check the grader could not make, or a tool call the sandbox
+    failed (the outcome is then not the policy's alone), leaves the sample ungraded."""
     count = (lambda text: len(tok.encode(text, add_special_tokens=False))) if hasattr(tok, "encode") else None
     for s in samples:
         c = s.completion
         s.answer, s.format_ok = answer_to_grade(c.policy_text or c.text, c.finish_reason == "stop", kind, count)
     verdicts = grader.math_equal_many([(s.answer, s.gold) for s in samples])
     for s, ok in zip(samples, verdicts):
-        s.graded, s.correct = ok is not None, bool(ok)
+        failed = s.completion.num_tool_failures > 0
+        s.graded, s.correct = ok is not None and not failed, bool(ok) and not failed
 
 
 def sample_row(s: Sample) -> dict:
     """What the rollout metrics need about one sample (small: gathered from every rank)."""
     c = s.completion
     return {"reward": s.reward, "correct": s.correct, "graded": s.graded, "format_ok": s.format_ok,
-            "calls": c.num_tool_calls, "errors": c.num_tool_errors, "policy_len": sum(c.policy_mask),
+            "calls": c.num_tool_calls, "errors": c.num_tool_errors, "tool_failed": c.num_tool_failures > 0,
+            "policy_len": sum(c.policy_mask),
             "len": len(c.tokens), "truncated": c.finish_reason == "length"}
 
 
 def rollout_metrics(rows: list[dict]) -> dict:
-    """The quantities whose growth with training the paper reports. Accuracy is over the responses the
-    grader could check; the others are counted in grade_errors."""
+    """The quantities whose growth with training the paper reports. Accuracy is over the graded responses;
+    the others are counted: tool_failures (the sandbox failed under a code block) and grade_errors (the
+    grader could not check the answer)."""
     n = max(len(rows), 1)
     graded = [r for r in rows if r["graded"]]
     calls = sum(r["calls"] for r in rows)
     return {
         "reward": sum(r["reward"] for r in graded) / max(len(graded), 1),
         "accuracy": sum(r["correct"] for r in graded) / max(len(graded), 1),
-        "grade_errors": len(rows) - len(graded),
+        "tool_failures": sum(r["tool_failed"] for r in rows),
+        "grade_errors": sum(not r["graded"] and not r["tool_failed"] for r in rows),
         "code_ratio": sum(r["calls"] > 0 for r in rows) / n,
         "tool_calls_per_response": calls / n,
         "tool_error_rate": sum(r["errors"] for r in rows) / max(calls, 1),

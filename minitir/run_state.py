@@ -70,7 +70,8 @@ class RunLog:
         rows = [{"step": step, "question": s.question, "gold": s.gold, "response": s.completion.text,
                  "answer": s.answer, "reward": s.reward, "correct": s.correct, "graded": s.graded,
                  "format_ok": s.format_ok, "tool_calls": s.completion.num_tool_calls,
-                 "tool_errors": s.completion.num_tool_errors, "finish_reason": s.completion.finish_reason}
+                 "tool_errors": s.completion.num_tool_errors, "tool_failures": s.completion.num_tool_failures,
+                 "finish_reason": s.completion.finish_reason}
                 for s in samples[:n]]
         if not (rows and self.main):
             return ""

@@ -20,18 +20,21 @@ TOO_LONG = "The output of the code execution is too long, please check your code
 @dataclass
 class ToolOutput:
     text: str
-    error: bool = False
+    error: bool = False    # the code failed (its error is what the model sees)
+    failed: bool = False   # the tool itself failed (a sandbox that could not run the code, a tool that raised)
 
 
 def to_tool_output(r) -> ToolOutput:
-    """A tool may return a ToolOutput, an object with .text (and .error), a (text, error) tuple or a string."""
+    """A tool may return a ToolOutput, an object with .text (and .error, .failed: an ExecResult), a
+    (text, error) tuple or a string."""
     if isinstance(r, ToolOutput):
         return r
     if isinstance(r, tuple):
         return ToolOutput(str(r[0]), bool(r[1]))
     if isinstance(r, str):
         return ToolOutput(r)
-    return ToolOutput(r.text, bool(getattr(r, "error", False)))
+    failed = bool(getattr(r, "failed", False))
+    return ToolOutput(r.text, bool(getattr(r, "error", False)) or failed, failed)
 
 
 class ToolProtocol:
@@ -55,7 +58,7 @@ class ToolProtocol:
 
     def finished(self, parked: list, block: bool) -> list:
         """-> [(sequence, ToolOutput)] for the parked sequences whose code has run; with block, waits for at
-        least one (when nothing else could make progress). A tool that raised is reported to the model."""
+        least one (when nothing else could make progress). A tool that raised is a failed tool call."""
         if block and parked:
             wait([s.future for s in parked], return_when=FIRST_COMPLETED)
         done = []
@@ -64,7 +67,7 @@ class ToolProtocol:
                 try:
                     out = to_tool_output(s.future.result())
                 except Exception as e:  # a broken tool must not take the batch down
-                    out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True)
+                    out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True, failed=True)
                 s.future = None
                 done.append((s, out))
         return done

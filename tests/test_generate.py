@@ -351,6 +351,23 @@ def test_failing_tool_is_reported_not_raised(tok):
 
     out = generate(model, tok, [[1]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1)[0]
     assert out.num_tool_errors == 1 and "tool failed: RuntimeError: sandbox down" in out.text
+    assert out.num_tool_failures == 1   # the tool's failure, counted apart from the code's errors
+
+
+def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
+    from minitir.sandbox import ExecResult
+    model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter"), 2: enc(tok, "```python\n1/0\n```\nafter")},
+                          tok.eos_token_id)
+    results = {0: ExecResult("error", stderr="ZeroDivisionError: division by zero"),
+               1: ExecResult("sandbox_error", stderr="sandbox worker died")}
+    calls = []
+
+    def tool(code):
+        calls.append(code)
+        return results[len(calls) - 1]
+
+    outs = generate(model, tok, [[1], [2]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1, max_batch=1)
+    assert [o.num_tool_errors for o in outs] == [1, 1] and [o.num_tool_failures for o in outs] == [0, 1]
 
 
 def test_reprefill_baseline_gives_same_tokens(tok):

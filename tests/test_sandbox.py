@@ -270,7 +270,27 @@ def test_sandboxfusion_server_and_client_survive_restart(sb):
     restarted[0].shutdown()
     restarted[0].server_close()
     dead = RemoteSandbox(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01)
-    assert dead.run("1").status == "killed"
+    gone = dead.run("1")
+    assert gone.status == "sandbox_error" and gone.failed and "unreachable" in gone.stderr
+
+
+def test_a_worker_that_dies_is_a_sandbox_error_not_a_code_error():
+    """A fork server killed under a run: the run is the sandbox's failure (status sandbox_error, `failed`),
+    never a result the code could have produced; the next run gets a fresh worker. Over HTTP the status
+    survives (minitir's field, or SandboxFusion's own "SandboxError")."""
+    import signal
+    from minitir.sandbox import from_fusion, to_fusion
+    with Sandbox(timeout_s=10, workers=1) as sb:
+        fut = sb.submit("import time\ntime.sleep(5)")
+        time.sleep(1.0)
+        os.killpg(sb._workers[0].proc.pid, signal.SIGKILL)
+        r = fut.result()
+        assert r.status == "sandbox_error" and r.failed and r.error and "died" in r.stderr
+        assert sb.run("print(1)").stdout == "1\n"
+    back = from_fusion(json.loads(json.dumps(to_fusion(r))))
+    assert back.status == "sandbox_error" and back.failed
+    assert from_fusion({"status": "SandboxError", "message": "runner crashed", "run_result": None}).failed
+    assert not ExecResult("killed").failed and not ExecResult("error").failed
 
 
 def test_exec_result_text():

@@ -350,6 +350,35 @@ def test_grade_errors_are_counted_and_kept_out_of_the_statistics(tmp_path):
         t.close()
 
 
+def test_sandbox_failures_are_counted_and_kept_out_of_the_statistics(tmp_path):
+    """A response whose code the sandbox failed to run (not the code's error) says nothing about the policy:
+    it is counted in tool_failures (not in grade_errors), ungraded and incorrect, and left out of its group's
+    baseline and of the loss."""
+    from minitir.sandbox import ExecResult
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    try:
+        real, calls = t.tool.tool, []
+
+        class Flaky:   # every other run: the sandbox fails
+            def run(self, code):
+                calls.append(code)
+                return ExecResult("sandbox_error", stderr="sandbox worker died") if len(calls) % 2 else real.run(code)
+
+            def close(self):
+                real.close()
+
+        t.tool.tool = Flaky()
+        kept, sampled, _ = t.collect({"generate": 0.0, "grade": 0.0})
+        failed = [s for s in sampled if s.completion.num_tool_failures]
+        assert failed and all(not s.graded and not s.correct and s.score == 0 and not any(s.loss_mask) for s in failed)
+        assert not set(map(id, failed)) & set(map(id, kept))
+        m = t.train_step()
+        assert m["tool_failures"] > 0 and m["grade_errors"] == 0
+    finally:
+        t.close()
+
+
 def test_void_turns_are_masked_but_counted(tmp_path):
     t, kept, _ = rollouts_with_tool_output(tmp_path, mask_void_turns=True, max_new_tokens=10)
     try:

@@ -19,11 +19,12 @@ from minitir.sandbox.result import STATUSES, ExecResult
 
 log = logging.getLogger("minitir.sandbox")
 _FUSION_STATUS = {"ok": "Finished", "error": "Finished", "timeout": "TimeLimitExceeded", "memory": "Finished",
-                  "killed": "Finished"}
+                  "killed": "Finished", "sandbox_error": "Error"}
 
 
 def to_fusion(r: ExecResult) -> dict:
-    return {"status": "Success" if r.status == "ok" else "Failed", "message": "", "compile_result": None,
+    status = "Success" if r.status == "ok" else "SandboxError" if r.failed else "Failed"
+    return {"status": status, "message": r.stderr if r.failed else "", "compile_result": None,
             "run_result": {"status": _FUSION_STATUS[r.status], "execution_time": r.duration_s,
                            "return_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr},
             "files": {}, "minitir_status": r.status}
@@ -34,7 +35,8 @@ def from_fusion(d: dict) -> ExecResult:
     status = d.get("minitir_status")
     if status not in STATUSES:
         code = rr.get("return_code")
-        status = ("timeout" if rr.get("status") == "TimeLimitExceeded" else
+        status = ("sandbox_error" if d.get("status") == "SandboxError" else   # SandboxFusion: its own failure
+                  "timeout" if rr.get("status") == "TimeLimitExceeded" else
                   "ok" if d.get("status") == "Success" and code in (0, None) else "error")
     return ExecResult(status, rr.get("stdout") or "", rr.get("stderr") or d.get("message") or "",
                       rr.get("return_code"), float(rr.get("execution_time") or 0.0))
@@ -149,7 +151,7 @@ class RemoteSandbox:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 err = e
             time.sleep(wait)
-        return ExecResult("killed", stderr=f"sandbox server unreachable after {self.retries + 1} tries: {err}")
+        return ExecResult("sandbox_error", stderr=f"sandbox server unreachable after {self.retries + 1} tries: {err}")
 
     def submit(self, code: str, timeout_s: float | None = None, memory_mb: int | None = None) -> Future:
         return self._pool.submit(self.run, code, timeout_s, memory_mb)

@@ -59,7 +59,7 @@ class _Worker:
         t.join(float(req["timeout_s"]) + 30)  # the fork server enforces the deadline; this guards the server
         if not result or result[0] is None:
             self.stop()
-            return dict(status="killed", stdout="", stderr="sandbox worker died", exit_code=None, duration_s=0.0)
+            return dict(status="sandbox_error", stdout="", stderr="sandbox worker died", exit_code=None, duration_s=0.0)
         return result[0]
 
     def stop(self, graceful: bool = False):
@@ -114,8 +114,8 @@ class Sandbox:
                 continue
             try:
                 fut.set_result(ExecResult(**worker.run(req)))
-            except Exception as e:  # never lose a run: report it as killed
-                fut.set_result(ExecResult("killed", stderr=f"sandbox failure: {e}"))
+            except Exception as e:  # never lose a run: report the sandbox's failure
+                fut.set_result(ExecResult("sandbox_error", stderr=f"sandbox failure: {e}"))
         worker.stop(graceful=True)
 
     def submit(self, code: str, timeout_s: float | None = None, memory_mb: int | None = None) -> Future:

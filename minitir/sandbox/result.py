@@ -4,12 +4,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-STATUSES = ("ok", "error", "timeout", "memory", "killed")
+# sandbox_error: the sandbox could not run the code (a worker that died or would not start, a server out of
+# reach); not the code's doing, so a response whose code met it says nothing about the policy
+STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
 
 
 @dataclass
 class ExecResult:
-    status: str                # ok | error | timeout | memory | killed
+    status: str                # ok | error | timeout | memory | killed | sandbox_error
     stdout: str = ""
     stderr: str = ""
     exit_code: int | None = None
@@ -18,6 +20,11 @@ class ExecResult:
     @property
     def error(self) -> bool:
         return self.status != "ok"
+
+    @property
+    def failed(self) -> bool:
+        """The sandbox failed, not the code."""
+        return self.status == "sandbox_error"
 
     @property
     def text(self) -> str:
@@ -30,5 +37,6 @@ class ExecResult:
         err = re.sub(r"^\s*[\^~]+\s*$\n?", "", err, flags=re.MULTILINE).rstrip("\n")
         reason = {"timeout": "TimeoutError: the code ran past its time limit",
                   "memory": "" if "MemoryError" in self.stderr else "MemoryError: the code ran out of memory",
-                  "killed": f"the code was killed (exit status {self.exit_code})"}.get(self.status, "")
+                  "killed": f"the code was killed (exit status {self.exit_code})",
+                  "sandbox_error": "the sandbox failed to run the code"}.get(self.status, "")
         return "\n".join(p for p in (err, reason) if p)
