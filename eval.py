@@ -24,7 +24,7 @@ from minitir import cli, distributed, load_pretrained
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
-from minitir.reward import Grader
+from minitir.reward import Grader, RewardConfig
 from minitir.rollout import generate_groups, generation_config, grade, make_tool
 from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
 
@@ -104,7 +104,7 @@ def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, ca
                             tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
     samples = generate_groups(model, tok, template, problems, cfg.n_samples, gen, tool,
                               autocast=model.device.type == "cuda")
-    grade(samples, grader, cfg.reward, tok)
+    grade(samples, grader, RewardConfig(kind=cfg.reward), tok)
     prompts = [render_prompt(template, p.question, tok) for p in problems]   # once per problem, not per sample
     rows = []
     for i, s in enumerate(samples):

@@ -4,8 +4,8 @@ prompt, nothing executed). Writes both runs, one figure of the two and a table o
 
     python benchmarks/emergence.py [--seed 0] [--out runs/emergence]   (extra flags go to both train.py runs)
 
-What `python train.py` runs is the ZeroTIR half. The base model is pretrained on first use (minitir/miniature.py)
-and cached; the table says how long that took in this run (0 when it was cached).
+What `python train.py` runs is the ZeroTIR half, from the base model shipped in minitir/miniature_base
+(`python -m minitir.miniature` rebuilds it).
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from minitir import miniature, plot  # noqa: E402
+from minitir import plot  # noqa: E402
 from minitir.trainer import Trainer  # noqa: E402
 
 RUNS = {"ZeroTIR (tools)": [], "ZeroRL (no tools)": ["--prompt", "zero_rl"]}
@@ -34,9 +34,6 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "runs" / "emergence"))
     a, extra = ap.parse_known_args()
     out = Path(a.out)
-    t = time.time()
-    miniature.base_checkpoint()
-    pretrain_s = time.time() - t
     results, walls = {}, {}
     for name, flags in RUNS.items():
         run = "zerotir" if not flags else "zerorl"
@@ -52,8 +49,7 @@ def main():
         results[name] = plot.read_metrics(out / run)
     fig = plot.scaling_figure(results, out / "emergence.png")
     table = {"command": "python benchmarks/emergence.py " + " ".join(sys.argv[1:]), "seed": a.seed,
-             "pretraining_s": round(pretrain_s, 1), "runs": {}}
-    print(f"base model: {'pretrained in %.0f s' % pretrain_s if pretrain_s > 5 else 'cached'}")
+             "runs": {}}
     print("| run | held-out code ratio | held-out accuracy | held-out response length | Spearman(step, code / acc / length) | wall s |")
     print("|---|---|---|---|---|---|")
     for name, rows in results.items():

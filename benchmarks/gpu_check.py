@@ -205,7 +205,7 @@ def _hf_generate(hf, prompts, new, dev) -> float:
 def train_step(dev, dry: bool) -> dict:
     """One step of the qwen2.5-1.5b-grpo preset, scaled down: 4 layers of the 1.5B shape, 2 prompts x 4."""
     import train
-    from minitir import miniature
+    from minitir.tasks import miniature_problems
     from minitir.trainer import Trainer
     shape = dict(QWEN15) if not dry else dict(QWEN15, hidden_size=96, intermediate_size=160, num_attention_heads=6,
                                                vocab_size=1000)
@@ -221,7 +221,7 @@ def train_step(dev, dry: bool) -> dict:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        trainer = Trainer(cfg, model=m, tokenizer=ByteTokenizer(), problems=miniature.problems(64, seed=0),
+        trainer = Trainer(cfg, model=m, tokenizer=ByteTokenizer(), problems=miniature_problems(64, seed=0),
                           eval_problems=[])
         try:
             metrics = trainer.train_step()

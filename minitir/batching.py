@@ -76,6 +76,20 @@ def per_token(samples: list[Sample], key: str, device) -> torch.Tensor:
     return torch.tensor([v for s in samples for v in getattr(s, key)], device=device)
 
 
+def behaviour_logprobs(samples: list[Sample], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' old_logp as one flat tensor [M], and [M] bool: where a sample holds none (it is trained
+    in one update by the weights that generated it) the update's own detached log-probs stand in, marked
+    False, with 0 as the placeholder value."""
+    vals, held = [], []
+    for s in samples:
+        n = sum(s.loss_mask)
+        if s.old_logp and len(s.old_logp) != n:
+            raise ValueError(f"a sample holds {len(s.old_logp)} behaviour log-probs for {n} loss tokens")
+        vals += s.old_logp or [0.0] * n
+        held += [bool(s.old_logp)] * n
+    return torch.tensor(vals, device=device), torch.tensor(held, dtype=torch.bool, device=device)
+
+
 def generator_logprobs(samples: list[Sample], device) -> torch.Tensor:
     """The generator's log-probs at the policy tokens in the loss [M]."""
     return torch.tensor([lp for s in samples for lp, k in zip(s.completion.logprobs, s.loss_mask) if k], device=device)

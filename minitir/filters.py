@@ -5,9 +5,13 @@ mask. Each returns a reason (a metric name) or None; the trainer counts the reas
              answer. It is dropped rather than scored 0, so a long budget is not taught to be bad.
 - repetitive (paper: use_replay_buffer_filter, threshold 0.05): a correct response whose text repeats
              itself (`repeatness` above the threshold) is dropped, so degenerate loops are not reinforced.
-- void       (beyond the paper, off by default; after SimpleTIR's void turns): a response that wrote code
-             which never ran, or ended without a final answer, is kept for the group statistics but masked
-             out of the loss.
+             The text scored is the whole response, tool output blocks included, as the paper scores
+             its output_text (env/math/math_reward_tir.py); the prompt is not part of it.
+
+`mask_reason` says why a kept response carries no loss tokens (it still counts in its group's statistics):
+- truncated  (mask_truncated): cut at the length limit.
+- void       (mask_void_turns; beyond the paper, after SimpleTIR's void turns): a response that wrote code
+             which never ran, or ended without a final answer.
 """
 from __future__ import annotations
 
@@ -57,6 +61,16 @@ def drop_reason(finish_reason: str, text: str, correct: bool, overlong: bool, re
         return "overlong"
     if repetition > 0 and correct and repeatness(text) > repetition:
         return "repetitive"
+    return None
+
+
+def mask_reason(finish_reason: str, policy_text: str, tool_calls: int, has_answer: bool, mask_truncated: bool,
+                mask_void: bool) -> str | None:
+    """Why a kept response's tokens stay out of the loss ("truncated", "void"), or None to train on them."""
+    if mask_truncated and finish_reason == "length":
+        return "truncated"
+    if mask_void and is_void(policy_text, tool_calls, has_answer):
+        return "void"
     return None
 
 

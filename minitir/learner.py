@@ -116,53 +116,64 @@ class Learner:
         with self.autocast():
             return self.critic.value_head(h).squeeze(-1).float(), seq
 
-    @torch.no_grad()
-    def score(self, samples: list[Sample], need_old: bool):
-        """Before any update: old log-probs (need_old), reference log-probs and old values of every sample."""
-        self.model.eval()
+    def _logprobs_of(self, model: nn.Module):
+        def forward(mb):
+            logp, _, seq = self.logprobs(model, mb)
+            return logp, seq
+        return forward
+
+    def _per_sample(self, samples: list[Sample], field: str, forward):
+        """forward(micro-batch) -> (per-token values [M], sequence index [M]), stored per sample in `field`."""
         for mb in self.micro_batches(samples):
-            if need_old:
-                logp, _, seq = self.logprobs(self.model, mb)
-                for s, v in zip(mb, batching.per_sample(logp, mb, seq)):
-                    s.old_logp = v
-            if self.ref is not None:
-                logp, _, seq = self.logprobs(self.ref, mb)
-                for s, v in zip(mb, batching.per_sample(logp, mb, seq)):
-                    s.ref_logp = v
-            if self.critic is not None:
-                vals, seq = self.values(mb)
-                for s, v in zip(mb, batching.per_sample(vals, mb, seq)):
-                    s.old_values = v
+            vals, seq = forward(mb)
+            for s, v in zip(mb, batching.per_sample(vals, mb, seq)):
+                setattr(s, field, v)
+
+    @torch.no_grad()
+    def behaviour_logprobs(self, samples: list[Sample]):
+        """old_logp: the log-probs of the policy as it is now, which must be the weights that generated the
+        samples, for each sample that does not hold them yet (a carried sample keeps those of the weights that
+        made it)."""
+        self.model.eval()
+        self._per_sample([s for s in samples if not s.old_logp], "old_logp", self._logprobs_of(self.model))
+
+    @torch.no_grad()
+    def score(self, samples: list[Sample]):
+        """Before any update of the step: reference log-probs (kl_coef > 0) and old values (ppo) of every
+        sample; neither depends on which weights generated it."""
         if self.ref is not None:
+            self._per_sample(samples, "ref_logp", self._logprobs_of(self.ref))
             distributed.reshard(self.ref)
+        if self.critic is not None:
+            self._per_sample(samples, "old_values", self.values)
 
     # --------------------------------------------------------------------------------------------
     def update(self, samples: list[Sample], step: int) -> dict:
         """ppo_epochs passes over the samples in mini_batches optimizer steps -> metrics (means over steps),
-        with the generator/trainer log-prob gap of the first pass."""
+        with the first pass's drift (see Drift)."""
         cfg, d = self.cfg, self.dist
         order_gen = torch.Generator().manual_seed(cfg.seed * 7_777 + step + 1_000_003 * d.rank)
-        steps, gap = [], torch.zeros(3, dtype=torch.float64)   # |generator - trainer log-prob|: sum, count, max
+        steps, drift = [], Drift()
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(samples), generator=order_gen).tolist()
             for b in range(cfg.mini_batches):
                 part = order[b * len(samples) // cfg.mini_batches:(b + 1) * len(samples) // cfg.mini_batches]
                 part.sort()   # the shuffle picks each step's samples; in step order, a group's prompt is packed once
-                m = self._optimizer_step([samples[i] for i in part], gap if epoch == 0 else None)
+                m = self._optimizer_step([samples[i] for i in part], drift if epoch == 0 else None)
                 steps += [m] if m else []
         out = {k: sum(m[k] for m in steps) / len(steps) for k in (steps[0] if steps else {})}
-        gap_sum, gap_max = d.all_reduce(gap[:2].clone()), d.all_reduce(gap[2:].clone(), "max")
-        if gap_sum[1] > 0:
-            out["logprob_gap_mean"], out["logprob_gap_max"] = float(gap_sum[0] / gap_sum[1]), float(gap_max[0])
+        out.update(drift.metrics(d))
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
-    def _optimizer_step(self, mini: list[Sample], gap) -> dict | None:
-        """One mini-batch: its token weights, gradients accumulated over its micro-batches, one optimizer step."""
+    def _optimizer_step(self, mini: list[Sample], drift: "Drift | None") -> dict | None:
+        """One mini-batch: its token weights, gradients accumulated over its micro-batches, one optimizer step.
+        A sample without loss tokens (masked) is not a sequence of the loss: seq_mean_* averages over the others."""
         cfg, d = self.cfg, self.dist
         local = sum(sum(s.loss_mask) for s in mini)
-        total = d.all_reduce(torch.tensor([float(local), float(len(mini))]))   # global tokens, sequences
+        seqs = sum(1 for s in mini if any(s.loss_mask))
+        total = d.all_reduce(torch.tensor([float(local), float(seqs)]))   # global loss tokens, sequences holding any
         if total[0] == 0:
             return None
         seq = torch.cat([torch.zeros(0, dtype=torch.long)] +
@@ -179,7 +190,7 @@ class Learner:
                 continue
             w = weights[offset:offset + sum(sum(s.loss_mask) for s in mb)]                # [M]
             offset += w.shape[0]
-            stats = stats + self._policy_backward(mb, w, gap)
+            stats = stats + self._policy_backward(mb, w, drift)
             if self.critic is not None:
                 value_loss += self._critic_backward(mb, w)
         gn = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
@@ -192,25 +203,28 @@ class Learner:
         out = {**vars(stats.all_reduce(d.all_reduce)), "grad_norm": float(gn)}
         if self.ref is None:
             out.pop("kl")
+        if not cfg.tis_cap:
+            out.pop("tis_capped")
         if self.critic is not None:
             out["value_loss"] = d.sum(value_loss)
         return out
 
-    def _policy_backward(self, mb: list[Sample], w: torch.Tensor, gap) -> rl.ObjectiveStats:
+    def _policy_backward(self, mb: list[Sample], w: torch.Tensor, drift: "Drift | None") -> rl.ObjectiveStats:
         """The objective over one micro-batch's policy tokens, its gradient taken chunk by chunk inside the
         head's forward (token_loss), then backward through the model."""
         cfg, dev = self.cfg, self.device
         h, targets, _ = self._states(self.model, mb)                                    # [M, D], [M]
         adv = batching.per_token(mb, "adv", dev)                                        # [M]
-        old = batching.per_token(mb, "old_logp", dev) if mb[0].old_logp else None       # None: r = 1
+        old, held = batching.behaviour_logprobs(mb, dev)                                # [M], [M] bool
         ref = batching.per_token(mb, "ref_logp", dev) if self.ref is not None else None
         gen = batching.generator_logprobs(mb, dev)                                      # [M]
         stats = [rl.ObjectiveStats()]
 
         def objective(lp, ent, rows):   # lp, ent [C]: the micro-batch's tokens `rows`
+            behaviour = torch.where(held[rows], old[rows], lp.detach())   # stand-ins: ratio 1, its gradient kept
             loss, s = rl.token_objective(
-                lp, ent, None if old is None else old[rows], adv[rows], w[rows], clip_low=cfg.clip_low,
-                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None, ref_logp=None if ref is None else ref[rows],
+                lp, ent, behaviour, adv[rows], w[rows], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip or None, ref_logp=None if ref is None else ref[rows],
                 kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_estimator=cfg.kl_estimator,
                 entropy_coef=cfg.entropy_coef, gen_logp=gen[rows], tis_cap=cfg.tis_cap)
             stats[0] = stats[0] + s
@@ -220,10 +234,9 @@ class Learner:
             loss, logp, _ = token_loss(h, self.model.lm_head.weight, targets, objective,
                                        temperature=cfg.temperature, with_entropy=True)
         (loss * self.dist.world).backward()
-        if gap is not None:
-            g = (gen - logp.float()).abs()
-            gap += torch.tensor([float(g.sum()), len(g), 0.0], dtype=torch.float64)
-            gap[2] = max(gap[2], float(g.max()))
+        if drift is not None:
+            carried = torch.tensor([s.carried for s in mb for _ in range(sum(s.loss_mask))], dtype=torch.bool)
+            drift.add(gen, logp.detach().float(), old, carried.to(dev) & held)
         return stats[0]
 
     def _critic_backward(self, mb: list[Sample], w: torch.Tensor) -> float:
@@ -237,3 +250,30 @@ class Learner:
         (self.logprobs(self.model, [])[0].sum() * 0).backward()
         if self.critic is not None:
             (self.values([])[0].sum() * 0).backward()
+
+
+class Drift:
+    """How far the policy being trained is from the ones that sampled, over the first pass of an update:
+    the generator/trainer log-prob gap |log pi_generator - log pi_theta| over every loss token (0 up to
+    rounding when they share weights, precision and an untruncated distribution), and the ratio
+    pi_theta / pi_behaviour over the carried samples' tokens (1 for samples made in this step)."""
+
+    def __init__(self):
+        self.sums = torch.zeros(4, dtype=torch.float64)   # gap sum, tokens, carried ratio sum, carried tokens
+        self.gap_max = torch.zeros(1, dtype=torch.float64)
+
+    def add(self, gen: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, carried: torch.Tensor):
+        """gen, logp, old [M]; carried [M] bool: tokens of carried samples (old is their behaviour log-prob)."""
+        gap = (gen - logp).abs()
+        ratio = (logp - old)[carried].exp()
+        self.sums += torch.tensor([float(gap.sum()), len(gap), float(ratio.sum()), len(ratio)], dtype=torch.float64)
+        self.gap_max = torch.maximum(self.gap_max, gap.max().cpu().double().view(1)) if len(gap) else self.gap_max
+
+    def metrics(self, d) -> dict:
+        sums, gap_max = d.all_reduce(self.sums.clone()), d.all_reduce(self.gap_max.clone(), "max")
+        out = {}
+        if sums[1] > 0:
+            out["logprob_gap_mean"], out["logprob_gap_max"] = float(sums[0] / sums[1]), float(gap_max[0])
+        if sums[3] > 0:
+            out["carried_ratio_mean"] = float(sums[2] / sums[3])
+        return out

@@ -1,8 +1,8 @@
 """The paper's situation at a size a laptop trains in minutes: a base model of our own that *can* write and
 run code but rarely does, which outcome RL then teaches to use it.
 
-1. Problems where code pays (`problems`): products, modular powers and sums of primes. One in ten is small
-   enough to memorise; the rest are too large to answer without computing.
+1. Problems where code pays (`tasks.miniature_problems`): products, modular powers and sums of primes. One
+   in ten is small enough to memorise; the rest are too large to answer without computing.
 2. A corpus in the zero_tir format (`corpus`): each document is the paper's prompt and a response that
    mostly answers directly (the right answer: memorisable when small, a guess to the model when large)
    and sometimes writes a ```python block with the question's numbers, shows its ```output block and
@@ -13,8 +13,9 @@ run code but rarely does, which outcome RL then teaches to use it.
 4. Pretraining (`pretrain`): minitir's own Transformer, Llama-shaped, about half a million parameters,
    next-token loss on the responses. The prompt's text before the question is the same in every document
    of a batch, so it is computed once per batch and every document attends to it.
-5. `base_checkpoint()`: pretrained once per configuration and cached (like the GGUF conversion), so later
-   runs start at once. `python train.py` uses it through the model name "miniature".
+5. The base model ships with minitir (minitir/miniature_base/, 2 MB of weights), so `python train.py` starts
+   RL at once; it loads by the model name "miniature". `python -m minitir.miniature` rebuilds it (`build`),
+   with a fingerprint of what it was trained from (`fingerprint`), which a test checks against today's code.
 """
 from __future__ import annotations
 
@@ -26,53 +27,19 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minitir.tasks import TEMPLATES, Problem, PromptTemplate, primes_below, render_prompt
+from minitir.checkpoint import MINIATURE_DIR, embedded_checkpoint, save_pretrained
+from minitir.generate import OUTPUT_TAIL
+from minitir.model import ModelConfig, Transformer
+from minitir.tasks import MINIATURE_KINDS, TEMPLATES, Problem, PromptTemplate, miniature_problems, render_prompt
+from minitir.vocab import CompactTokenizer
 
-VERSION = 1   # bump when the corpus or the training changes: cached base models are keyed on it
-
-
-# ------------------------------------------------------------------------------------------------
-# problems where code pays
-# ------------------------------------------------------------------------------------------------
-def _product(r: random.Random, small: bool):
-    a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
-    return f"Compute ${a} \\times {b}$.", f"print({a} * {b})", a * b
-
-
-def _mod_pow(r: random.Random, small: bool):
-    if small:
-        a, e, m = r.randint(2, 9), r.randint(2, 3), r.randint(5, 12)
-    else:
-        a, e, m = r.randint(2, 99), r.randint(10, 999), r.randint(7, 999)
-    return (f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", f"print(pow({a}, {e}, {m}))",
-            pow(a, e, m))
-
-
-def _prime_sum(r: random.Random, small: bool):
-    n = r.randint(5, 30) if small else r.randint(100, 999)
-    return (f"What is the sum of all prime numbers less than ${n}$?",
-            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(primes_below(n)))
-
-
-KINDS = {"product": _product, "mod_pow": _mod_pow, "prime_sum": _prime_sum}
-
-
-def problems(n: int, seed: int, small_share: float = 0.1, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Problem]:
-    """n problems, kinds in turn; meta holds the code that solves each one."""
-    r = random.Random(seed)
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        small = r.random() < small_share
-        q, code, answer = KINDS[kind](r, small)
-        out.append(Problem(f"mini-{seed}-{i}", q, str(answer), {"kind": kind, "small": small, "code": code}))
-    return out
+VERSION = 1   # bump when the pretraining changes: the shipped base model's fingerprint includes it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,7 +51,6 @@ def answer_text(answer: str) -> str:
 
 def code_segments(p: Problem) -> tuple[str, str, str]:
     """(the model's code block, the output block the generator splices in, the model's answer)."""
-    from minitir.generate import OUTPUT_TAIL
     return f" ```python\n{p.meta['code']}\n```", "\n```output\n" + p.answer + OUTPUT_TAIL, answer_text(p.answer)
 
 
@@ -101,13 +67,13 @@ FRAMINGS = {"zero_tir": TEMPLATES["zero_tir"], "zero_rl": TEMPLATES["zero_rl"], 
 
 
 def corpus(tok, n: int, seed: int, code_share: float, rl_share: float, bare_share: float,
-           kinds: tuple[str, ...] = tuple(KINDS)) -> list[Document]:
+           kinds: tuple[str, ...] = tuple(MINIATURE_KINDS)) -> list[Document]:
     """n documents: shares rl_share under the zero_rl prompt (direct answers), bare_share as the bare
     question, the rest under zero_tir; of the zero_tir and bare ones, code_share use code. Segments are
     tokenized apart, as the generator sees them."""
     r = random.Random(seed + 1)
     docs = []
-    for p in problems(n, seed, kinds=kinds):
+    for p in miniature_problems(n, seed, kinds=kinds):
         u = r.random()
         name = "zero_rl" if u < rl_share else "bare" if u < rl_share + bare_share else "zero_tir"
         prompt = tok(render_prompt(FRAMINGS[name], p.question)).input_ids
@@ -148,7 +114,7 @@ class BaseConfig:
     batch: int = 64
     lr: float = 3e-3
     seed: int = 0
-    kinds: tuple[str, ...] = tuple(KINDS)
+    kinds: tuple[str, ...] = tuple(MINIATURE_KINDS)
 
 
 def forward_with_prefix(model, prefix: torch.Tensor, groups: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -225,21 +191,29 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def pretrain(cfg: BaseConfig, log=print):
-    """-> (model, compact tokenizer), trained from scratch on the corpus; deterministic for cfg.seed."""
-    from minitir.checkpoint import embedded_checkpoint
-    from minitir.model import ModelConfig, Transformer
-    from minitir.vocab import CompactTokenizer
+def compact_tokenizer(cfg: BaseConfig):
+    """The compact vocabulary: the pieces of the corpus's prompts, code, outputs and answers, and of the
+    digits and error messages tool output holds, over the embedded SmolLM2 tokenizer."""
     from transformers import AutoTokenizer
     base = AutoTokenizer.from_pretrained(embedded_checkpoint())
-    texts = [render_prompt(TEMPLATES[n], p.question) for n in ("zero_tir", "zero_rl") for p in problems(300, cfg.seed)]
-    texts += [t for p in problems(3000, cfg.seed) for t in (*code_segments(p), " " + answer_text(p.answer))]
+    probs = miniature_problems(3000, cfg.seed)
+    texts = [render_prompt(TEMPLATES[n], p.question) for n in ("zero_tir", "zero_rl") for p in probs[:300]]
+    texts += [t for p in probs for t in (*code_segments(p), " " + answer_text(p.answer))]
     extra = [str(d) for d in range(10)] + ["-", "\n", "Traceback (most recent call last):", "Error", "line"]
-    tok = CompactTokenizer.build(base, texts, extra)
-    stretches = [(corpus(tok, cfg.documents, cfg.seed, cfg.skill_code_share, 0.0, cfg.skill_bare_share, cfg.kinds),
-                  cfg.skill_steps),
-                 (corpus(tok, cfg.documents, cfg.seed + 7, cfg.code_share, cfg.rl_share, cfg.bare_share, cfg.kinds),
-                  cfg.habit_steps)]
+    return CompactTokenizer.build(base, texts, extra)
+
+
+def stretches(cfg: BaseConfig, tok) -> list[tuple[list[Document], int]]:
+    """(documents, steps) of the two stretches: the skill, then the habit."""
+    return [(corpus(tok, cfg.documents, cfg.seed, cfg.skill_code_share, 0.0, cfg.skill_bare_share, cfg.kinds),
+             cfg.skill_steps),
+            (corpus(tok, cfg.documents, cfg.seed + 7, cfg.code_share, cfg.rl_share, cfg.bare_share, cfg.kinds),
+             cfg.habit_steps)]
+
+
+def pretrain(cfg: BaseConfig, log=print):
+    """-> (model, compact tokenizer), trained from scratch on the corpus; deterministic for cfg.seed."""
+    tok = compact_tokenizer(cfg)
     mc = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=cfg.hidden_size,
                      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
                      num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
@@ -253,7 +227,7 @@ def pretrain(cfg: BaseConfig, log=print):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(i, total) / total))))
     t0, step = time.time(), 0
-    for docs, steps in stretches:
+    for docs, steps in stretches(cfg, tok):
         for prefix, groups in _batches(docs, cfg.batch, steps, cfg.seed + step):
             logits = forward_with_prefix(model, prefix, [ids for ids, _ in groups])
             loss = F.cross_entropy(torch.cat([lg.flatten(0, 1) for lg in logits]),
@@ -270,25 +244,41 @@ def pretrain(cfg: BaseConfig, log=print):
     return model.eval(), tok
 
 
-def base_checkpoint(cfg: BaseConfig | None = None, log=lambda s: print(s, flush=True)) -> Path:
-    """The pretrained base model's directory, pretraining it first if it is not cached yet."""
-    from minitir.checkpoint import cache_dir, save_pretrained
+# ------------------------------------------------------------------------------------------------
+# the shipped base model
+# ------------------------------------------------------------------------------------------------
+def fingerprint(cfg: BaseConfig) -> str:
+    """What the base model was trained from: VERSION, the configuration, the compact vocabulary and the first
+    documents of both stretches. The shipped model's base_config.json holds it, and a test recomputes it,
+    so a change to the corpus or the configuration cannot leave the shipped weights silently stale (a change
+    to the training loop itself bumps VERSION)."""
+    tok = compact_tokenizer(cfg)
+    head = [(d.prompt, d.ids, d.loss) for docs, _ in stretches(replace(cfg, documents=64), tok) for d in docs]
+    blob = json.dumps({"version": VERSION, "config": asdict(cfg), "vocab": tok.base_ids, "corpus": head})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build(cfg: BaseConfig | None = None, out: Path = MINIATURE_DIR, log=lambda s: print(s, flush=True)) -> Path:
+    """Pretrain the base model and write it to `out` (by default the directory shipped with minitir, which
+    `load_pretrained("miniature")` reads), with base_config.json: the configuration and its fingerprint."""
     cfg = cfg or BaseConfig()
-    key = hashlib.sha256(json.dumps({"version": VERSION, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir() / f"miniature-{key}"
-    if (out / "config.json").exists():
-        return out
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))   # the same arithmetic, so the same model, everywhere
     try:
         model, tok = pretrain(cfg, log)
     finally:
         torch.set_num_threads(threads)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".miniature-"))
     save_pretrained(model, tok, tmp)
-    (tmp / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (tmp / "base_config.json").write_text(json.dumps({"fingerprint": fingerprint(cfg), **asdict(cfg)}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+if __name__ == "__main__":   # python -m minitir.miniature: rebuild the shipped base model (~4 minutes on 2 cores)
+    t = time.time()
+    print(f"written: {build()} in {time.time() - t:.0f} s")

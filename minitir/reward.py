@@ -105,11 +105,14 @@ def final_answer(response: str) -> str | None:
 def zero_tir_reward(response: str, gold: str, finished: bool, *, grader: "Grader | None" = None,
                     count_tokens=None) -> float:
     """The paper's outcome reward, 1.0 or 0.0: answer format, ended normally (`finished`: a stop string
-    or EOS, not the length limit) and the final answer equal to `gold` under math-verify.
-    Raises GradeError when the grader could not check the answer (never a silent 0)."""
-    if not finished or not zero_tir_format(response, count_tokens):
-        return 0.0
-    return 1.0 if (grader or default_grader()).math_equal(final_answer(response), gold) else 0.0
+    or EOS, not the length limit) and the final answer equal to `gold` under math-verify. The same path as
+    training and evaluation (`judge`, `outcome_reward`). `response` is the model's own text
+    (Completion.policy_text, as training grades) or the whole text, whose ```output blocks are then known by
+    their fences alone. Raises GradeError when the grader could not check the answer (never a silent 0)."""
+    j = judge([(response, finished)], [gold], "strict", grader or default_grader(), count_tokens)[0]
+    if not j.graded:
+        raise GradeError(f"could not grade {j.answer!r} against {gold!r}: the grader worker died or hung twice")
+    return outcome_reward(j.correct, j.format_ok, not finished, RewardConfig())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,24 +366,44 @@ class RewardConfig:
     truncation_penalty: float = 0.0  # lenient only: subtracted when the response was cut at the length limit
 
 
-def outcome_reward(correct: bool, response: str, truncated: bool, cfg: RewardConfig) -> float:
-    """correct / wrong, minus the lenient mode's optional penalties (the paper's are off: 1 or 0)."""
+def outcome_reward(correct: bool, format_ok: bool, truncated: bool, cfg: RewardConfig) -> float:
+    """correct / wrong, minus the lenient mode's optional penalties (the paper's are off: 1 or 0).
+    format_ok: the Judgement's (lenient: an <answer> section holding a \\boxed answer)."""
     r = cfg.correct if correct else cfg.wrong
-    if cfg.kind == "lenient" and cfg.format_penalty and not has_answer_format(response):
+    if cfg.kind == "lenient" and cfg.format_penalty and not format_ok:
         r -= cfg.format_penalty
     if cfg.kind == "lenient" and cfg.truncation_penalty and truncated:
         r -= cfg.truncation_penalty
     return r
 
 
-def answer_to_grade(response: str, finished: bool, kind: str, count_tokens=None) -> tuple[str | None, bool]:
-    """-> (the answer to compare with the gold one or None, whether the response has the format).
+def answer_to_grade(text: str, finished: bool, kind: str, count_tokens=None) -> tuple[str | None, bool]:
+    """-> (the answer to compare with the gold one or None, whether the text has the format).
     strict: the paper's gates first (format, ended normally), then the final answer after </think>;
     lenient: extract_answer, whatever the format."""
     if kind == "strict":
-        ok = zero_tir_format(response, count_tokens)
-        return (final_answer(response) if ok and finished else None), ok
-    return extract_answer(response), has_answer_format(response)
+        ok = zero_tir_format(text, count_tokens)
+        return (final_answer(text) if ok and finished else None), ok
+    return extract_answer(text), has_answer_format(text)
+
+
+@dataclass
+class Judgement:
+    answer: str | None   # what was compared with the gold answer (None: nothing to compare, so not correct)
+    format_ok: bool      # strict: the paper's format gate; lenient: an <answer> section holding a \\boxed
+    correct: bool
+    graded: bool         # False: the grader could not check the answer (neither right nor wrong)
+
+
+def judge(responses: list[tuple[str, bool]], golds: list[str], kind: str, grader: Grader,
+          count_tokens=None) -> list[Judgement]:
+    """The one grading path: training (rollout.grade), evaluation and `zero_tir_reward` all come here.
+    responses: (the response's text, finished: ended at a stop string or EOS); every function here leaves
+    its ```output blocks out, and training passes the policy's own tokens only (rollout.grade).
+    kind: strict (the paper's gates) or lenient (any \\boxed answer). Checks run on the grader's workers."""
+    found = [answer_to_grade(text, finished, kind, count_tokens) for text, finished in responses]
+    verdicts = grader.math_equal_many([(answer, gold) for (answer, _), gold in zip(found, golds)])
+    return [Judgement(answer, ok, bool(v), v is not None) for (answer, ok), v in zip(found, verdicts)]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

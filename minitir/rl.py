@@ -59,6 +59,18 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_redu
     return (values - mean) * torch.rsqrt(var + eps) * m
 
 
+def kl_reward_to_go(penalty: torch.Tensor) -> torch.Tensor:
+    """KL in the reward, per token, for the outcome estimators. penalty [L]: kl_coef * KL_t at one response's
+    policy tokens, in order -> [L]: sum over t' >= t of penalty_t', to subtract from the outcome advantage.
+
+    As REINFORCE++ defines it (OpenRLHF's compute_reward and get_cumulative_returns, gamma 1, which the
+    paper's code applies to every outcome estimator): each token's reward is -kl_coef * KL_t, the outcome
+    reward comes at the last token, and the advantage at t is the return from t on, so a token is charged
+    for the divergence of itself and what follows it, not of what came before. Tool tokens are not the
+    policy's: they have no KL and are not in [L]."""
+    return penalty.flip(0).cumsum(0).flip(0)
+
+
 # ------------------------------------------------------------------------------------------------
 # GAE for PPO with a critic
 # ------------------------------------------------------------------------------------------------
@@ -137,8 +149,9 @@ class ObjectiveStats:
     clipfrac: float = 0.0       # share of tokens where the clip was active
     entropy: float = 0.0
     kl: float = 0.0             # estimated KL(policy || reference), when there is a reference
-    approx_kl: float = 0.0      # CleanRL's approx_kl: (r - 1) - log r between the policy now and the one that
-                                # generated (0 in the first update of a step, by construction)
+    approx_kl: float = 0.0      # CleanRL's approx_kl: (r - 1) - log r between the policy now and the behaviour
+                                # policy (0 in the first update of a step for samples made in that step)
+    tis_capped: float = 0.0     # share of tokens whose truncated importance weight hit the cap (tis_cap > 0)
 
     def __add__(self, other: "ObjectiveStats") -> "ObjectiveStats":
         return ObjectiveStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -155,13 +168,19 @@ def token_objective(logp: torch.Tensor, entropy: torch.Tensor | None, old_logp: 
     """The policy's objective over C tokens -> (loss = sum_t w_t * l_t, statistics).
 
     l_t = -min(r_t A_t, clip(r_t) A_t) * tis_t + kl_coef * KL_t - entropy_coef * H_t, r_t = exp(logp - old_logp).
-    logp, entropy, old_logp (None: the current policy generated, r = 1), adv, weights, ref_logp, gen_logp: [C].
-    tis_t = min(pi_old / pi_generator, tis_cap) when tis_cap > 0, else 1; KL and H enter only with their
-    coefficients, and are reported whenever given."""
+    The ratio's two log-probs are the trainer's, of the full (untruncated) policy at the sampling temperature:
+    logp under the weights being updated, old_logp under the weights that generated the token (the behaviour
+    policy; None: those are the weights being updated, r = 1 with r's gradient). tis_t = min(pi_old /
+    pi_generator, tis_cap) when tis_cap > 0, else 1, where pi_generator is the distribution the generator
+    actually drew the token from (its own kernels and precision, top-k / top-p applied): what the trainer's
+    pi_old cannot see. logp, entropy, old_logp, adv, weights, ref_logp, gen_logp: [C]. KL and H enter only
+    with their coefficients, and are reported whenever given."""
     old = logp.detach() if old_logp is None else old_logp
     tok, clipped = policy_loss(logp, old, adv, clip_low, clip_high, dual_clip)               # [C]
+    capped = torch.zeros_like(tok, dtype=torch.bool)
     if tis_cap:
-        tok = tok * tis_weights(old.float(), gen_logp, tis_cap)
+        is_w = tis_weights(old.float(), gen_logp, tis_cap)                                     # [C]
+        tok, capped = tok * is_w, is_w >= tis_cap
     kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None        # [C]
     if kl is not None and kl_coef:
         tok = tok + kl_coef * kl
@@ -175,7 +194,8 @@ def token_objective(logp: torch.Tensor, entropy: torch.Tensor | None, old_logp: 
             loss=float(loss), clipfrac=float((clipped.float() * w).sum()),
             entropy=float((entropy.detach().float() * w).sum()) if entropy is not None else 0.0,
             kl=float((kl.detach().float() * w).sum()) if kl is not None else 0.0,
-            approx_kl=float(((log_ratio.exp() - 1 - log_ratio) * w).sum()))
+            approx_kl=float(((log_ratio.exp() - 1 - log_ratio) * w).sum()),
+            tis_capped=float((capped.float() * w).sum()))
     return loss, stats
 
 

@@ -9,29 +9,37 @@ from dataclasses import dataclass, field
 import torch
 
 from minitir.generate import Completion, Engine, GenerationConfig
-from minitir.reward import answer_to_grade
-from minitir.tasks import Problem, PromptTemplate, render_prompt
+from minitir.reward import RewardConfig, judge, outcome_reward
+from minitir.tasks import DatasetError, Problem, PromptTemplate, render_prompt
 
 
 @dataclass
 class Sample:
-    """One response and everything the update needs about it."""
+    """One response and everything the update needs about it. Each field is set once, by the step named."""
     prompt_ids: list[int]
     completion: Completion
     gold: str
     question: str = ""
+    # grade (the one reward path): what was compared, the verdict, the reward
     correct: bool = False
     graded: bool = True            # False: the grader could not check it, or the sandbox failed under its code
                                    # (counted apart, kept out of the statistics and the loss)
     format_ok: bool = False
     answer: str | None = None      # what was compared with the gold answer
     reward: float = 0.0
-    score: float = 0.0             # outcome advantage from the group baseline, before the token broadcast
-    loss_mask: list[int] = field(default_factory=list)  # over completion tokens
-    adv: list[float] = field(default_factory=list)      # per policy token (compacted)
+    # keep (trainer): the group estimator's outcome advantage, computed over the whole group before filters,
+    # and the tokens the loss trains on
+    outcome_adv: float = 0.0
+    loss_mask: list[int] = field(default_factory=list)  # over completion tokens: 1 = a policy token in the loss
+    # behaviour log-probs (learner.score), per loss token: the trainer's log-probs under the weights that
+    # generated the sample. Empty when the sample is trained in one update by those same weights: the
+    # update's own log-probs, detached, are then the same numbers (ratio 1) without a forward pass.
     old_logp: list[float] = field(default_factory=list)
+    carried: bool = False          # made in an earlier step (carry_over): trained off-policy against old_logp
+    # prepare (trainer), per loss token
     ref_logp: list[float] = field(default_factory=list)
     old_values: list[float] = field(default_factory=list)
+    adv: list[float] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)
 
 
@@ -64,12 +72,31 @@ def generation_config(template: PromptTemplate, *, max_tool_calls: int, **kw) ->
     return GenerationConfig(stop=template.stop, max_tool_calls=max_tool_calls if template.tools else 0, **kw)
 
 
+def prompt_ids(tok, template: PromptTemplate, question: str) -> list[int]:
+    return tok(render_prompt(template, question, tok)).input_ids
+
+
+def within_prompt_budget(problems: list[Problem], tok, template: PromptTemplate, max_prompt_tokens: int,
+                         say=print) -> tuple[list[Problem], int]:
+    """-> (the problems whose prompt fits max_prompt_tokens, how many did not). A longer prompt is skipped
+    before any generation, and said, rather than let eat into the response budget (the paper's code cuts it
+    to the budget instead, losing the question's end)."""
+    fits = [p for p in problems if len(prompt_ids(tok, template, p.question)) <= max_prompt_tokens]
+    skipped = len(problems) - len(fits)
+    if not fits:
+        raise DatasetError(f"no training problem's prompt fits --max-prompt-tokens {max_prompt_tokens}; raise it")
+    if skipped:
+        say(f"skipped {skipped} of {len(problems)} training problems: their prompt is longer than "
+            f"--max-prompt-tokens {max_prompt_tokens}")
+    return fits, skipped
+
+
 def generate_groups(model, tok, template: PromptTemplate, problems: list[Problem], n: int, gen: GenerationConfig,
                     tool=None, autocast: bool = False) -> list[Sample]:
     """n responses to each problem, as samples in problem order. gen.seed_offset is the index of problems[0]
     times n in the whole batch: sampling streams are per response, so a response does not depend on how many
     processes share the batch."""
-    prompts = [tok(render_prompt(template, p.question, tok)).input_ids for p in problems]
+    prompts = [prompt_ids(tok, template, p.question) for p in problems]
     model.eval()
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
         outs = Engine(model, tok, gen, tool).generate([ids for ids in prompts for _ in range(n)])
@@ -77,19 +104,19 @@ def generate_groups(model, tok, template: PromptTemplate, problems: list[Problem
                    question=problems[i // n].question) for i, c in enumerate(outs)]
 
 
-def grade(samples: list[Sample], grader, kind: str, tok=None):
-    """Sets answer, correct, format_ok and graded on each sample. strict: the paper's gates (format and
-    ended normally), then the final answer after </think>; lenient: any \\boxed answer. Tool output never
-    counts (the model's own text is graded). A check the grader could not make, or a tool call the sandbox
-    failed (the outcome is then not the policy's alone), leaves the sample ungraded."""
+def grade(samples: list[Sample], grader, reward: RewardConfig, tok=None):
+    """Sets answer, format_ok, graded, correct and reward on each sample through the one reward path
+    (reward.judge, reward.outcome_reward), on the model's own text: the policy's tokens, the tool's left
+    out by their mask. A check the grader could not make, or a tool call the sandbox failed (the outcome is
+    then not the policy's alone), leaves the sample ungraded and incorrect."""
     count = (lambda text: len(tok.encode(text, add_special_tokens=False))) if hasattr(tok, "encode") else None
-    for s in samples:
-        c = s.completion
-        s.answer, s.format_ok = answer_to_grade(c.policy_text or c.text, c.finish_reason == "stop", kind, count)
-    verdicts = grader.math_equal_many([(s.answer, s.gold) for s in samples])
-    for s, ok in zip(samples, verdicts):
-        failed = s.completion.num_tool_failures > 0
-        s.graded, s.correct = ok is not None and not failed, bool(ok) and not failed
+    found = judge([(s.completion.policy_text or s.completion.text, s.completion.finish_reason == "stop")
+                   for s in samples], [s.gold for s in samples], reward.kind, grader, count)
+    for s, j in zip(samples, found):
+        c, failed = s.completion, s.completion.num_tool_failures > 0
+        s.answer, s.format_ok = j.answer, j.format_ok
+        s.graded, s.correct = j.graded and not failed, j.correct and not failed
+        s.reward = outcome_reward(s.correct, s.format_ok, c.finish_reason == "length", reward)
 
 
 def sample_row(s: Sample) -> dict:

@@ -47,7 +47,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool, main: bool):
         self.run_dir, self.main, self.tb = run_dir, main, None
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
         if tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -60,6 +60,9 @@ class RunLog:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        self._scalars(m)
+
+    def _scalars(self, m: dict):
         if self.tb is not None:
             for k, v in m.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -75,75 +78,77 @@ class RunLog:
                 for s in samples[:n]]
         if not (rows and self.main):
             return ""
-        with open(self.run_dir / "samples.jsonl", "a") as f:
+        with open(self.samples_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         r = rows[0]
         return (f"--- step {step}: {r['question']}  (gold {r['gold']}; reward {r['reward']:g}, "
                 f"{r['tool_calls']} tool call(s), {r['finish_reason']})\n{r['response']}\n---")
 
     def truncate(self, step: int):
-        """On resume: metrics after the checkpoint belong to the abandoned run, so the log stays one history."""
-        if self.main and self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["step"] <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        """On resume: every log as an uninterrupted run would have written it up to `step`. Rows after the
+        checkpoint belong to the abandoned run: they leave metrics.jsonl and samples.jsonl, and TensorBoard's
+        events are written anew from the metrics kept (its event files cannot be cut)."""
+        if not self.main:
+            return
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                path.write_text("".join(ln + "\n" for ln in lines))
+        if self.tb is not None:
+            self.tb.close()
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+            self.tb = type(self.tb)(str(self.run_dir / "tb"))
+            for ln in self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []:
+                self._scalars(json.loads(ln))
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
 
 
-def save_checkpoint(t) -> Path:
-    """run_dir/checkpoints/step-N/{model files, trainer_state.pt} of trainer t, written by rank 0 under a
-    temporary name and renamed, so a crash mid-write leaves the previous checkpoint as the latest complete
-    one. Model and optimizer state are full (unsharded), so any number of ranks can resume from them."""
-    d, L = t.dist, t.learner
-    model = distributed.model_state(L.model, d)                 # collectives: every rank takes part
-    state = {"step": t.step, "data_epoch": t.data.epoch, "data_pos": t.data.pos,
-             "optimizer": distributed.optimizer_state(L.model, L.opt, d), "scheduler": L.sched.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "carry": d.gather(t.carry)}   # every rank's surplus of filter survivors
+def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int) -> Path:
+    """run_dir/checkpoints/step-N/{model files, trainer_state.pt}: the learner's weights, optimizer and schedule,
+    the random streams and `trainer_state` (its "step", and what the trainer needs to go on), written by rank 0
+    under a temporary name and renamed, so a crash mid-write leaves the previous checkpoint as the latest
+    complete one. Model and optimizer state are full (unsharded), so any number of ranks can resume from them.
+    Every rank calls it (the full state is gathered)."""
+    L, step = learner, trainer_state["step"]
+    model = distributed.model_state(L.model, dist)
+    state = {**trainer_state, "optimizer": distributed.optimizer_state(L.model, L.opt, dist),
+             "scheduler": L.sched.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if L.critic is not None:
-        state["critic"] = distributed.model_state(L.critic, d)
-        state["critic_optimizer"] = distributed.optimizer_state(L.critic, L.critic_opt, d)
-    ck = t.run_dir / "checkpoints"
-    final = ck / f"step-{t.step:06d}"
-    if d.main:
+        state["critic"] = distributed.model_state(L.critic, dist)
+        state["critic_optimizer"] = distributed.optimizer_state(L.critic, L.critic_opt, dist)
+    ck = run_dir / "checkpoints"
+    final = ck / f"step-{step:06d}"
+    if dist.main:
         ck.mkdir(parents=True, exist_ok=True)
-        tmp = ck / f".tmp-step-{t.step:06d}"
+        tmp = ck / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(L.model, L.tok, tmp, state_dict=model)
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(ck.glob("step-*"))[:-max(t.cfg.keep_checkpoints, 1)]:
+        for old in sorted(ck.glob("step-*"))[:-max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+    dist.barrier()
     return final
 
 
-def load_weights(t, path: Path) -> dict:
-    """Model (and critic) weights from a checkpoint into trainer t's unsharded models -> the trainer state."""
-    L = t.learner
+def load_weights(learner, path: Path, device) -> dict:
+    """Model (and critic) weights from a checkpoint into the learner's unsharded models -> the saved state."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    L.model.load_state_dict(load_model(path, dtype=L.model.dtype, device=t.device).state_dict())
-    if L.critic is not None:
-        L.critic.load_state_dict(state["critic"])
+    learner.model.load_state_dict(load_model(path, dtype=learner.model.dtype, device=device).state_dict())
+    if learner.critic is not None:
+        learner.critic.load_state_dict(state["critic"])
     return state
 
 
-def load_state(t, state: dict):
-    """Optimizer, schedule, RNG, data position and carried samples; after sharding (the optimizer state is
-    resharded)."""
-    L = t.learner
-    distributed.load_optimizer_state(L.model, L.opt, state["optimizer"], t.dist)
-    L.sched.load_state_dict(state["scheduler"])
-    if L.critic is not None:
-        distributed.load_optimizer_state(L.critic, L.critic_opt, state["critic_optimizer"], t.dist)
+def load_state(learner, dist, state: dict):
+    """Optimizer, schedule and random streams; after sharding (the optimizer state is resharded)."""
+    distributed.load_optimizer_state(learner.model, learner.opt, state["optimizer"], dist)
+    learner.sched.load_state_dict(state["scheduler"])
+    if learner.critic is not None:
+        distributed.load_optimizer_state(learner.critic, learner.critic_opt, state["critic_optimizer"], dist)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    t.step, t.data.epoch, t.data.pos = state["step"], state["data_epoch"], state["data_pos"]
-    carried = sum(state.get("carry", []), [])   # on however many ranks now: rank r takes its share
-    lo, hi = distributed.split(len(carried), t.dist)
-    t.carry = carried[lo:hi]
-    t.log.truncate(t.step)

@@ -6,14 +6,23 @@ import torch
 
 def sample(logits: torch.Tensor, generators: list, temperature: float, top_k: int = 0,
            top_p: float = 1.0) -> tuple[list[int], list[float]]:
-    """logits [B, V] -> (ids [B], log p(id) under softmax(logits / T), T = 1 when greedy). temperature 0 is
-    greedy; generators[b] is row b's torch.Generator (None: the default one)."""
+    """logits [B, V] -> (ids [B], log-probs [B]). temperature 0 is greedy; generators[b] is row b's
+    torch.Generator (None: the default one).
+
+    The log-prob is that of the distribution each id was actually drawn from (the behaviour policy of
+    truncated importance sampling): softmax(logits / T), restricted to the top-k / top-p set and
+    renormalised when either truncates. Without truncation this is the policy's own softmax(logits / T),
+    which the trainer recomputes; with it, a kept token's sampling probability is higher than the
+    policy's. Greedy: log p under softmax(logits) (evaluation only; the choice itself is certain)."""
     logits = logits.float()
     logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)         # [B, V]
     if temperature <= 0:
         ids = logits.argmax(-1)
     else:
-        ids = gumbel_max(_top_p(_top_k(logp, top_k), top_p, renormalise=top_k > 0), generators)
+        kept = _top_p(_top_k(logp, top_k), top_p, renormalise=top_k > 0)                       # -inf: cut
+        ids = gumbel_max(kept, generators)
+        if kept is not logp:   # truncated: the sampled distribution is the kept set, renormalised
+            logp = kept.log_softmax(-1)
     return ids.tolist(), logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
 
 

@@ -340,6 +340,46 @@ def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -
 
 
 # ------------------------------------------------------------------------------------------------
+# the miniature task (minitir/miniature.py): problems where code pays, with the code that solves each
+# ------------------------------------------------------------------------------------------------
+def _mini_product(r: random.Random, small: bool):
+    a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
+    return f"Compute ${a} \\times {b}$.", f"print({a} * {b})", a * b
+
+
+def _mini_mod_pow(r: random.Random, small: bool):
+    if small:
+        a, e, m = r.randint(2, 9), r.randint(2, 3), r.randint(5, 12)
+    else:
+        a, e, m = r.randint(2, 99), r.randint(10, 999), r.randint(7, 999)
+    return (f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", f"print(pow({a}, {e}, {m}))",
+            pow(a, e, m))
+
+
+def _mini_prime_sum(r: random.Random, small: bool):
+    n = r.randint(5, 30) if small else r.randint(100, 999)
+    return (f"What is the sum of all prime numbers less than ${n}$?",
+            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(primes_below(n)))
+
+
+MINIATURE_KINDS = {"product": _mini_product, "mod_pow": _mini_mod_pow, "prime_sum": _mini_prime_sum}
+
+
+def miniature_problems(n: int, seed: int, small_share: float = 0.1,
+                       kinds: tuple[str, ...] = tuple(MINIATURE_KINDS)) -> list[Problem]:
+    """n problems, kinds in turn, one in ten (small_share) small enough to memorise; meta holds the code
+    that solves each one."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        small = r.random() < small_share
+        q, code, answer = MINIATURE_KINDS[kind](r, small)
+        out.append(Problem(f"mini-{seed}-{i}", q, str(answer), {"kind": kind, "small": small, "code": code}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # a run's problems: the training source and its held-out part, and the order they are drawn in
 # ------------------------------------------------------------------------------------------------
 def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
@@ -355,8 +395,7 @@ def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
 
     n = cfg.synthetic_size + cfg.eval_size
     if cfg.data == "miniature":   # problems the miniature base model never trained on (another seed)
-        from minitir import miniature
-        problems = miniature.problems(n, seed=cfg.seed + 1)
+        problems = miniature_problems(n, seed=cfg.seed + 1)
     elif cfg.data == "synthetic":
         problems = synthetic_problems(n, seed=cfg.seed, difficulty=cfg.synthetic_difficulty)
     elif Path(cfg.data).exists():

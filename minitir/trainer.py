@@ -2,7 +2,7 @@
 
     collect   rollouts of n responses per problem (generator + sandbox), graded; group baselines; the paper's
               filters; refilled up to one batch (rollout.py, filters.py, reward.py)
-    prepare   old and reference log-probs, old values, then per-token advantages (rl.py)
+    prepare   behaviour and reference log-probs, old values, then per-token advantages (rl.py)
     update    ppo_epochs x mini_batches optimizer steps; each mini-batch packed into micro-batches whose
               objective (rl.token_objective) is differentiated inside the chunked head (logprobs.py)
     log       metrics, rollouts, checkpoints (run_state.py)
@@ -19,11 +19,11 @@ import torch
 
 from minitir import distributed, rl, run_state
 from minitir.config import TrainConfig, validate
-from minitir.filters import drop_reason, is_void
+from minitir.filters import drop_reason, mask_reason
 from minitir.learner import Learner
-from minitir.reward import Grader, RewardConfig, outcome_reward
+from minitir.reward import Grader, RewardConfig
 from minitir.rollout import (Sample, TimedTool, generate_groups, generation_config, grade, make_tool,
-                             rollout_metrics, sample_row)
+                             rollout_metrics, sample_row, within_prompt_budget)
 from minitir.tasks import Problem, ProblemStream, get_template, training_problems
 
 
@@ -39,16 +39,18 @@ class Trainer:
         if problems is None:   # data first: a bad file fails in seconds, not after loading a model
             problems, held_out = training_problems(cfg, say)
             eval_problems = held_out if eval_problems is None else eval_problems
-        self.data, self.eval_problems = ProblemStream(problems, cfg.seed), eval_problems or []
         self.run_dir, ckpt = run_state.open_run(cfg, self.dist, resume)
         self.log = run_state.RunLog(self.run_dir, cfg.tensorboard, self.dist.main)
         self.learner = Learner(cfg, self.dist, self.device, model, tokenizer)
         self.tok = self.learner.tok
-        state = run_state.load_weights(self, ckpt) if ckpt else None
+        problems, self.prompts_too_long = within_prompt_budget(problems, self.tok, self.template,
+                                                               cfg.max_prompt_tokens, say)
+        self.data, self.eval_problems = ProblemStream(problems, cfg.seed), eval_problems or []
+        state = run_state.load_weights(self.learner, ckpt, self.device) if ckpt else None
         self.learner.shard()
         self.learner.build_optimizers()
         if state is not None:
-            run_state.load_state(self, state)
+            self._restore(state)
         if tool is None and self.template.tools and cfg.max_tool_calls > 0:
             self.tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, cfg.sandbox_workers)
         else:
@@ -62,11 +64,11 @@ class Trainer:
         """rollouts -> rewards -> advantages -> update -> metrics, one optimizer step per mini-batch."""
         cfg, d = self.cfg, self.dist
         clock, tools_before = {"generate": 0.0, "grade": 0.0, "train": 0.0}, self.tool.seconds if self.tool else 0.0
-        batch, sampled, stats = self.collect(clock)                   # graded, baselined, filtered
+        batch, sampled, stats = self.collect(clock)                   # graded, baselined, filtered, carried in
         m = {"step": self.step + 1, **stats, **rollout_metrics(sum(d.gather([sample_row(s) for s in sampled]), []))}
         t = time.perf_counter()
-        if stats["groups_kept"]:
-            self.prepare(batch)                                       # old/ref log-probs, values, advantages
+        if stats["batch_size"]:
+            self.prepare(batch)                                       # behaviour/ref log-probs, values, advantages
             m.update(self.learner.update(batch, self.step))           # the objective and optimizer steps
         clock["train"] = time.perf_counter() - t
         self.step += 1
@@ -83,26 +85,27 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def _rollouts(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0) -> list[Sample]:
-        """n graded responses to each problem. first: the index of problems[0] in the global batch."""
+        """n graded responses to each problem, each with the whole max_new_tokens. first: the index of
+        problems[0] in the global batch."""
         cfg = self.cfg
         gen = generation_config(self.template, max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens,
                                 temperature=temperature, top_p=cfg.top_p, seed=seed, seed_offset=first * n,
                                 max_tool_output_tokens=cfg.max_tool_output_tokens,
-                                tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch,
-                                max_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+                                tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
         return generate_groups(self.learner.decoder(), self.tok, self.template, problems, n, gen, self.tool,
                                self.learner.autocast_on)
 
     def collect(self, clock: dict) -> tuple[list[Sample], list[Sample], dict]:
-        """-> (this rank's samples for the update, every sample it generated, global statistics). Rounds of
-        whole groups, each rank its contiguous share of a round's problems, graded and baselined per group
-        before anything is filtered (as the paper does); groups outside the accuracy range (filter_groups)
-        and responses the paper's filters drop leave the batch, and rounds refill it up to prompts_per_step
-        x n_samples responses (all ranks together). With carry_over the surplus waits for the next step."""
+        """-> (this rank's samples for the update, every sample it generated, global statistics). The samples
+        carried over from the last step come first; then rounds of whole groups, each rank its contiguous
+        share of a round's problems, graded and baselined per group before anything is filtered (as the paper
+        does); groups outside the accuracy range (filter_groups) and responses the paper's filters drop leave
+        the batch, and rounds refill it up to prompts_per_step x n_samples responses (all ranks together).
+        With carry_over the surplus waits for the next step, holding the log-probs of the weights that made it."""
         cfg, d, n = self.cfg, self.dist, self.cfg.n_samples
-        target, buffer, self.carry = cfg.prompts_per_step * n, self.carry, []
-        stats = {"groups_sampled": 0, "groups_kept": 0, "carried_in": int(d.sum(len(buffer))),
-                 "dropped_overlong": 0, "dropped_repetitive": 0}
+        target, buffer = cfg.prompts_per_step * n, list(self.carry)
+        stats = {"groups_sampled": 0, "groups_kept": 0, "carried_in": int(d.sum(len(buffer))), "dropped_overlong": 0,
+                 "dropped_repetitive": 0, "masked_truncated": 0, "masked_void": 0}
         refills = cfg.filter_groups or cfg.filter_overlong or cfg.filter_repetition > 0
         sampled = []
         for rnd in range(cfg.max_refill_rounds if refills else 1):
@@ -122,15 +125,33 @@ class Trainer:
             stats["groups_sampled"] += want
             for i in range(0, len(batch), n):
                 buffer += self._keep(batch[i:i + n], stats)
-        for k in ("groups_kept", "dropped_overlong", "dropped_repetitive"):
+        for k in ("groups_kept", "dropped_overlong", "dropped_repetitive", "masked_truncated", "masked_void"):
             stats[k] = int(d.sum(stats[k]))
-        kept = self._one_batch(buffer, target) if cfg.carry_over else buffer
-        stats["carried_out"] = int(d.sum(len(self.carry)))
+        kept, self.carry = self._one_batch(buffer, target) if cfg.carry_over else (buffer, [])
+        self.learner.behaviour_logprobs(self.carry)     # the weights that made them, before this step's update
+        for s in self.carry:
+            s.carried = True
+        size = int(d.sum(len(kept)))
+        stats.update(carried_out=int(d.sum(len(self.carry))), batch_size=size, batch_short=max(target - size, 0),
+                     carried_share=d.sum(sum(s.carried for s in kept)) / max(size, 1),
+                     prompts_too_long=self.prompts_too_long)
         return kept, sampled, stats
+
+    def reward(self, batch: list[Sample]):
+        """The one reward path (rollout.grade: reward.judge, then reward.outcome_reward); a custom reward_fn
+        replaces the reward it computed."""
+        grade(batch, self.grader, self.reward_cfg, self.tok)
+        if self.reward_fn is not None:
+            for s in batch:
+                c = s.completion
+                s.reward = float(self.reward_fn(c.text, s.gold, {"correct": s.correct, "finish_reason": c.finish_reason,
+                                                                 "num_tool_calls": c.num_tool_calls}))
 
     def _keep(self, group: list[Sample], stats: dict) -> list[Sample]:
         """A group's responses that stay in the batch: none when dynamic sampling drops the group; else its
-        group baseline is computed and the paper's filters drop single responses (counted by reason)."""
+        outcome advantages are computed over the whole group, the paper's filters drop single responses
+        (counted by reason), and each kept response gets its loss mask: its policy tokens, or none when
+        mask_truncated / mask_void_turns mask it (counted too)."""
         cfg = self.cfg
         graded = [s for s in group if s.graded]
         acc = sum(s.correct for s in graded) / max(len(graded), 1)
@@ -141,88 +162,76 @@ class Trainer:
             r = torch.tensor([[s.reward for s in group]], dtype=torch.float32)               # [1, n]
             adv = rl.group_advantages(r, cfg.algo, torch.tensor([[s.graded for s in group]]))[0]
             for s, a in zip(group, adv.tolist()):
-                s.score = a
+                s.outcome_adv = a
         kept = []
         for s in group:
             c = s.completion
             why = drop_reason(c.finish_reason, c.text, s.correct, cfg.filter_overlong, cfg.filter_repetition)
             if why:
                 stats[f"dropped_{why}"] += 1
-            elif s.graded:
-                kept.append(s)
+            if why or not s.graded:   # ungraded ones are counted in the rollout metrics
+                continue
+            masked = mask_reason(c.finish_reason, c.policy_text, c.num_tool_calls, s.answer is not None,
+                                 cfg.mask_truncated, cfg.mask_void_turns)
+            if masked:
+                stats[f"masked_{masked}"] += 1
+            s.loss_mask = [0] * len(c.tokens) if masked else list(c.policy_mask)
+            kept.append(s)
         return kept
 
-    def _one_batch(self, buffer: list[Sample], target: int) -> list[Sample]:
-        """carry_over: exactly one batch over all ranks; the rest (the last ranks' tails first) is carried."""
+    def _one_batch(self, buffer: list[Sample], target: int) -> tuple[list[Sample], list[Sample]]:
+        """carry_over: -> (exactly one batch over all ranks, the rest), the last ranks' tails carried first."""
         counts = self.dist.gather(len(buffer))
         surplus, later = max(sum(counts) - target, 0), sum(counts[self.dist.rank + 1:])
         mine = min(max(surplus - later, 0), len(buffer))
-        self.carry = buffer[len(buffer) - mine:]
-        return buffer[:len(buffer) - mine]
-
-    def reward(self, batch: list[Sample]):
-        """Grade (rollout.grade), then reward and loss mask of each sample: the paper's 0/1 (or lenient shaping,
-        or a custom reward_fn); responses ungraded, or masked by mask_truncated / mask_void_turns, get none."""
-        cfg = self.cfg
-        grade(batch, self.grader, cfg.reward, self.tok)
-        for s in batch:
-            c = s.completion
-            truncated = c.finish_reason == "length"
-            if self.reward_fn is not None:
-                s.reward = float(self.reward_fn(c.text, s.gold, {"correct": s.correct, "finish_reason": c.finish_reason,
-                                                                 "num_tool_calls": c.num_tool_calls}))
-            else:
-                s.reward = outcome_reward(s.correct, c.text, truncated, self.reward_cfg)
-            drop = (cfg.mask_truncated and truncated) or not s.graded or \
-                (cfg.mask_void_turns and is_void(c.policy_text, c.num_tool_calls, s.answer is not None))
-            s.loss_mask = [0] * len(c.tokens) if drop else list(c.policy_mask)
+        return buffer[:len(buffer) - mine], buffer[len(buffer) - mine:]
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, samples: list[Sample]):
-        """Old log-probs (with several updates per step, or KL in the reward), reference log-probs and old
-        values before any update; then advantages. With one update per step the old log-probs are the
-        update's own (detached): the same numbers without a second forward pass."""
+        """Before any update: behaviour log-probs where the update's own cannot stand in (several updates per
+        step, or KL in the reward; carried samples hold theirs already), reference log-probs and old values;
+        then per-token advantages, with KL in the reward per token (rl.kl_reward_to_go, or GAE's rewards)."""
         cfg = self.cfg
-        self.learner.score(samples, need_old=cfg.ppo_epochs * cfg.mini_batches > 1 or (cfg.kl_coef > 0 and cfg.kl_in_reward))
-        rewards = [s.reward for s in samples]
+        if cfg.ppo_epochs * cfg.mini_batches > 1 or (cfg.kl_coef > 0 and cfg.kl_in_reward):
+            self.learner.behaviour_logprobs(samples)
+        self.learner.score(samples)
+        kl = [torch.zeros(sum(s.loss_mask)) for s in samples]                              # [L] per sample
         if self.learner.ref is not None and cfg.kl_in_reward:
-            for k, s in enumerate(samples):
-                kl = rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
-                rewards[k] -= cfg.kl_coef * float(kl.sum())
+            kl = [cfg.kl_coef * rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
+                  for s in samples]
         if cfg.algo == "ppo":
-            self._gae_advantages(samples, rewards)
+            self._gae_advantages(samples, kl)
         else:
-            self._outcome_advantages(samples, [s.score - (s.reward - r) for s, r in zip(samples, rewards)])
+            self._outcome_advantages(samples, kl)
 
-    def _gae_advantages(self, samples: list[Sample], rewards: list[float]):
-        """PPO: the outcome reward at each response's last policy token, GAE over its policy tokens, advantages
-        whitened over the global batch."""
+    def _gae_advantages(self, samples: list[Sample], kl: list[torch.Tensor]):
+        """PPO: per-token rewards -kl_t and the outcome reward at each response's last policy token, GAE over
+        its policy tokens, advantages whitened over the global batch."""
         cfg = self.cfg
         T = max([len(s.old_values) for s in samples] + [1])
         R, V, M = (torch.zeros(len(samples), T) for _ in range(3))                    # [B, T] each
         for k, s in enumerate(samples):
             L = len(s.old_values)
             if L:
-                V[k, :L], M[k, :L], R[k, L - 1] = torch.tensor(s.old_values), 1, rewards[k]
+                V[k, :L], M[k, :L], R[k, :L] = torch.tensor(s.old_values), 1, -kl[k]
+                R[k, L - 1] += s.reward
         adv, ret = rl.gae(R, V, M, cfg.gamma, cfg.lam)
         adv = rl.whiten(adv.flatten(), M.flatten(), all_reduce=self.dist.all_reduce).view_as(adv)
         for k, s in enumerate(samples):
             L = len(s.old_values)
             s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
 
-    def _outcome_advantages(self, samples: list[Sample], scores: list[float]):
-        """A group baseline's score on every policy token; reinforce_pp whitens them over the global batch."""
-        if self.cfg.algo != "reinforce_pp":
-            for s, a in zip(samples, scores):
-                s.adv = [a] * sum(s.loss_mask)
-            return
-        tok = torch.cat([torch.zeros(0)] + [torch.full((sum(s.loss_mask),), a) for s, a in zip(samples, scores)])
-        tok = rl.whiten(tok, torch.ones_like(tok), all_reduce=self.dist.all_reduce)
-        i = 0
-        for s in samples:
-            L = sum(s.loss_mask)
-            s.adv, i = tok[i:i + L].tolist(), i + L
+    def _outcome_advantages(self, samples: list[Sample], kl: list[torch.Tensor]):
+        """A group estimator's outcome advantage on every policy token, less the KL to come (kl_reward_to_go);
+        reinforce_pp whitens them over the global batch's tokens."""
+        tok = [s.outcome_adv - rl.kl_reward_to_go(k) for s, k in zip(samples, kl)]       # [L] per sample
+        if self.cfg.algo == "reinforce_pp":
+            flat = torch.cat([torch.zeros(0)] + tok)
+            flat = rl.whiten(flat, torch.ones_like(flat), all_reduce=self.dist.all_reduce)
+            tok = list(flat.split([len(t) for t in tok]))
+        for s, a in zip(samples, tok):
+            s.adv = a.tolist()
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,7 +239,7 @@ class Trainer:
         """Greedy, one response per held-out problem; ranks split the problems."""
         lo, hi = distributed.split(len(self.eval_problems), self.dist)
         samples = self._rollouts(self.eval_problems[lo:hi], 1, 0.0, seed=self.cfg.seed)
-        grade(samples, self.grader, self.cfg.reward, self.tok)
+        grade(samples, self.grader, self.reward_cfg, self.tok)
         r = rollout_metrics(sum(self.dist.gather([sample_row(s) for s in samples]), []))
         return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
                 "eval/response_length": r["response_length"]}
@@ -260,7 +269,21 @@ class Trainer:
         return self.run_dir
 
     def save_checkpoint(self):
-        return run_state.save_checkpoint(self)
+        """The weights, the optimizer and the trainer's place: step, data order and every rank's carried samples
+        (with their behaviour log-probs)."""
+        state = {"step": self.step, "data_epoch": self.data.epoch, "data_pos": self.data.pos,
+                 "carry": self.dist.gather(self.carry)}
+        return run_state.save_checkpoint(self.run_dir, self.learner, self.dist, state, self.cfg.keep_checkpoints)
+
+    def _restore(self, state: dict):
+        """After sharding: the optimizer, schedule and random streams, then the trainer's place; the carried
+        samples are shared out over however many ranks run now; logs written after the checkpoint are cut."""
+        run_state.load_state(self.learner, self.dist, state)
+        self.step, self.data.epoch, self.data.pos = state["step"], state["data_epoch"], state["data_pos"]
+        carried = sum(state["carry"], [])
+        lo, hi = distributed.split(len(carried), self.dist)
+        self.carry = carried[lo:hi]
+        self.log.truncate(self.step)
 
     def close(self):
         self.grader.close()

@@ -60,13 +60,21 @@ def batch() -> list[Sample]:
     return out
 
 
+class CharTokenizer:
+    """Enough of a tokenizer for prompt budgets: one token per character."""
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=[1 + ord(c) % 63 for c in text])
+
+
 def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
     """Build a trainer for `case` and run prepare + update on this process's share of batch()."""
     tc = TrainConfig(prompt="{question}", prompts_per_step=2, n_samples=4, max_prompt_tokens=6, max_new_tokens=14,
                      micro_batch_tokens=20, max_tool_calls=0, lr=1e-3, grad_clip=1e3, eval_size=0,
                      tensorboard=False, run_dir=str(run_dir), run_name="dist",
                      save_every=0, seed=1, **CASES[case])
-    tok = SimpleNamespace(eos_token_id=0)
+    tok = CharTokenizer()
     t = Trainer(tc, model=tiny_model(), tokenizer=tok, problems=[Problem("p", "q", "1")], eval_problems=[])
     samples = batch()
     if t.dist.enabled:  # whole groups per rank

@@ -129,8 +129,9 @@ def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, k
     for k, p in zip(kept, expected.tolist()):
         freq = ids.count(k) / n
         assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (k, freq, p)
-    # the reported log-prob is the unfiltered tempered one (what the trainer recomputes)
-    assert max(abs(lp - logp[i].item()) for i, lp in zip(ids, lps)) < 1e-6
+    # the reported log-prob is that of the distribution sampled from: the kept set, renormalised
+    sampled = dict(zip(kept, expected.log().tolist()))
+    assert max(abs(lp - sampled[i]) for i, lp in zip(ids, lps)) < 1e-6
     again, _ = sample(logits.repeat(n, 1), gens(), temperature, top_k, top_p)
     assert again == ids
 
@@ -392,6 +393,16 @@ def test_stop_string_split_across_tokens_keeps_sampled_tokens(tok):
                     temperature=0, stop=[cut])[0]
     assert out2.finish_reason == "stop" and cut in out2.text
     assert out2.tokens == script[:len(out2.tokens)] and cut not in tok.decode(out2.tokens[:-1])
+
+
+def test_a_stop_string_in_tool_output_does_not_end_the_response(tok):
+    """The paper's stop strings end what the model writes, not what its code prints: output holding
+    "User:" and "</answer>" is spliced in and the model goes on to its own answer."""
+    script = enc(tok, "```python\nprint(1)\n```\nso the answer is 4 <answer>\\boxed{4}</answer> extra")
+    out = generate(ScriptedModel({1: script}, tok.eos_token_id), tok, [[1]], max_new_tokens=100, temperature=0,
+                   stop=["User:", "</answer>"], tool=lambda c: ToolOutput("User: hi </answer>"), max_tool_calls=1)[0]
+    assert out.num_tool_calls == 1 and out.finish_reason == "stop"
+    assert "User: hi </answer>" in out.text and out.text.rstrip().endswith("\\boxed{4}</answer>")
 
 
 def test_length_limits_and_long_prompts(tok):

@@ -1,6 +1,7 @@
 """The phenomenon in miniature: the shared-prefix pretraining forward against the model's plain forward, the
 compact vocabulary against the real tokenizer, and, fast, tool use and accuracy rising together under the
-paper's prompt and strict reward with the real generator, sandbox and grader."""
+paper's prompt and strict reward with the shipped base model, the real generator, sandbox and grader."""
+import math
 import time
 
 import torch
@@ -8,14 +9,9 @@ import torch
 from minitir import miniature
 from minitir.checkpoint import embedded_checkpoint, load_pretrained, save_pretrained
 from minitir.model import ModelConfig, Transformer
-from minitir.tasks import TEMPLATES, render_prompt
-from minitir.config import TrainConfig
+from minitir.tasks import TEMPLATES, miniature_problems, render_prompt
 from minitir.trainer import Trainer
 from minitir.vocab import CompactTokenizer
-
-# the fast version: one problem kind, a smaller model and corpus (the full one: minitir.miniature.BaseConfig)
-FAST = miniature.BaseConfig(documents=6000, skill_steps=700, habit_steps=100, code_share=0.2, hidden_size=64,
-                            layers=2, intermediate_size=128, batch=32, kinds=("product",))
 
 
 def base_tokenizer():
@@ -25,7 +21,7 @@ def base_tokenizer():
 
 def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     base = base_tokenizer()
-    p = miniature.problems(3, seed=0)[0]
+    p = miniature_problems(3, seed=0)[0]
     text = render_prompt(TEMPLATES["zero_tir"], p.question) + "".join(miniature.code_segments(p))
     tok = CompactTokenizer.build(base, [text])
     ids = tok.encode(text)
@@ -39,6 +35,19 @@ def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     save_pretrained(Transformer(cfg).init_weights(seed=0), tok, tmp_path)
     _, again = load_pretrained(str(tmp_path))
     assert isinstance(again, CompactTokenizer) and again.encode(text) == ids
+
+
+def test_the_shipped_base_model_is_todays():
+    """minitir/miniature_base was pretrained from today's corpus, vocabulary and configuration (its
+    fingerprint), and loads by name: a change to any of them without `python -m minitir.miniature` fails here."""
+    import json
+    from dataclasses import asdict
+    from minitir.checkpoint import MINIATURE_DIR
+    stored = json.loads((MINIATURE_DIR / "base_config.json").read_text())
+    cfg = miniature.BaseConfig()
+    assert stored == json.loads(json.dumps({"fingerprint": miniature.fingerprint(cfg), **asdict(cfg)}))
+    model, tok = load_pretrained("miniature")
+    assert isinstance(tok, CompactTokenizer) and model.config.vocab_size == len(tok)
 
 
 def test_shared_prefix_forward_equals_the_plain_forward():
@@ -58,27 +67,35 @@ def test_shared_prefix_forward_equals_the_plain_forward():
     torch.testing.assert_close(empty, model(groups[0]), atol=1e-5, rtol=1e-4)
 
 
+def test_pretraining_learns_the_corpus():
+    """A small run of the pretraining that built the shipped model: the loss falls far below chance."""
+    logged = []
+    cfg = miniature.BaseConfig(documents=400, skill_steps=60, habit_steps=20, hidden_size=32, layers=1,
+                               intermediate_size=64, batch=16, kinds=("product",))
+    model, tok = miniature.pretrain(cfg, log=logged.append)
+    final = float(logged[-1].split("loss ")[1].split(",")[0])
+    assert final < 0.5 * math.log(len(tok)), logged
+
+
 def test_tool_use_emerges_in_miniature(tmp_path):
-    """Pretrain a small base model that can but rarely does use code, then GRPO under the paper's prompt
-    and strict 0/1 reward: code use and accuracy on the training batches rise together."""
+    """What `python train.py` runs (configs/miniature.json, the shipped base model that can but rarely does
+    use code), 18 steps: under the paper's prompt and strict 0/1 reward, code use, accuracy and response
+    length on the training batches rise together."""
+    import train
     t0 = time.time()
-    model, tok = miniature.pretrain(FAST, log=lambda s: None)
-    problems = miniature.problems(600, seed=1, kinds=FAST.kinds)
-    tc = TrainConfig(model="miniature", prompt="zero_tir", prompts_per_step=8, n_samples=8, max_prompt_tokens=256,
-                     max_new_tokens=48, max_tool_calls=1, max_tool_output_tokens=64, lr=5e-4, steps=12, eval_size=0,
-                     run_dir=str(tmp_path), run_name="mini", save_every=0, tensorboard=False, log_samples=2,
-                     micro_batch_tokens=8192, checkpointing="none", sandbox_workers=2, seed=0)
-    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    cfg, _ = train.parse(["--steps", "18", "--eval-size", "0", "--run-dir", str(tmp_path), "--run-name", "mini",
+                          "--no-tensorboard", "--save-every", "0", "--log-samples", "2"])
+    t = Trainer(cfg)
     try:
-        history = [t.train_step() for _ in range(tc.steps)]
+        history = [t.train_step() for _ in range(cfg.steps)]
     finally:
         t.close()
     mean = lambda k, ms: sum(m[k] for m in ms) / len(ms)
     first, last = history[:3], history[-3:]
     curve = [(round(m["code_ratio"], 2), round(m["accuracy"], 2)) for m in history]
-    assert mean("code_ratio", first) <= 0.35 and mean("accuracy", first) <= 0.35, curve
+    assert mean("code_ratio", first) <= 0.2 and mean("accuracy", first) <= 0.2, curve
     assert mean("code_ratio", last) >= mean("code_ratio", first) + 0.3, curve
     assert mean("accuracy", last) >= mean("accuracy", first) + 0.25, curve
     assert mean("response_length", last) > mean("response_length", first)
-    assert (tmp_path / "mini" / "samples.jsonl").read_text().count("\n") == 2 * tc.steps
-    assert time.time() - t0 < 60, time.time() - t0
+    assert (tmp_path / "mini" / "samples.jsonl").read_text().count("\n") == 2 * cfg.steps
+    assert time.time() - t0 < 90, time.time() - t0

@@ -117,11 +117,11 @@ def test_grading_from_threads(grader):
 
 def test_outcome_reward():
     cfg = RewardConfig()
-    assert outcome_reward(True, "x", False, cfg) == 1.0 and outcome_reward(False, "x", True, cfg) == 0.0
+    assert outcome_reward(True, False, False, cfg) == 1.0 and outcome_reward(False, True, True, cfg) == 0.0
     cfg = RewardConfig(kind="lenient", format_penalty=0.5, truncation_penalty=0.25)
-    assert outcome_reward(True, "<answer>\\boxed{1}</answer>", False, cfg) == 1.0
-    assert outcome_reward(True, "\\boxed{1}", True, cfg) == 0.25
-    assert outcome_reward(True, "\\boxed{1}", True, RewardConfig(format_penalty=0.5)) == 1.0  # strict: no shaping
+    assert outcome_reward(True, True, False, cfg) == 1.0
+    assert outcome_reward(True, False, True, cfg) == 0.25
+    assert outcome_reward(True, False, True, RewardConfig(format_penalty=0.5)) == 1.0  # strict: no shaping
 
 
 CODE = "```python\nprint(chr(92) + 'boxed{' + str(3 * 4) + '}')\n```\n```output\n\\boxed{12}\n```\n\n\n"

@@ -131,3 +131,10 @@ def test_masked_tokens_get_exactly_zero_gradient():
         kl = rl.kl_estimate(logp, old, "k3")
         ((loss + 0.1 * kl) * w).sum().backward()
         assert torch.all(logp.grad[mask == 0] == 0) and torch.all(logp.grad[mask == 1] != 0)
+
+
+def test_kl_reward_to_go_by_hand():
+    # penalties kl_coef * KL_t at a response's 4 policy tokens: each token is charged what comes from it on
+    pen = torch.tensor([0.1, -0.2, 0.4, 0.3])
+    assert torch.allclose(rl.kl_reward_to_go(pen), torch.tensor([0.6, 0.5, 0.7, 0.3]))
+    assert rl.kl_reward_to_go(torch.zeros(0)).shape == (0,)

@@ -146,18 +146,50 @@ def test_tool_use_emerges_from_outcome_reward(tmp_path):
 def _strip(m):
     """Metrics that must repeat exactly. Timings do not; nor, in the last bits, the generator log-probs:
     which rows decode together depends on when tool calls return, and batch shape moves float rounding."""
-    return {k: (round(v, 5) if k.startswith("logprob_gap") else v) for k, v in m.items()
+    return {k: (round(v, 5) if k.startswith(("logprob_gap", "carried_ratio")) else v) for k, v in m.items()
             if not k.startswith("time/") and k != "tokens_per_s"}
 
 
-def test_exact_resume_and_crash_while_saving(tmp_path, monkeypatch):
-    tc, model, tok, problems = toy_setup(tmp_path, steps=4, run_name="straight")
-    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
-    straight = [_strip(t.train_step()) for _ in range(4)]
-    t.close()
+class FakeSummaryWriter:
+    """TensorBoard's SummaryWriter as the run log uses it: each writer appends a new event file."""
 
-    tc, model, tok, problems = toy_setup(tmp_path, steps=4, run_name="stopped", save_every=2)
-    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    def __init__(self, log_dir):
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.f = open(Path(log_dir) / f"events.{time.time_ns()}", "w", buffering=1)
+
+    def add_scalar(self, key, value, step):
+        self.f.write(json.dumps([step, key, value]) + "\n")
+
+    def close(self):
+        self.f.close()
+
+
+def logs(run: Path) -> dict:
+    """Every log of a run, as a reader sees it (timings aside)."""
+    keep = lambda m: {k: v for k, v in _strip(m).items() if not k.startswith("logprob_gap")}
+    events = [json.loads(ln) for f in sorted((run / "tb").glob("events.*")) for ln in f.read_text().splitlines()]
+    return {"metrics": [keep(json.loads(ln)) for ln in (run / "metrics.jsonl").read_text().splitlines()],
+            "samples": (run / "samples.jsonl").read_text().splitlines(),
+            "tensorboard": sorted(tuple(e) for e in events if e[1] in keep({e[1]: e[2]}))}
+
+
+def test_exact_resume_and_crash_while_saving(tmp_path, monkeypatch):
+    """A run stopped by a crash while writing its step-4 checkpoint resumes from step 2 with the samples it
+    carried over there, and ends with every log (metrics, samples, TensorBoard) as the straight run's."""
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    shaped = lambda text, gold, info: float(len(text) % 3)
+    setup = dict(steps=4, warm=True, max_new_tokens=8, filter_overlong=True, carry_over=True, max_refill_rounds=4,
+                 tensorboard=True, log_samples=3)
+    tc, model, tok, problems = toy_setup(tmp_path, run_name="straight", **setup)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], reward_fn=shaped)
+    straight = [_strip(t.train_step()) for _ in range(4)]
+    t.log.close()
+    t.close()
+    assert straight[1]["carried_out"] > 0 and straight[2]["carried_in"] == straight[1]["carried_out"]
+
+    tc, model, tok, problems = toy_setup(tmp_path, run_name="stopped", save_every=2, **setup)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], reward_fn=shaped)
     first = [_strip(t.train_step()) for _ in range(3)]   # step 3 runs, its checkpoint is not due
     # the process dies while writing the step-4 checkpoint: the step-2 checkpoint must stay usable
     import minitir.trainer as trainer_mod
@@ -174,17 +206,17 @@ def test_exact_resume_and_crash_while_saving(tmp_path, monkeypatch):
     ck = Path(tmp_path) / "stopped" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000004", "step-000002"]
 
-    tc, model, tok, problems = toy_setup(tmp_path, steps=4, run_name="stopped", save_every=2)
+    tc, model, tok, problems = toy_setup(tmp_path, run_name="stopped", save_every=2, **setup)
     fresh = Transformer(model.config).init_weights(seed=99)  # weights must come from the checkpoint
-    t = Trainer(tc, model=fresh, tokenizer=tok, problems=problems, eval_problems=[],
+    t = Trainer(tc, model=fresh, tokenizer=tok, problems=problems, eval_problems=[], reward_fn=shaped,
                 resume=str(Path(tmp_path) / "stopped"))
     assert t.step == 2
     resumed = [_strip(t.train_step()) for _ in range(2)]
+    t.log.close()
     t.close()
     assert first[:2] == straight[:2]
     assert resumed == straight[2:]
-    logged = [json.loads(l)["step"] for l in (Path(tmp_path) / "stopped" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4]
+    assert logs(Path(tmp_path) / "stopped") == logs(Path(tmp_path) / "straight")
 
 
 def rollouts_with_tool_output(tmp_path, **overrides):
@@ -198,10 +230,12 @@ def rollouts_with_tool_output(tmp_path, **overrides):
     return t, kept, with_tool
 
 
-def test_trainer_logprobs_equal_the_generators_on_rollouts_with_tool_output(tmp_path):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_equal_the_generators_on_rollouts_with_tool_output(tmp_path, temperature):
     """The trainer's packed forward must give, at every policy token, the log-prob the generator sampled it
-    with (float32): a shifted hidden-state alignment or a tool token in the loss breaks this."""
-    t, kept, with_tool = rollouts_with_tool_output(tmp_path)
+    with (float32, at the sampling temperature): a shifted hidden-state alignment, a tool token in the loss
+    or log-probs taken at another temperature break this."""
+    t, kept, with_tool = rollouts_with_tool_output(tmp_path, temperature=temperature)
     try:
         for s in kept:
             assert s.loss_mask == s.completion.policy_mask     # the environment's tokens are not the policy's
@@ -226,7 +260,7 @@ def test_tool_output_tokens_get_no_gradient(tmp_path):
         def grads(tool_ids):
             toks = [tool_ids.pop(0) if k == 0 else x for x, k in zip(c.tokens[:end], s.loss_mask[:end])]
             cut = Sample(prompt_ids=s.prompt_ids, gold=s.gold, completion=Completion(
-                toks, c.logprobs[:end], c.policy_mask[:end], "", "length"), loss_mask=s.loss_mask[:end], score=1.0)
+                toks, c.logprobs[:end], c.policy_mask[:end], "", "length"), loss_mask=s.loss_mask[:end], outcome_adv=1.0)
             t.learner.model.zero_grad()
             t.prepare([cut])
             t.learner.update([cut], t.step)
@@ -245,12 +279,12 @@ def test_tool_output_tokens_get_no_gradient(tmp_path):
 def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
     """The update takes the loss's gradient inside the head's forward (token_loss); it must equal autograd
     through plain log-probs and the rl.py formulas: clipped and dual-clipped ratios, k3 KL, entropy bonus,
-    per-sequence aggregation, truncated importance weights against the generator's log-probs, several
-    micro-batches."""
+    per-sequence aggregation over the sequences holding loss tokens, truncated importance weights against the
+    generator's log-probs, several micro-batches, log-probs at the sampling temperature."""
     from minitir import rl
     tc, model, tok, problems = toy_setup(tmp_path, steps=1, ppo_epochs=2, kl_coef=0.5, entropy_coef=0.5,
                                          dual_clip=3.0, loss_agg="seq_mean_token_mean", grad_clip=1e9,
-                                         micro_batch_tokens=256, tis_cap=1.5)
+                                         micro_batch_tokens=256, tis_cap=1.5, temperature=0.7)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         kept, _, _ = t.collect({"generate": 0.0, "grade": 0.0})
@@ -262,6 +296,8 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
             s.ref_logp = (torch.tensor(s.ref_logp) + 0.3 * torch.randn(n, generator=g)).tolist()
             s.adv = (2 * torch.randn(n, generator=g)).tolist()
         assert len(t.learner.micro_batches(kept)) > 1
+        masked = kept[0]   # a response masked out of the loss (e.g. mask_truncated) is not a sequence of it
+        masked.loss_mask, masked.old_logp, masked.ref_logp, masked.adv = [0] * len(masked.loss_mask), [], [], []
         logp, ent, seq = t.learner.logprobs(t.learner.model, kept, with_entropy=True)
         cat = lambda key: torch.tensor([v for s in kept for v in getattr(s, key)])
         tok_loss, _ = rl.policy_loss(logp, cat("old_logp"), cat("adv"), tc.clip_low, tc.clip_high, tc.dual_clip)
@@ -269,7 +305,7 @@ def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
         is_w = torch.exp(cat("old_logp") - gen).clamp(max=1.5)          # pi_old / pi_generator, truncated
         assert 0 < float((is_w == 1.5).float().mean()) < 1                # some weights are capped
         tok_loss = tok_loss * is_w + tc.kl_coef * rl.kl_estimate(logp, cat("ref_logp"), tc.kl_estimator) - tc.entropy_coef * ent
-        w = rl.token_weights(torch.ones(len(seq)), seq, len(kept), tc.loss_agg)
+        w = rl.token_weights(torch.ones(len(seq)), seq, len(kept) - 1, tc.loss_agg)
         model.zero_grad()
         (tok_loss * w).sum().backward()
         want = [p.grad.clone() for p in model.parameters()]
@@ -341,11 +377,11 @@ def test_grade_errors_are_counted_and_kept_out_of_the_statistics(tmp_path):
         assert m["grade_errors"] == tc.prompts_per_step * tc.n_samples // 4
         kept, sampled, _ = t.collect({"generate": 0.0, "grade": 0.0})
         lost = [s for s in sampled if not s.graded]
-        assert lost and all(s.score == 0 and not any(s.loss_mask) for s in lost) and not set(map(id, lost)) & set(map(id, kept))
+        assert lost and all(s.outcome_adv == 0 and not any(s.loss_mask) for s in lost) and not set(map(id, lost)) & set(map(id, kept))
         group = sampled[:tc.n_samples]
         valid = torch.tensor([[s.graded for s in group]])
         want = rl.group_advantages(torch.tensor([[s.reward for s in group]]), "grpo", valid)[0]
-        assert [s.score for s in group] == pytest.approx(want.tolist())
+        assert [s.outcome_adv for s in group] == pytest.approx(want.tolist())
     finally:
         t.close()
 
@@ -371,7 +407,7 @@ def test_sandbox_failures_are_counted_and_kept_out_of_the_statistics(tmp_path):
         t.tool.tool = Flaky()
         kept, sampled, _ = t.collect({"generate": 0.0, "grade": 0.0})
         failed = [s for s in sampled if s.completion.num_tool_failures]
-        assert failed and all(not s.graded and not s.correct and s.score == 0 and not any(s.loss_mask) for s in failed)
+        assert failed and all(not s.graded and not s.correct and s.outcome_adv == 0 and not any(s.loss_mask) for s in failed)
         assert not set(map(id, failed)) & set(map(id, kept))
         m = t.train_step()
         assert m["tool_failures"] > 0 and m["grade_errors"] == 0
@@ -413,10 +449,10 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
     for name in ("qwen2.5-1.5b-grpo", "qwen2.5-1.5b-ppo", "qwen2.5-7b-grpo"):   # the same protocol, scaled
         other, _ = train.parse(["--config", name])
         assert (other.mini_batches, other.warmup_steps, tuple(other.adam_betas), other.filter_overlong,
-                other.carry_over, other.max_tool_output_tokens) == (1, 0, (0.9, 0.95), True, True, 256)
+                other.carry_over, other.max_tool_output_tokens, other.tis_cap) == (1, 0, (0.9, 0.95), True, True, 256, 2.0)
+    assert cfg.tis_cap == 2.0   # beyond the paper's run as published: the generator decodes a bfloat16 copy
     _, model, tok, problems = toy_setup(tmp_path, steps=1)
-    cfg.run_dir, cfg.tensorboard, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.micro_batch_tokens = \
-        str(tmp_path), False, 8, 24, 64
+    cfg.run_dir, cfg.tensorboard, cfg.max_new_tokens, cfg.micro_batch_tokens = str(tmp_path), False, 24, 1048
     t = Trainer(cfg, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         assert t.learner.opt.param_groups[0]["betas"] == (0.9, 0.95) and t.learner.sched.get_last_lr() == [1e-6]
@@ -478,3 +514,212 @@ def test_every_algorithm_runs_and_updates(tmp_path, algo, extra):
         assert "kl" in ms[-1]
     changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert changed or all(m["grad_norm"] == 0 for m in ms)
+
+
+# ------------------------------------------------------------------------------------------------
+# the update's bookkeeping, each against a hand computation through the trainer's own path
+# ------------------------------------------------------------------------------------------------
+def constructed(tok, question, segments, finish="stop", gold="12", seed=0):
+    """A sample from text segments [(text, written by the policy?)]: tool segments get policy mask 0 and
+    log-prob 0, the model's get made-up log-probs; text and policy_text as the generator sets them."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, mask = [], []
+    for text, mine in segments:
+        ids = tok.encode(text)
+        tokens, mask = tokens + ids, mask + [int(mine)] * len(ids)
+    logprobs = [float(-torch.rand(1, generator=g)) if m else 0.0 for m in mask]
+    c = Completion(tokens, logprobs, mask, "".join(t for t, _ in segments), finish,
+                   num_tool_calls=sum(not m for _, m in segments), policy_text="".join(t for t, m in segments if m))
+    return Sample(prompt_ids=tok.encode(question), completion=c, gold=gold, question=question)
+
+
+def test_one_reward_path_for_training_and_zero_tir_reward(tmp_path):
+    """The trainer's reward step and the public zero_tir_reward are one implementation: the same responses
+    get the same rewards, including a \\boxed only the tool printed (before and after </think>), a response
+    cut at the length limit, format failures, a wrong answer, and a check the grader could not make
+    (ungraded in training, GradeError from zero_tir_reward)."""
+    from minitir.reward import GradeError, zero_tir_reward
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], tool=lambda code: "")
+    code, out = "```python\nprint(12)\n```", "\n```output\n12\n```\n\n\n"
+    boxed_out = "\n```output\n\\boxed{12}\n```\n\n\n"
+    cases = {  # name: (segments, finish_reason, gold)
+        "right": ([(code, 1), (out, 0), ("</think> <answer>\\boxed{12}</answer>", 1)], "stop", "12"),
+        "tool boxed": ([(code, 1), (boxed_out, 0), ("</think> <answer>see above</answer>", 1)], "stop", "12"),
+        "tool boxed in answer": ([("</think> <answer>" + code, 1), (boxed_out, 0), ("</answer>", 1)], "stop", "12"),
+        "cut": ([(code, 1), (out, 0), ("</think> <answer>\\boxed{12}</answer>", 1)], "length", "12"),
+        "no think": ([("<answer>\\boxed{12}</answer>", 1)], "stop", "12"),
+        "tail": ([("</think> <answer>\\boxed{12}</answer> w1 w2 w3 w4 w5 w6", 1)], "stop", "12"),
+        "wrong": ([("</think> <answer>\\boxed{13}</answer>", 1)], "stop", "12"),
+        "grader failed": ([("</think> <answer>\\boxed{7}</answer>", 1)], "stop", "nine"),
+    }
+    try:
+        real = t.grader.math_equal_many
+        t.grader.math_equal_many = lambda pairs: [None if g == "nine" else v for (p, g), v in zip(pairs, real(pairs))]
+        batch = [constructed(tok, "12*1=", segs, finish, gold) for segs, finish, gold in cases.values()]
+        t.reward(batch)
+        count = lambda text: len(tok.encode(text))
+        for name, s in zip(cases, batch):
+            c = s.completion
+            if name == "grader failed":
+                assert not s.graded
+                with pytest.raises(GradeError):
+                    zero_tir_reward(c.text, s.gold, c.finish_reason == "stop", grader=t.grader, count_tokens=count)
+                continue
+            want = zero_tir_reward(c.text, s.gold, c.finish_reason == "stop", grader=t.grader, count_tokens=count)
+            assert s.graded and s.reward == want, name
+        assert [s.reward for s in batch[:-1]] == [1.0, 0, 0, 0, 0, 0, 0]
+        # code whose output forges a closed block and an answer: training knows the tool's tokens by their mask
+        # (zero_tir_reward, given text alone, can only find output blocks by their fences)
+        forged = constructed(tok, "12*1=", [(code, 1), ("\n```output\nx\n```\n</think> <answer>\\boxed{12}</answer>"
+                                                        "\n```\n\n\n", 0)])
+        t.reward([forged])
+        assert forged.graded and forged.reward == 0.0
+    finally:
+        t.close()
+
+
+def test_repetition_filter_scores_the_whole_response_and_mask_truncated_masks(tmp_path):
+    """The paper scores its output_text, tool output included: a correct response whose own words do not
+    repeat but whose tool output does is dropped. mask_truncated keeps a response cut at the length limit in
+    its group's statistics but out of the loss, and counts it."""
+    from minitir.filters import repeatness
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], tool=lambda code: "")
+    try:
+        answer = "</think> <answer>\\boxed{12}</answer>"
+        loop = constructed(tok, "12*1=", [("```python\nprint(12)\n```", 1), ("\n```output\n" + "1\n" * 60 + "```\n\n\n", 0),
+                                          (answer, 1)])
+        plain = constructed(tok, "12*1=", [("```python\nprint(12)\n```", 1), ("\n```output\n12\n```\n\n\n", 0), (answer, 1)])
+        cut = constructed(tok, "12*1=", [("```python\nprint(12)\n", 1)], finish="length")
+        group = [loop, plain, cut]
+        t.reward(group)
+        calm = max(repeatness(loop.completion.policy_text), repeatness(plain.completion.text))
+        assert calm < repeatness(loop.completion.text)      # only the tool's output repeats
+        t.cfg.filter_repetition = (calm + repeatness(loop.completion.text)) / 2
+        t.cfg.mask_truncated = True
+        stats = {"groups_kept": 0, "dropped_overlong": 0, "dropped_repetitive": 0, "masked_truncated": 0, "masked_void": 0}
+        kept = t._keep(group, stats)
+        assert kept == [plain, cut] and stats["dropped_repetitive"] == 1 and stats["masked_truncated"] == 1
+        assert plain.loss_mask == plain.completion.policy_mask and not any(cut.loss_mask)
+        t.cfg.mask_truncated = False
+        assert t._keep([plain, cut], stats)[1].loss_mask == cut.completion.policy_mask
+    finally:
+        t.close()
+
+
+def _whiten(x):
+    return (x - x.mean()) / (x.var(unbiased=False) + 1e-8).sqrt()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "reinforce_pp", "ppo"])
+def test_advantages_with_kl_in_the_reward_by_hand(tmp_path, algo):
+    """prepare's per-token advantages against a naive computation from the log-probs it computed: the KL
+    penalty kl_coef * k3 at each policy token (none at the tool's), charged from each token on for the
+    outcome estimators, or as GAE's per-token rewards with the outcome at the last policy token (ppo);
+    reinforce_pp and ppo whitened over the batch's tokens."""
+    coef, gamma, lam = 0.3, 0.9, 0.8
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, algo=algo, kl_coef=coef, kl_in_reward=True,
+                                         gamma=gamma, lam=lam)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], tool=lambda code: "")
+    try:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():   # the policy moves away from its reference
+            for p in t.learner.model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        samples = [constructed(tok, f"{10 + i}*3=", [("w3 w4 w5 ", 1), ("```output\n42\n```\n\n\n", 0),
+                                                       ("w6 " * (i + 1) + "</think> <answer>\\boxed{3}</answer>", 1)],
+                               seed=i) for i in range(4)]
+        for i, s in enumerate(samples):
+            s.reward, s.outcome_adv, s.loss_mask = float(i % 2), 0.7 - 1.1 * (i % 2), list(s.completion.policy_mask)
+        t.prepare(samples)
+        want = []
+        for s in samples:
+            log_r = torch.tensor(s.old_logp) - torch.tensor(s.ref_logp)                       # policy tokens only
+            kl = coef * (torch.exp(-log_r) - 1 + log_r)
+            assert len(kl) == sum(s.completion.policy_mask) and kl.abs().max() > 1e-4
+            if algo == "ppo":
+                r = -kl
+                r[-1] += s.reward
+                v, a, out = s.old_values + [0.0], 0.0, []
+                for j in reversed(range(len(r))):
+                    a = float(r[j]) + gamma * v[j + 1] - v[j] + gamma * lam * a
+                    out.append(a)
+                want.append(torch.tensor(out[::-1]))
+            else:
+                want.append(torch.tensor([s.outcome_adv - float(kl[j:].sum()) for j in range(len(kl))]))
+        flat = torch.cat(want)
+        if algo in ("reinforce_pp", "ppo"):
+            flat = _whiten(flat)
+        got = torch.cat([torch.tensor(s.adv) for s in samples])
+        assert torch.allclose(got, flat, atol=1e-5), (got, flat)
+    finally:
+        t.close()
+
+
+def test_prompts_over_the_budget_are_skipped_and_counted(tmp_path):
+    """max_prompt_tokens is the prompt budget: longer prompts never reach the generator and are counted,
+    and every response gets the whole max_new_tokens."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, max_prompt_tokens=5, max_new_tokens=12)
+    long = [Problem(f"long{i}", f"{100 + i}*7=", str((100 + i) * 7)) for i in range(5)]   # 6 tokens; the rest 5
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems[:40] + long, eval_problems=[], tool=lambda code: "")
+    try:
+        assert t.prompts_too_long == 5 and len(t.data.problems) == 40
+        kept, sampled, stats = t.collect({"generate": 0.0, "grade": 0.0})
+        assert stats["prompts_too_long"] == 5 and all(len(s.prompt_ids) <= 5 for s in sampled)
+        cut = [s for s in sampled if s.completion.finish_reason == "length"]
+        assert cut and all(len(s.completion.tokens) == 12 for s in cut)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+def test_carried_samples_are_trained_against_the_weights_that_made_them(tmp_path, ppo_epochs):
+    """carry_over as the paper carries its surplus experiences: with the log-probs of the weights that made
+    them. After an update, a carried sample's behaviour log-probs are still those (equal, in float32, to the
+    generator's), its ratio in the next update is pi_now / pi_then (logged as carried_ratio_mean), while a
+    sample made in the step it trains in needs no behaviour forward with one update per step."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=3, max_new_tokens=8, filter_overlong=True, carry_over=True,
+                                         max_refill_rounds=4, warm=True, ppo_epochs=ppo_epochs, lr=2e-3)
+    shaped = lambda text, gold, info: float(len(text) % 3)   # rewards that differ within groups: the policy moves
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], reward_fn=shaped)
+    try:
+        m1 = t.train_step()
+        carry = list(t.carry)
+        assert m1["carried_out"] == len(carry) > 0 and all(s.carried for s in carry)
+        then = [list(s.old_logp) for s in carry]
+        gen = torch.tensor([lp for s in carry for lp, k in zip(s.completion.logprobs, s.loss_mask) if k])
+        assert (torch.tensor(sum(then, [])) - gen).abs().max() <= 1e-4       # the weights that made them
+        with torch.no_grad():
+            now, _, _ = t.learner.logprobs(t.learner.model, carry)
+        log_ratio = now - torch.tensor(sum(then, []))
+        assert log_ratio.abs().max() > 1e-3                                    # the update moved the policy
+        kept, _, stats = t.collect({"generate": 0.0, "grade": 0.0})
+        assert kept[:len(carry)] == carry and stats["carried_share"] == len(carry) / len(kept)
+        t.prepare(kept)
+        assert [s.old_logp for s in carry] == then                             # not rescored with today's weights
+        fresh = kept[len(carry):]
+        assert all(bool(s.old_logp) == (ppo_epochs > 1) for s in fresh)       # one update: no behaviour forward
+        m2 = t.learner.update(kept, t.step)
+        assert m2["carried_ratio_mean"] == pytest.approx(float(log_ratio.exp().mean()), abs=1e-5)
+    finally:
+        t.close()
+
+
+def test_no_sample_is_lost_when_every_new_group_is_filtered(tmp_path):
+    """A step whose new groups are all filtered still trains on the samples carried into it, and a batch
+    short of prompts_per_step x n_samples says so (batch_size, batch_short)."""
+    tc, model, tok, problems = toy_setup(tmp_path, steps=2, max_new_tokens=8, filter_overlong=True, carry_over=True,
+                                         max_refill_rounds=4, warm=True)
+    t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    try:
+        t.train_step()
+        carried = len(t.carry)
+        assert carried > 0
+        t.cfg.filter_groups, t.cfg.filter_min_acc, t.cfg.filter_max_acc, t.cfg.max_refill_rounds = True, 1.0, 1.0, 1
+        m = t.train_step()
+        target = tc.prompts_per_step * tc.n_samples
+        assert m["groups_kept"] == 0 and m["carried_in"] == carried
+        assert m["batch_size"] == carried and m["batch_short"] == target - carried and "loss" in m
+    finally:
+        t.close()
