@@ -32,7 +32,7 @@ from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG, ToolOutput, ToolProtoco
 @dataclass
 class Completion:
     tokens: list[int]          # everything after the prompt: sampled tokens and tool-output tokens
-    logprobs: list[float]      # log p(token) under softmax(logits / temperature); 0 for tool tokens
+    logprobs: list[float]      # log p(token) under the distribution sampled from (sampling.sample); 0 for tool tokens
     policy_mask: list[int]     # 1 = sampled by the policy, 0 = inserted by the tool
     text: str
     finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"

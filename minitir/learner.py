@@ -236,7 +236,7 @@ class Learner:
         (loss * self.dist.world).backward()
         if drift is not None:
             carried = torch.tensor([s.carried for s in mb for _ in range(sum(s.loss_mask))], dtype=torch.bool)
-            drift.add(gen, logp.detach().float(), old, carried.to(dev) & held)
+            drift.add(gen, logp.detach().float(), old, carried.to(dev))
         return stats[0]
 
     def _critic_backward(self, mb: list[Sample], w: torch.Tensor) -> float:
@@ -254,9 +254,9 @@ class Learner:
 
 class Drift:
     """How far the policy being trained is from the ones that sampled, over the first pass of an update:
-    the generator/trainer log-prob gap |log pi_generator - log pi_theta| over every loss token (0 up to
-    rounding when they share weights, precision and an untruncated distribution), and the ratio
-    pi_theta / pi_behaviour over the carried samples' tokens (1 for samples made in this step)."""
+    the generator/trainer log-prob gap |log pi_generator - log pi_theta| over the tokens of samples made in
+    this step (0 up to rounding when they share weights, precision and an untruncated distribution), and the
+    ratio pi_theta / pi_behaviour over the carried samples' tokens (made by the weights before an update)."""
 
     def __init__(self):
         self.sums = torch.zeros(4, dtype=torch.float64)   # gap sum, tokens, carried ratio sum, carried tokens
@@ -264,7 +264,7 @@ class Drift:
 
     def add(self, gen: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, carried: torch.Tensor):
         """gen, logp, old [M]; carried [M] bool: tokens of carried samples (old is their behaviour log-prob)."""
-        gap = (gen - logp).abs()
+        gap = (gen - logp)[~carried].abs()
         ratio = (logp - old)[carried].exp()
         self.sums += torch.tensor([float(gap.sum()), len(gap), float(ratio.sum()), len(ratio)], dtype=torch.float64)
         self.gap_max = torch.maximum(self.gap_max, gap.max().cpu().double().view(1)) if len(gap) else self.gap_max

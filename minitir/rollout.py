@@ -15,7 +15,8 @@ from minitir.tasks import DatasetError, Problem, PromptTemplate, render_prompt
 
 @dataclass
 class Sample:
-    """One response and everything the update needs about it. Each field is set once, by the step named."""
+    """One response and everything the update needs about it. Each field is set once, by the step named
+    (a custom reward_fn of the trainer replaces `reward` right after grading)."""
     prompt_ids: list[int]
     completion: Completion
     gold: str
@@ -31,7 +32,7 @@ class Sample:
     # and the tokens the loss trains on
     outcome_adv: float = 0.0
     loss_mask: list[int] = field(default_factory=list)  # over completion tokens: 1 = a policy token in the loss
-    # behaviour log-probs (learner.score), per loss token: the trainer's log-probs under the weights that
+    # behaviour log-probs (Learner.behaviour_logprobs), per loss token: the trainer's log-probs under the weights that
     # generated the sample. Empty when the sample is trained in one update by those same weights: the
     # update's own log-probs, detached, are then the same numbers (ratio 1) without a forward pass.
     old_logp: list[float] = field(default_factory=list)

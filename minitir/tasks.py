@@ -394,8 +394,8 @@ def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
         return problems
 
     n = cfg.synthetic_size + cfg.eval_size
-    if cfg.data == "miniature":   # problems the miniature base model never trained on (another seed)
-        problems = miniature_problems(n, seed=cfg.seed + 1)
+    if cfg.data == "miniature":   # problems the miniature base model never trained on: its corpora used seeds
+        problems = miniature_problems(n, seed=10_000 + cfg.seed)   # 0 and 7 (miniature.BaseConfig)
     elif cfg.data == "synthetic":
         problems = synthetic_problems(n, seed=cfg.seed, difficulty=cfg.synthetic_difficulty)
     elif Path(cfg.data).exists():

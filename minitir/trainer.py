@@ -18,7 +18,7 @@ import time
 import torch
 
 from minitir import distributed, rl, run_state
-from minitir.config import TrainConfig, validate
+from minitir.config import ConfigError, TrainConfig, validate
 from minitir.filters import drop_reason, mask_reason
 from minitir.learner import Learner
 from minitir.reward import Grader, RewardConfig
@@ -42,7 +42,7 @@ class Trainer:
         self.run_dir, ckpt = run_state.open_run(cfg, self.dist, resume)
         self.log = run_state.RunLog(self.run_dir, cfg.tensorboard, self.dist.main)
         self.learner = Learner(cfg, self.dist, self.device, model, tokenizer)
-        self.tok = self.learner.tok
+        self.tok = self.learner.tok   # the prompt budget needs the model's tokenizer
         problems, self.prompts_too_long = within_prompt_budget(problems, self.tok, self.template,
                                                                cfg.max_prompt_tokens, say)
         self.data, self.eval_problems = ProblemStream(problems, cfg.seed), eval_problems or []
@@ -66,6 +66,8 @@ class Trainer:
         clock, tools_before = {"generate": 0.0, "grade": 0.0, "train": 0.0}, self.tool.seconds if self.tool else 0.0
         batch, sampled, stats = self.collect(clock)                   # graded, baselined, filtered, carried in
         m = {"step": self.step + 1, **stats, **rollout_metrics(sum(d.gather([sample_row(s) for s in sampled]), []))}
+        if self.step == 0:   # once per run: training problems skipped for their prompt's length
+            m["prompts_too_long"] = self.prompts_too_long
         t = time.perf_counter()
         if stats["batch_size"]:
             self.prepare(batch)                                       # behaviour/ref log-probs, values, advantages
@@ -85,8 +87,8 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def _rollouts(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0) -> list[Sample]:
-        """n graded responses to each problem, each with the whole max_new_tokens. first: the index of
-        problems[0] in the global batch."""
+        """n responses to each problem (not graded yet), each with the whole max_new_tokens. first: the index
+        of problems[0] in the global batch."""
         cfg = self.cfg
         gen = generation_config(self.template, max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens,
                                 temperature=temperature, top_p=cfg.top_p, seed=seed, seed_offset=first * n,
@@ -133,8 +135,7 @@ class Trainer:
             s.carried = True
         size = int(d.sum(len(kept)))
         stats.update(carried_out=int(d.sum(len(self.carry))), batch_size=size, batch_short=max(target - size, 0),
-                     carried_share=d.sum(sum(s.carried for s in kept)) / max(size, 1),
-                     prompts_too_long=self.prompts_too_long)
+                     carried_share=d.sum(sum(s.carried for s in kept)) / max(size, 1))
         return kept, sampled, stats
 
     def reward(self, batch: list[Sample]):
@@ -281,6 +282,9 @@ class Trainer:
         run_state.load_state(self.learner, self.dist, state)
         self.step, self.data.epoch, self.data.pos = state["step"], state["data_epoch"], state["data_pos"]
         carried = sum(state["carry"], [])
+        if any("outcome_adv" not in vars(s) or (any(s.loss_mask) and not s.old_logp) for s in carried):
+            raise ConfigError("--resume: the checkpoint's carried samples were saved by an older minitir, without "
+                              "their behaviour log-probs; resume from a checkpoint written by this version")
         lo, hi = distributed.split(len(carried), self.dist)
         self.carry = carried[lo:hi]
         self.log.truncate(self.step)

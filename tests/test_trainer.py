@@ -453,7 +453,7 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
     assert cfg.tis_cap == 2.0   # beyond the paper's run as published: the generator decodes a bfloat16 copy
     _, model, tok, problems = toy_setup(tmp_path, steps=1)
     cfg.run_dir, cfg.tensorboard, cfg.max_new_tokens, cfg.micro_batch_tokens = str(tmp_path), False, 24, 1048
-    t = Trainer(cfg, model=model, tokenizer=tok, problems=problems, eval_problems=[])
+    t = Trainer(cfg, model=model, tokenizer=tok, problems=problems[:8], eval_problems=[])
     try:
         assert t.learner.opt.param_groups[0]["betas"] == (0.9, 0.95) and t.learner.sched.get_last_lr() == [1e-6]
     finally:
@@ -666,9 +666,10 @@ def test_prompts_over_the_budget_are_skipped_and_counted(tmp_path):
     try:
         assert t.prompts_too_long == 5 and len(t.data.problems) == 40
         kept, sampled, stats = t.collect({"generate": 0.0, "grade": 0.0})
-        assert stats["prompts_too_long"] == 5 and all(len(s.prompt_ids) <= 5 for s in sampled)
+        assert all(len(s.prompt_ids) <= 5 for s in sampled)
         cut = [s for s in sampled if s.completion.finish_reason == "length"]
         assert cut and all(len(s.completion.tokens) == 12 for s in cut)
+        assert t.train_step()["prompts_too_long"] == 5 and "prompts_too_long" not in t.train_step()   # said once
     finally:
         t.close()
 
@@ -702,6 +703,7 @@ def test_carried_samples_are_trained_against_the_weights_that_made_them(tmp_path
         assert all(bool(s.old_logp) == (ppo_epochs > 1) for s in fresh)       # one update: no behaviour forward
         m2 = t.learner.update(kept, t.step)
         assert m2["carried_ratio_mean"] == pytest.approx(float(log_ratio.exp().mean()), abs=1e-5)
+        assert m2["logprob_gap_mean"] < 1e-4    # over this step's samples: rounding, not the carried ones' drift
     finally:
         t.close()
 
