@@ -25,6 +25,7 @@ from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
 from minitir.reward import Grader, RewardConfig
+from minitir.sandbox import SandboxUnavailable
 from minitir.rollout import generate_groups, generation_config, grade, make_tool
 from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
 
@@ -52,6 +53,7 @@ class EvalConfig:
     sandbox_url: str = ""               # a remote `sandbox.py serve` instead of local workers
     sandbox_timeout: float = 5.0        # seconds per code run
     sandbox_memory_mb: int = 1024       # address-space limit per code run
+    sandbox_allow_unisolated: bool = False   # run model-written code even where nothing isolates it
     out: str = ""                       # output directory (default: eval_out/<model name>)
 
 
@@ -133,10 +135,11 @@ def run(cfg: EvalConfig) -> dict | None:
             records.append(r)
             done.add((r["benchmark"], r["problem_id"], r["max_tool_calls"]))
         say(f"resuming: {len(done)} problem runs already in {samples_path}")
-    model, tok = load_pretrained(cfg.model, device=device)
-    tool = None
+    tool = None   # before the model: a sandbox that cannot isolate stops the evaluation at once
     if get_template(cfg.prompt).tools and max(cfg.sweep) > 0:
-        tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout, cfg.sandbox_memory_mb, workers=2)
+        tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout, cfg.sandbox_memory_mb, workers=2,
+                         allow_unisolated=cfg.sandbox_allow_unisolated)
+    model, tok = load_pretrained(cfg.model, device=device)
     grader = Grader()
     try:
         for calls in cfg.sweep:
@@ -197,7 +200,7 @@ def main(argv=None):
     """From Python, main([...]) raises input errors; as a command they print one line and exit with 2."""
     if argv is not None:
         return run(parse(argv))
-    return cli.run(lambda a: run(parse(a)), "eval.py", (DatasetError, CheckpointError), sys.argv[1:])
+    return cli.run(lambda a: run(parse(a)), "eval.py", (DatasetError, CheckpointError, SandboxUnavailable), sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.tasks import DatasetError
 from minitir.config import ConfigError, TrainConfig, config_fields
+from minitir.sandbox import SandboxUnavailable
 from minitir.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -102,7 +103,7 @@ def main(argv=None):
     """From Python, main([...]) raises input errors; as a command they print one line and exit with 2."""
     if argv is not None:
         return train(argv)
-    return cli.run(train, "train.py", (ConfigError, DatasetError, CheckpointError), sys.argv[1:])
+    return cli.run(train, "train.py", (ConfigError, DatasetError, CheckpointError, SandboxUnavailable), sys.argv[1:])
 
 
 if __name__ == "__main__":

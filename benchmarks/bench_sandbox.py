@@ -1,9 +1,11 @@
 """Sandbox latency and throughput against the naive `subprocess.run([python, "-c", code])`.
 
-    python benchmarks/bench_sandbox.py [--n 50] [--as-user 65534]
+    python benchmarks/bench_sandbox.py [--n 50] [--as-user 65534] [--container]
 
 --as-user (as root): the fork servers run as that uid and isolate themselves in a user namespace, the path a
-normal user's runs take. The table's first line says which isolation was measured.
+normal user's runs take. --container: inside the emulated container of the tests (tests/container.py:
+namespaces refused as Docker's default seccomp profile refuses them), where Landlock and seccomp isolate.
+The table's first line says which isolation was measured.
 """
 import argparse
 import statistics
@@ -13,7 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from minitir.sandbox import Sandbox  # noqa: E402
 
 SNIPPETS = {"print(1+1)": "print(1+1)",
@@ -38,11 +41,13 @@ def main():
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--as-user", type=int, default=None)
+    ap.add_argument("--container", action="store_true")
     a = ap.parse_args()
+    if a.container:
+        from tests.container import emulate
+        emulate()
     with Sandbox(workers=a.workers, as_user=a.as_user) as sb:
-        iso = sb.isolation
-        print(f"isolation: {iso['mode']} (network {'isolated' if iso['network'] else 'NOT isolated'}, "
-              f"{'private view' if iso['view'] else 'NO private view'})")
+        print(f"mode {sb.isolation['mode']}, {sb.report}")
         sb.run_many(["1"] * 10)  # warm
         print("| snippet | naive p50 ms | sandbox p50 ms | speed-up |")
         print("|---|---|---|---|")

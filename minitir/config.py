@@ -48,6 +48,8 @@ class TrainConfig:
     sandbox_timeout_s: float = 5.0      # seconds per code run
     sandbox_memory_mb: int = 1024       # address-space limit per code run
     sandbox_workers: int = 2            # local fork servers (runs in parallel)
+    sandbox_allow_unisolated: bool = False   # run model-written code even where neither namespaces nor Landlock
+                                        # isolate it (by default the run stops before loading the model)
     # --- reward ---
     reward: Literal["strict", "lenient"] = "strict"   # strict: the paper's gates (format, ended normally, the
                                         # answer after </think>); lenient: any \\boxed answer counts

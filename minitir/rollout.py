@@ -62,10 +62,13 @@ class TimedTool:
             self.tool.close()
 
 
-def make_tool(url: str, timeout_s: float, memory_mb: int, workers: int) -> TimedTool:
-    """The sandbox: a remote `sandbox.py serve` / SandboxFusion server at url, else local fork servers."""
+def make_tool(url: str, timeout_s: float, memory_mb: int, workers: int, allow_unisolated: bool = False) -> TimedTool:
+    """The sandbox: a remote `sandbox.py serve` / SandboxFusion server at url, else local fork servers, which
+    raise SandboxUnavailable where nothing isolates them (unless allow_unisolated)."""
     from minitir.sandbox import RemoteSandbox, Sandbox
-    return TimedTool(RemoteSandbox(url, timeout_s=timeout_s) if url else Sandbox(timeout_s, memory_mb, workers=workers))
+    if url:
+        return TimedTool(RemoteSandbox(url, timeout_s=timeout_s))
+    return TimedTool(Sandbox(timeout_s, memory_mb, workers=workers, allow_unisolated=allow_unisolated))
 
 
 def generation_config(template: PromptTemplate, *, max_tool_calls: int, **kw) -> GenerationConfig:

@@ -39,6 +39,13 @@ class Trainer:
         if problems is None:   # data first: a bad file fails in seconds, not after loading a model
             problems, held_out = training_problems(cfg, say)
             eval_problems = held_out if eval_problems is None else eval_problems
+        # the sandbox before the model too: where nothing isolates model-written code, the run stops here
+        if tool is None and self.template.tools and cfg.max_tool_calls > 0:
+            self.tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
+                                  cfg.sandbox_workers, cfg.sandbox_allow_unisolated)
+            say(f"sandbox: {getattr(self.tool.tool, 'report', 'remote ' + cfg.sandbox_url)}")
+        else:
+            self.tool = TimedTool(tool) if tool is not None else None
         self.run_dir, ckpt = run_state.open_run(cfg, self.dist, resume)
         self.log = run_state.RunLog(self.run_dir, cfg.tensorboard, self.dist.main)
         self.learner = Learner(cfg, self.dist, self.device, model, tokenizer)
@@ -51,10 +58,6 @@ class Trainer:
         self.learner.build_optimizers()
         if state is not None:
             self._restore(state)
-        if tool is None and self.template.tools and cfg.max_tool_calls > 0:
-            self.tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout_s, cfg.sandbox_memory_mb, cfg.sandbox_workers)
-        else:
-            self.tool = TimedTool(tool) if tool is not None else None
         self.grader, self.reward_fn = Grader(workers=2), reward_fn
         self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,
                                        truncation_penalty=cfg.truncation_penalty)

@@ -1,6 +1,7 @@
 """The phenomenon in miniature: the shared-prefix pretraining forward against the model's plain forward, the
 compact vocabulary against the real tokenizer, and, fast, tool use and accuracy rising together under the
 paper's prompt and strict reward with the shipped base model, the real generator, sandbox and grader."""
+import json
 import math
 import time
 
@@ -98,4 +99,7 @@ def test_tool_use_emerges_in_miniature(tmp_path):
     assert mean("accuracy", last) >= mean("accuracy", first) + 0.25, curve
     assert mean("response_length", last) > mean("response_length", first)
     assert (tmp_path / "mini" / "samples.jsonl").read_text().count("\n") == 2 * cfg.steps
+    rows = (tmp_path / "mini" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == cfg.steps and {"code_ratio", "response_length", "entropy", "time/tools_s", "batch_size",
+                                       "format_failure_rate", "grade_errors", "tool_failures"} <= set(json.loads(rows[0]))
     assert time.time() - t0 < 90, time.time() - t0

@@ -1,7 +1,9 @@
 """The sandbox against hostile code: each case is followed by a normal run that must still be right, and
 no process or file of the run may remain. Every test runs in each isolation mode the machine offers: as
 root (mount, network and PID namespaces, a uid per worker) and as an unprivileged user (the same inside a
-user namespace; on a root machine the fork servers are started as `nobody`)."""
+user namespace; on a root machine the fork servers are started as `nobody`), each with Landlock and seccomp
+on top; and the whole module again in an emulated container (tests/container.py), where namespaces are
+refused and Landlock and seccomp are the isolation."""
 import json
 import os
 import socket
@@ -13,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from minitir.sandbox import ExecResult, RemoteSandbox, Sandbox, make_server
+from minitir.sandbox import ExecResult, RemoteSandbox, Sandbox, SandboxUnavailable, landlock, make_server
+from tests.container import ENV, run_emulated
 
 ROOT = os.geteuid() == 0
+CONTAINER = os.environ.get(ENV)   # set inside the emulated container
 PROJECT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 
 
 def _user_namespaces_work() -> bool:
-    if not ROOT:
+    if not ROOT or CONTAINER:
         return True   # the plain sandbox is the unprivileged one; it says itself whether it is isolated
     with Sandbox(timeout_s=2, memory_mb=256, workers=1, as_user=NOBODY) as sb:
         return sb.isolation["mode"] == "user"
@@ -36,7 +40,9 @@ def sb(request):
         pytest.skip("this kernel refuses unprivileged user namespaces: the user mode cannot be tested here")
     as_user = NOBODY if request.param == "user" and ROOT else None
     with Sandbox(timeout_s=2.0, memory_mb=256, max_output_bytes=4096, workers=2, as_user=as_user) as s:
-        assert s.isolation["mode"] == request.param and s.isolation["network"] and s.isolation["view"], s.isolation
+        iso = s.isolation
+        assert iso["mode"] == ("landlock" if CONTAINER else request.param) and iso["network"], iso
+        assert bool(iso["view"]) == (not CONTAINER) and iso["landlock"] == landlock.abi() and iso["seccomp"], iso
         yield s
     for w in s.worker_info:  # closing removes every worker's directory and process
         assert not os.path.exists(w["base_dir"]) and not os.path.exists(f"/proc/{w['pid']}")
@@ -93,8 +99,11 @@ def test_adversarial(sb, name):
     r = sb.run(code)
     assert r.status in statuses, (name, r)
     assert time.time() - t < 10
-    if name == "signal other processes":   # PID 1 of its own namespace: nothing else to see or signal
+    if name == "signal other processes" and not CONTAINER:   # PID 1 of its own namespace: nothing else to see
         assert r.stdout.split() == ["ProcessLookupError", "1", "[]"], r.stdout
+    if name == "signal other processes" and CONTAINER:   # Landlock: no signal leaves the run's domain (kill(-1)
+        *errors, pid, seen = r.stdout.split()           # "succeeds" having signalled nothing)
+        assert errors == ["PermissionError"] and seen in ("[]", f"[{pid}]"), r.stdout
     if name == "threads that never end":
         assert r.stdout == "main done\n" and r.duration_s < 1.5
     if name == "read stdin":
@@ -143,7 +152,7 @@ def test_host_files_are_not_visible(sb, secrets):
         assert r.status == "error", (target, r)
         assert not os.path.exists(target)
     r = sb.run(f"open({ESCAPE!r}, 'w').write('x')\nprint('written')")   # the view's own /tmp, not the host's
-    assert r.stdout == "written\n" and not os.path.exists(ESCAPE)
+    assert r.stdout == ("" if CONTAINER else "written\n") and not os.path.exists(ESCAPE)   # (no view: no /tmp)
     r = sb.run(f"import os\nprint(os.path.exists({ESCAPE!r}))")          # and emptied after every run
     assert r.stdout == "False\n"
     check_clean(sb)
@@ -182,7 +191,7 @@ def test_no_network(sb):
     srv.settimeout(0.5)
     port = srv.getsockname()[1]
     r = sb.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)")
-    assert r.status == "error" and ("unreachable" in r.stderr or "refused" in r.stderr)
+    assert r.status == "error" and "PermissionError: [Errno 1] Operation not permitted" in r.stderr, r   # seccomp
     with pytest.raises(socket.timeout):
         srv.accept()
     srv.close()
@@ -354,6 +363,7 @@ def test_server_refuses_huge_bodies_and_sheds_load(sb):
         server.server_close()
 
 
+@pytest.mark.skipif(bool(CONTAINER), reason="about the private view, which a container refuses")
 def test_python_installed_under_tmp():
     """An interpreter whose prefix lies under /tmp (a venv there, as benchmarks make): the view's fresh /tmp
     must neither fail to build over it (no isolation at all) nor lose it when /tmp is emptied after a run."""
@@ -374,3 +384,38 @@ def test_python_installed_under_tmp():
         iso, runs = json.loads(out.stdout.splitlines()[-1])
         assert iso["view"] and not iso["problem"], iso
         assert runs == [["ok", f"{venv} 1024\n", ""]] * 2, runs
+
+
+# ------------------------------------------------------------------------------------------------
+# containers: namespaces refused
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(bool(CONTAINER), reason="already inside the emulated container")
+def test_the_hostile_suite_in_an_emulated_container():
+    """This whole module again where a container's seccomp profile refuses namespaces (tests/container.py):
+    Landlock and seccomp alone contain every case, as root and as a user."""
+    args = ['-q', '-p', 'no:cacheprovider', 'tests/test_sandbox.py', '-k', 'not server']   # (HTTP: the same)
+    r = run_emulated(f"import pytest\nsys.exit(pytest.main({args!r}))")
+    tail = r.stdout.strip().splitlines()[-1]
+    assert r.returncode == 0 and " passed" in tail and "failed" not in tail, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(bool(CONTAINER), reason="already inside the emulated container")
+def test_where_nothing_isolates_no_code_runs():
+    """Namespaces and Landlock both refused: Sandbox refuses in one line naming the flags that accept the
+    risk, runs code only when told to; train.py and eval.py exit 2 with that line before loading a model
+    (the model named does not exist: loading it first would fail with another message)."""
+    r = run_emulated(
+        "from minitir.sandbox import Sandbox, SandboxUnavailable\n"
+        "try:\n    Sandbox(timeout_s=2, workers=1)\nexcept SandboxUnavailable as e:\n    print('refused:', e)\n"
+        "with Sandbox(timeout_s=2, workers=1, allow_unisolated=True) as sb:\n"
+        "    print(sb.report)\n    print(sb.run('print(6 * 7)').stdout.strip())\n", landlock=False)
+    refused, report, answer = r.stdout.strip().splitlines()
+    assert refused.startswith("refused: sandbox: nothing isolates") and "--sandbox-allow-unisolated" in refused
+    assert "isolation: seccomp; NOT ISOLATED:" in report and answer == "42", r.stdout + r.stderr
+    for script, args in (("train.py", ["--model", "/nonexistent/model", "--steps", "1"]),
+                         ("eval.py", ["--model", "/nonexistent/model", "--benchmarks", "gsm8k"]),
+                         ("sandbox.py", ["run", "/dev/null"])):
+        r = run_emulated(f"import runpy\nsys.argv = [{script!r}] + {args!r}\nrunpy.run_path({script!r}, run_name='__main__')",
+                         landlock=False)
+        assert r.returncode == 2 and "nothing isolates" in r.stderr and "Traceback" not in r.stderr, (script, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,5 +1,6 @@
-"""The trainer end to end: tool use emerging from outcome reward alone, exact resume, crash-safe
-checkpoints, input errors before the first step, and one real step of the embedded SmolLM2."""
+"""The trainer end to end on a toy task (tool use emerging on the real path is tests/test_miniature.py): exact
+resume, crash-safe checkpoints, the update's bookkeeping against hand computations, input errors before the
+first step, and one real step of the embedded SmolLM2."""
 import json
 import math
 import random
@@ -119,28 +120,6 @@ def toy_setup(tmp_path, steps, run_name="toy", warm=False, **overrides):
     for k, v in overrides.items():
         setattr(tc, k, v)
     return tc, model, tok, problems
-
-
-def test_tool_use_emerges_from_outcome_reward(tmp_path):
-    """The paper's phenomenon in miniature, under the paper's strict reward: products of a two-digit and a
-    one-digit number, which the warmed-up base model mostly guesses and sometimes computes in code; only
-    a code block with the question's numbers, an answer copied from its output and the full format earn
-    reward. GRPO on that 0/1 reward alone must raise code use and accuracy together."""
-    tc, model, tok, problems = toy_setup(tmp_path, steps=24, lr=2e-3, warm=True)
-    t = time.time()
-    trainer = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
-    try:
-        history = [trainer.train_step() for _ in range(tc.steps)]
-    finally:
-        trainer.close()
-    curve = [(m["code_ratio"], m["accuracy"]) for m in history]
-    last = lambda k: sum(m[k] for m in history[-3:]) / 3
-    assert history[0]["code_ratio"] < 0.3 and history[0]["accuracy"] < 0.3, curve
-    assert last("code_ratio") >= 0.9 and last("accuracy") >= 0.75, curve
-    assert time.time() - t < 60
-    lines = (Path(tmp_path) / "toy" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == tc.steps and {"code_ratio", "response_length", "entropy", "time/tools_s",
-                                       "format_failure_rate", "grade_errors"} <= set(json.loads(lines[0]))
 
 
 def _strip(m):

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from minitir.sandbox import isolation
+from minitir.sandbox import isolation, landlock, seccomp
 from minitir.sandbox.child import MEMORY_EXIT, run_user_code
 
 PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
@@ -34,10 +34,11 @@ PR_SET_CHILD_SUBREAPER = 36
 # ---------------------------------------------------------------------------------------------
 # the run's process
 # ---------------------------------------------------------------------------------------------
-def _spare_child(run: "_Run", iso, uid: int | None, vm_base: int, req_r: int, out_w: int, err_w: int):
-    """Forked ahead of its request: isolate, wait for the request, drop privileges, set the limits it
-    asks for, run. Never returns. It keeps its privileges while it waits, so the uid sweep after the
-    previous run cannot touch it."""
+def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_w: int):
+    """Forked ahead of its request: isolate, build its Landlock rules, wait for the request, drop privileges,
+    enter Landlock and the seccomp filter, set the limits it asks for, run. Never returns. It keeps its
+    privileges while it waits, so the uid sweep after the previous run cannot touch it."""
+    iso, uid = server.iso, server.uid
     try:
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -54,8 +55,14 @@ def _spare_child(run: "_Run", iso, uid: int | None, vm_base: int, req_r: int, ou
             isolation.enter_view(iso.view, run.inside)
         else:
             os.chdir(run.outside)
-        if iso.mode != "none":
+        if iso.mode in ("root", "user"):
             isolation.own_pid_namespace()   # from here on: the run, PID 1 of its own namespace
+        rules = None   # built now, while it waits: opening the paths costs no run any time
+        if iso.landlock:
+            rules = landlock.ruleset(iso.landlock, server.read, server.write + [run.inside])
+        nproc = MAX_PROCESSES   # a worker's own uid, or its user namespace: its runs alone
+        if uid is None and iso.mode not in ("root", "user"):   # else the user's other tasks count too
+            nproc += isolation.tasks_of(os.getuid()) - 1     # (this one is the run: counted in both)
         os.environ.clear()
         os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=run.inside, TMPDIR=run.inside,
                           LANG="C.UTF-8", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -65,13 +72,16 @@ def _spare_child(run: "_Run", iso, uid: int | None, vm_base: int, req_r: int, ou
             req = json.loads(f.read() or b"null")
         if req is None:  # the fork server is shutting down
             os._exit(0)
-        if iso.mode != "none":
-            isolation.drop_privileges(uid)
+        isolation.drop_privileges(uid)                # no capability, no_new_privs
+        if rules is not None:
+            landlock.restrict(rules)
+        if server.program is not None:
+            seccomp.load(server.program)
         limits = [(resource.RLIMIT_CPU, int(float(req["timeout_s"])) + 1),
-                  (resource.RLIMIT_AS, vm_base + int(req["memory_mb"]) * 2 ** 20),
+                  (resource.RLIMIT_AS, server.vm_base + int(req["memory_mb"]) * 2 ** 20),
                   (resource.RLIMIT_FSIZE, 16 * 2 ** 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
-        if uid is not None or (iso.mode == "user" and isolation.NPROC_PER_USER_NAMESPACE):
-            limits.append((resource.RLIMIT_NPROC, MAX_PROCESSES))   # counts this worker's processes only
+        if uid is not None or iso.mode != "user" or isolation.NPROC_PER_USER_NAMESPACE:
+            limits.append((resource.RLIMIT_NPROC, nproc))
         for what, n in limits:
             resource.setrlimit(what, (n, n))
         code = run_user_code(req["code"])
@@ -208,8 +218,9 @@ class _Spare:
 
 
 class ForkServer:
-    def __init__(self, base: str, iso, uid: int | None):
-        self.base, self.iso, self.uid = base, iso, uid
+    def __init__(self, base: str, iso, program: bytes | None, uid: int | None):
+        self.base, self.iso, self.program, self.uid = base, iso, program, uid
+        self.read, self.write = isolation.run_paths(bool(iso.view))   # the runs' Landlock paths, but their own
         self.vm_base = _vm_size()
         self.spare = self._fork_spare()
 
@@ -229,7 +240,7 @@ class ForkServer:
         err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _spare_child(run, self.iso, self.uid, self.vm_base, req_r, out_w, err_w)
+            _spare_child(run, self, req_r, out_w, err_w)
         for fd in (req_r, out_w, err_w):
             os.close(fd)
         return _Spare(pid, req_w, out_r, err_r, run)
@@ -349,11 +360,11 @@ def main(as_user: int | None = None):
     base = tempfile.mkdtemp(prefix="minitir-sandbox-")   # runs' directories live under one private parent
     os.chmod(base, 0o711)
     _warm_up()                                           # single-threaded (one BLAS thread), so it may
-    iso = isolation.setup(base, as_user)                 # come first: unshare needs a single thread
+    iso, program = isolation.setup(base, as_user)        # come first: unshare needs a single thread
     root = os.geteuid() == 0
-    uid = 100_000 + os.getpid() if root and iso.mode == "root" else None   # a uid of its own per worker
+    uid = 100_000 + os.getpid() if root and iso.mode in ("root", "landlock") else None   # a uid per worker
     write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, **asdict(iso)})
-    server = ForkServer(base, iso, uid)
+    server = ForkServer(base, iso, program, uid)
     try:
         while (req := read_msg(stdin)) is not None:
             write_msg(stdout, server.execute(req))

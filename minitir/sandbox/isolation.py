@@ -14,14 +14,24 @@
               kills whatever it started.
   privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
               ends with no capability at all and no_new_privs, so nothing gives it one back.
-Where none of this can be had, `setup` says what is not isolated and runs go on unisolated.
+  landlock    (landlock.py) every run, under the namespaces or without them, restricts itself to reading
+              Python's directories and writing its working directory; no TCP, no signals or abstract
+              sockets beyond itself, no ptrace of anything outside it.
+  seccomp     (seccomp.py) every run's dangerous system calls fail with EPERM: ptrace, mounts, namespaces,
+              keyrings, bpf, io_uring, sockets...
+In a container whose seccomp profile refuses namespaces (Docker's and Kubernetes' defaults), Landlock and
+seccomp are the isolation (mode "landlock"). Where neither namespaces nor Landlock can be had, `setup` says
+so and pool.Sandbox refuses to run code unless told to accept the risk.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import sys
 from dataclasses import dataclass
+
+from minitir.sandbox import landlock, seccomp
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -42,11 +52,29 @@ NPROC_PER_USER_NAMESPACE = tuple(int(x) for x in os.uname().release.split(".")[:
 @dataclass
 class Isolation:
     mode: str              # "root" (own mount and network namespaces, a uid per worker) | "user" (the same
-                           # inside a user namespace) | "none"
+                           # inside a user namespace) | "landlock" (namespaces refused: Landlock and seccomp,
+                           # as root a uid per worker) | "none"
     network: bool          # runs cannot reach any network
     view: str | None       # the private root runs chroot into (a path in the fork server's mount namespace)
+    landlock: int = 0      # the Landlock ABI every run restricts itself with (0: none)
+    seccomp: bool = False  # every run loads the seccomp filter
     problem: str = ""      # what is not isolated, and why
     tmp_keep: tuple[str, ...] = ()   # entries of the view's /tmp that hold Python (a venv under /tmp): kept
+
+    @property
+    def contained(self) -> bool:
+        """The filesystem is closed to runs: by the private view or by Landlock."""
+        return self.view is not None or self.landlock > 0
+
+    def report(self) -> str:
+        """One line: what isolates the runs."""
+        layers = {"root": ["namespaces as root (mount, network, PID)"],
+                  "user": ["namespaces in a user namespace (mount, network, PID)"]}.get(self.mode, [])
+        layers += ["a private filesystem view"] if self.view else []
+        layers += [f"Landlock ABI {self.landlock}"] if self.landlock else []
+        layers += ["seccomp"] if self.seccomp else []
+        line = "isolation: " + (" + ".join(layers) or "NONE")
+        return line + (f"; NOT ISOLATED: {self.problem}" if self.problem else "")
 
 
 def _call(ret: int, what: str):
@@ -174,29 +202,79 @@ def _bind(src: str, dst: str, directory: bool, read_only: bool = True):
         _read_only(dst)
 
 
-def setup(base: str, as_user: int | None = None) -> Isolation:
-    """Once, in the fork server, single-threaded: namespaces and the view under `base`."""
+def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | None]:
+    """Once, in the fork server, single-threaded: namespaces and the view under `base` where the kernel
+    allows them; which Landlock ABI the runs get; the runs' seccomp program. -> (what isolates the runs and
+    what does not, the compiled seccomp program or None)."""
     sources = None
     if as_user is not None:   # root testing the unprivileged path: after this, nothing of root remains
-        sources = stage_for_user(base, python_dirs(), as_user)
+        try:
+            sources = stage_for_user(base, python_dirs(), as_user)
+        except OSError:   # mounts refused (a container): Python's directories are read where they are
+            sources = None
         os.chown(base, as_user, as_user)
         become(as_user)
+    abi, program = landlock.abi(), seccomp.run_filter()
     mode, problem = enter_namespaces()
-    if mode == "none":
-        return Isolation("none", False, None, problem + ": code runs without network isolation and sees "
-                         "every file this user can read")
-    view = os.path.join(base, "view")
-    os.mkdir(view)
-    try:
-        keep = build_view(view, sources)
-    except OSError as e:
-        return Isolation(mode, True, None, f"no private filesystem view ({e}): code sees every file this "
-                                           f"{'machine' if mode == 'root' else 'user'} can read")
+    view, keep, problems = None, (), []
+    if mode != "none":
+        view = os.path.join(base, "view")
+        os.mkdir(view)
+        try:
+            keep = build_view(view, sources)
+        except OSError as e:
+            view, problem = None, f"no private filesystem view ({e})"
+    elif abi:
+        mode = "landlock"
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
-    problem = "" if mode == "root" or NPROC_PER_USER_NAMESPACE else (
-        "runs have no process limit (before Linux 5.14 RLIMIT_NPROC counts every process of the user), so a "
-        "fork bomb is stopped only by the timeout")
-    return Isolation(mode, True, view, problem, tmp_keep=keep)
+    if view is None and not abi:
+        problems.append(f"{problem}, and no Landlock (Linux >= 5.13 with landlock among its LSMs): code sees "
+                        f"every file this {'machine' if os.geteuid() == 0 else 'user'} can read")
+    network = mode in ("root", "user") or program is not None
+    if program is None:
+        problems.append("no seccomp filter (libseccomp.so.2 not found: install libseccomp2)" +
+                        ("" if network else "; runs can reach the network"))
+    if mode == "user" and not NPROC_PER_USER_NAMESPACE:
+        problems.append("runs have no process limit (before Linux 5.14 RLIMIT_NPROC counts every process of "
+                        "the user), so a fork bomb is stopped only by the timeout")
+    if mode == "landlock" and os.geteuid() == 0 and not all(map(_others_can_read, python_dirs())):
+        problems.append("Python's directories are not readable by other users, so runs (each worker's own uid) "
+                        "can import only what the fork server preloaded")
+    return Isolation(mode, network, view, abi, program is not None, "; ".join(problems), keep), program
+
+
+def _others_can_read(path: str) -> bool:
+    """Whether a user other than the owner can reach and list `path` (every parent searchable)."""
+    parts = os.path.realpath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        mode = os.stat(os.sep.join(parts[:i]) or os.sep).st_mode
+        if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+def run_paths(view: bool) -> tuple[list[str], list[str]]:
+    """-> (read and execute, read and write) for the runs' Landlock rules: Python's directories, the system's
+    library directories, the files of /etc Python reads; the view's private /tmp (not the host's: without a
+    view a run's only writable place is its working directory, which each run adds), /dev/null and friends.
+    Paths as the runs see them (inside the view: the same paths)."""
+    read = python_dirs() + ["/" + d for d in SYSTEM_DIRS] + ["/etc/" + f for f in ETC_FILES]
+    return read, (["/tmp"] if view else []) + ["/dev/" + d for d in DEVICES]
+
+
+def tasks_of(uid: int) -> int:
+    """The tasks (threads included) of `uid`: what RLIMIT_NPROC counts where no user namespace separates a
+    run from the user's other processes."""
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                n += int(fields["Threads"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return n
 
 
 def enter_view(view: str, workdir: str):

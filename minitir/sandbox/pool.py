@@ -13,10 +13,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from minitir.sandbox.forkserver import read_msg, write_msg
+from minitir.sandbox.isolation import Isolation
 from minitir.sandbox.result import ExecResult
 
 log = logging.getLogger("minitir.sandbox")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the directory holding minitir/
+ALLOW_UNISOLATED_ENV = "MINITIR_SANDBOX_ALLOW_UNISOLATED"   # =1: `sandbox.py` runs code even where nothing isolates it
+
+
+class SandboxUnavailable(RuntimeError):
+    """Nothing on this machine keeps model-written code from the user's files: no code is run."""
 
 
 def worker_env() -> dict:
@@ -87,11 +93,14 @@ _warned = set()
 class Sandbox:
     """A pool of `workers` fork servers. Thread-safe; `submit` returns a Future without blocking.
 
+    Fails closed: where neither namespaces with a private view nor Landlock close the filesystem to the
+    runs, it raises SandboxUnavailable, unless allow_unisolated accepts the risk (then it warns once).
+
     as_user (root only): start the fork servers as this unprivileged uid, which then isolate themselves as
     any normal user's would (a user namespace): how the tests check the non-root path on a root machine."""
 
     def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, max_output_bytes: int = 16384,
-                 workers: int = 2, as_user: int | None = None):
+                 workers: int = 2, as_user: int | None = None, allow_unisolated: bool = False):
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.timeout_s, self.memory_mb, self.max_output_bytes = timeout_s, memory_mb, max_output_bytes
@@ -99,10 +108,18 @@ class Sandbox:
         self._workers = [_Worker(as_user) for _ in range(workers)]
         hellos = list(ThreadPoolExecutor(workers).map(lambda w: w.start(), self._workers))
         self.isolation, self.worker_info = hellos[0], hellos
-        problem = hellos[0]["problem"]
-        if problem and problem not in _warned:   # once per process and cause
-            _warned.add(problem)
-            log.warning("sandbox: NOT ISOLATED: %s", problem)
+        iso = Isolation(**{k: v for k, v in hellos[0].items() if k in Isolation.__dataclass_fields__})
+        self.report = iso.report()
+        if not iso.contained and not allow_unisolated:
+            for w in self._workers:
+                w.stop()
+            raise SandboxUnavailable(
+                f"sandbox: nothing isolates model-written code here ({iso.problem}); accept the risk with "
+                f"--sandbox-allow-unisolated (train.py, eval.py), Sandbox(allow_unisolated=True) or "
+                f"{ALLOW_UNISOLATED_ENV}=1 (sandbox.py)")
+        if iso.problem and iso.problem not in _warned:   # once per process and cause
+            _warned.add(iso.problem)
+            log.warning("sandbox: NOT ISOLATED: %s", iso.problem)
         self._threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in self._workers]
         for t in self._threads:
             t.start()
