@@ -5,6 +5,7 @@
     python train.py --model Qwen2.5-1.5B              # configs/qwen2.5-1.5b-grpo.json (GPU)
     python train.py --config qwen2.5-1.5b-ppo --lr 5e-7
     python train.py --resume runs/NAME                # continue where a run stopped
+    python train.py --config zerotir-7b-lora          # the paper's run with LoRA adapters, on one 80 GB GPU
     torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B   # data parallel, FSDP2-sharded (any N)
 
 Every field of minitir.config.TrainConfig is a flag (`python train.py --help` lists them); a preset from
@@ -95,7 +96,10 @@ def train(argv: list[str]):
         return
     last = sorted((run_dir / "checkpoints").glob("step-*"))
     print(f"done. metrics: {run_dir / 'metrics.jsonl'}")
-    if last:
+    if last and cfg.lora_rank:
+        print(f"checkpoint (a LoRA adapter on its base: PEFT and eval.py load it; `python -m minitir.checkpoint merge "
+              f"{last[-1]} OUT` writes the merged model): {last[-1]}")
+    elif last:
         print(f"checkpoint (loads with transformers' from_pretrained and eval.py): {last[-1]}")
 
 

@@ -1,11 +1,13 @@
 """Peak GPU memory per rank for a preset on 1..N GPUs, computed from the model's shape (not measured).
 
-    python benchmarks/estimate_memory.py                       # the 1.5B, 7B and zerotir-7b presets on 1-8 GPUs
+    python benchmarks/estimate_memory.py                       # the 1.5B, 7B and zerotir-7b presets, with and
+                                                               # without LoRA, on 1-8 GPUs
     python benchmarks/estimate_memory.py --gpus 1,8 --max-batch 64
 
 What each term is (P parameters, N ranks):
   train state   float32 weights + gradients + two AdamW moments, sharded by FSDP2: 16 P / N bytes
-                (one process: not sharded)
+                (one process: not sharded). LoRA (lora_rank r): the bfloat16 frozen base, 2 P / N, and the
+                adapters' 16 A / N, A = r (in + out) summed over the targets of every layer
   decode copy   the bfloat16 weights the generator runs (full on every rank): 2 P
   gathered      FSDP2 units all-gathered at once in bfloat16: the root (embedding + lm_head) and two layers
                 (one computing, one prefetched); one process: none (the weights are already whole)
@@ -14,7 +16,8 @@ What each term is (P parameters, N ranks):
   activations   what the checkpointing mode keeps per micro-batch of micro_batch_tokens: selective = layer
                 input, attention output and middle residual; full = layer input (+ one layer recomputed),
                 4 bytes per value with one process (float32 residual stream under autocast), 2 under FSDP's
-                bfloat16 parameters
+                bfloat16 parameters. LoRA adds the adapted weights W0 + (alpha/r) B A the products keep for
+                backward: every layer's (selective) or one layer's (full), in bfloat16
   log-probs     1024-token chunks of float32 logits over the vocabulary (logits, softmax, gradient)
 The KV cache and the training terms are not alive at the same time (the cache is freed after decoding),
 so the peak is the larger of the two phases plus what both hold.
@@ -33,6 +36,9 @@ MODELS = {
                        vocab=152064, tied=False, preset="qwen2.5-7b-grpo"),
 }
 MODELS["Qwen2.5-7B-zerotir"] = dict(MODELS["Qwen2.5-7B"], preset="zerotir-7b")   # the paper's run
+MODELS["Qwen2.5-1.5B-lora"] = dict(MODELS["Qwen2.5-1.5B"], preset="qwen2.5-1.5b-lora")
+MODELS["Qwen2.5-7B-zerotir-lora"] = dict(MODELS["Qwen2.5-7B"], preset="zerotir-7b-lora")   # on one GPU
+HEADS = {"Qwen2.5-1.5B": 12, "Qwen2.5-7B": 28}   # query heads (config.json), for the adapters' shapes
 GB = 1e9
 
 
@@ -40,7 +46,15 @@ def estimate(m: dict, cfg: dict, gpus: int) -> dict:
     P, L, D = m["params"], m["layers"], m["hidden"]
     root = m["vocab"] * D * (1 if m["tied"] else 2)
     layer = (P - root) / L
-    state = 16 * P / gpus
+    r = cfg.get("lora_rank", 0)
+    if r:   # frozen bfloat16 base + float32 adapters with their gradients and moments
+        q, kv, inter = m["heads"] * m["head_dim"], m["kv_heads"] * m["head_dim"], m["intermediate"]
+        sizes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D), "gate_proj": (D, inter),
+                 "up_proj": (D, inter), "down_proj": (inter, D)}
+        targets = cfg.get("lora_targets", ",".join(sizes)).split(",")
+        state = (2 * P + 16 * r * L * sum(sum(sizes[t]) for t in targets)) / gpus
+    else:
+        state = 16 * P / gpus
     decode_copy = 2 * P
     gathered = 0 if gpus == 1 else 2 * (root + 2 * layer)
     responses = cfg["prompts_per_step"] * cfg["n_samples"] // gpus
@@ -48,9 +62,9 @@ def estimate(m: dict, cfg: dict, gpus: int) -> dict:
     kv = rows * (cfg["max_prompt_tokens"] + cfg["max_new_tokens"]) * L * 2 * m["kv_heads"] * m["head_dim"] * 2
     T, b = cfg["micro_batch_tokens"], (4 if gpus == 1 else 2)
     if cfg["checkpointing"] == "full":
-        acts = L * T * D * b + T * (6 * D + 3 * m["intermediate"]) * b
+        acts = L * T * D * b + T * (6 * D + 3 * m["intermediate"]) * b + (2 * layer if r else 0)
     else:  # selective
-        acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b
+        acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b + (2 * layer * L if r else 0)
     logprobs = 3 * 1024 * m["vocab"] * 4
     train = gathered + acts + logprobs
     peak = state + decode_copy + max(kv, train)
@@ -70,7 +84,9 @@ def main():
         cfg = json.loads((configs / f"{m['preset']}.json").read_text())
         if a.max_batch:
             cfg["max_batch"] = a.max_batch
-        print(f"\n{name} ({m['params'] / 1e9:.2f} B parameters), preset {m['preset']}: max_batch {cfg['max_batch']}, "
+        m = dict(m, heads=HEADS[name.split("-zerotir")[0].removesuffix("-lora")])
+        lora = f", LoRA rank {cfg['lora_rank']}" if cfg.get("lora_rank") else ""
+        print(f"\n{name} ({m['params'] / 1e9:.2f} B parameters), preset {m['preset']}{lora}: max_batch {cfg['max_batch']}, "
               f"{cfg['prompts_per_step']}x{cfg['n_samples']} responses of <= {cfg['max_prompt_tokens']}+"
               f"{cfg['max_new_tokens']} tokens, micro-batch {cfg['micro_batch_tokens']} tokens, "
               f"{cfg['checkpointing']} checkpointing")

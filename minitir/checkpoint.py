@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minitir import lora
 from minitir.model import ModelConfig, Transformer, init_empty
 
 EMBEDDED = ("smollm2-135m", "smollm2")
@@ -145,16 +146,29 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
-    """-> (Transformer in eval mode, tokenizer). dtype defaults to bfloat16 on CUDA, float32 elsewhere."""
+    """-> (Transformer in eval mode, tokenizer). dtype defaults to bfloat16 on CUDA, float32 elsewhere.
+    A LoRA checkpoint (adapter_config.json: a run with --lora-rank) loads as its base with the adapter merged."""
     from transformers import AutoTokenizer
     from minitir.vocab import FILE, CompactTokenizer
     path = resolve(str(name_or_path))
-    model = load_model(path, dtype, device)
+    model = load_lora(path, dtype, device) if (path / lora.CONFIG_FILE).exists() else load_model(path, dtype, device)
     try:
         tokenizer = CompactTokenizer.load(path) if (path / FILE).exists() else AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from None
     return model, tokenizer
+
+
+def load_lora(path: Path, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """Base (adapter_config.json's base_model_name_or_path) + adapter, merged into a plain Transformer."""
+    try:
+        config, state = lora.read_adapter(path)
+        model = load_model(resolve(config["base_model_name_or_path"]), dtype, device)
+        lora.add_lora(model, config["r"], config["lora_alpha"], tuple(config["target_modules"]))
+        lora.load_adapter_state(model, state)
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a loadable LoRA adapter ({type(e).__name__}: {e})") from None
+    return lora.merged_copy(model)
 
 
 def load_model(path, dtype: torch.dtype | None = None, device=None) -> Transformer:
@@ -244,3 +258,24 @@ def save_pretrained(model: Transformer, tokenizer, path, state_dict: dict | None
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
+
+
+def main(argv: list[str]) -> int:
+    """python -m minitir.checkpoint merge CHECKPOINT_DIR OUT_DIR: a LoRA checkpoint's base and adapter merged
+    into a model directory transformers and vLLM load."""
+    import sys
+    if len(argv) != 3 or argv[0] != "merge":
+        print("usage: python -m minitir.checkpoint merge CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        model, tok = load_pretrained(argv[1])
+    except CheckpointError as e:
+        print(f"minitir.checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(f"merged weights: {save_pretrained(model, tok, argv[2])}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from minitir.lora import TARGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 Algo = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
@@ -22,6 +24,10 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: float32 weights, bfloat16 autocast on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"           # auto: CUDA when there is a GPU
     checkpointing: Literal["none", "selective", "full"] = "selective"   # activation checkpointing in training
+    lora_rank: int = 0                  # LoRA adapters of this rank on --lora-targets, the rest frozen (0: full
+                                        # fine-tuning); use a learning rate about 10x full fine-tuning's
+    lora_alpha: float = 32.0            # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"   # every linear of the decoder
     # --- data ---
     data: str = "miniature"             # miniature | synthetic | a benchmark name (math_train, gsm8k, ...) | a file
     data_dir: str = str(ROOT / "data")  # where benchmark files are looked up (then the Hugging Face hub)
@@ -137,5 +143,9 @@ def validate(cfg: TrainConfig, device: torch.device):
         bad(f"--mini-batches {cfg.mini_batches} exceeds the {cfg.prompts_per_step * cfg.n_samples} responses per step")
     if not 0 <= cfg.filter_min_acc <= cfg.filter_max_acc <= 1:
         bad("--filter-min-acc / --filter-max-acc must satisfy 0 <= min <= max <= 1")
+    unknown = set(cfg.lora_targets.split(",")) - set(TARGETS)
+    if cfg.lora_rank < 0 or unknown or cfg.lora_alpha <= 0:
+        bad(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha} / --lora-targets {cfg.lora_targets}: "
+            f"rank >= 0 (0 = off), alpha > 0, targets among {','.join(TARGETS)}")
     if cfg.tis_cap < 0 or (0 < cfg.tis_cap < 1):
         bad(f"--tis-cap {cfg.tis_cap}: use 0 (off) or a cap >= 1 (e.g. 2)")

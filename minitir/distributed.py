@@ -12,7 +12,7 @@ What is sharded and what is not:
     single process would compute on the combined batch;
   - decoding does not go through FSDP (a collective per decode step would lock ranks that decode different
     numbers of tokens together): each rank decodes with a plain copy of the full weights, gathered once per
-    optimizer step (`gather_weights`).
+    optimizer step (Learner.decoder, with `full_tensor`).
 """
 from __future__ import annotations
 
@@ -124,15 +124,6 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """A parameter's full value (a collective when it is a sharded DTensor)."""
     from torch.distributed.tensor import DTensor
     return p.full_tensor() if isinstance(p, DTensor) else p
-
-
-@torch.no_grad()
-def gather_weights(src: nn.Module, dst: nn.Module):
-    """Copy src's full weights (sharded or not) into the plain module dst, one parameter at a time so the
-    peak extra memory is one full tensor. Every rank must call it (it all-gathers)."""
-    dst_params = dict(dst.named_parameters())
-    for name, p in src.named_parameters():
-        dst_params[name].copy_(full_tensor(p.detach()))
 
 
 def model_state(model: nn.Module, d: Dist) -> dict:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from minitir import batching, distributed, rl
-from minitir.checkpoint import load_pretrained
+from minitir import batching, distributed, lora, rl
+from minitir.checkpoint import load_pretrained, resolve
 from minitir.logprobs import token_logprobs, token_loss
 from minitir.rollout import Sample
 
@@ -34,22 +35,30 @@ class Critic(nn.Module):
 
 class Learner:
     def __init__(self, cfg, dist, device, model=None, tokenizer=None):
-        """Policy, reference (kl_coef > 0: the starting policy, also when resuming), critic (ppo), and the copy
-        the generator decodes with when the trained weights are sharded or float32 masters under autocast
-        (casting every weight at every decode step would dominate decoding). On CUDA, dtype auto keeps float32
-        weights and computes in bfloat16: AdamW steps at lr 1e-6 would round away in bfloat16 weights."""
+        """Policy (with LoRA adapters when lora_rank > 0), reference (kl_coef > 0: the starting policy, also when
+        resuming; with LoRA the policy with its adapters off), critic (ppo), and the copy the generator
+        decodes with when the trained weights are sharded, float32 masters under autocast (casting every
+        weight at every decode step would dominate decoding) or adapted by LoRA (merged once per update). On
+        CUDA, dtype auto keeps float32 weights and computes in bfloat16: AdamW steps at lr 1e-6 would round
+        away in bfloat16 weights; a LoRA run's frozen base is stored in bfloat16, its adapters in float32."""
         self.cfg, self.dist, self.device = cfg, dist, device
         self.autocast_on = cfg.dtype == "auto" and device.type == "cuda"
         if model is None:
-            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device)
+            low = cfg.dtype == "bfloat16" or (cfg.lora_rank > 0 and device.type == "cuda")
+            self.base_path = str(resolve(cfg.model))
+            model, tokenizer = load_pretrained(self.base_path, dtype=torch.bfloat16 if low else torch.float32,
+                                               device=device)
+        else:
+            self.base_path = cfg.model
         self.model, self.tok = model, tokenizer
+        if cfg.lora_rank:
+            lora.add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), seed=cfg.seed)
         self.model.checkpointing = cfg.checkpointing
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 and not cfg.lora_rank else None
         self.critic = Critic(model) if cfg.algo == "ppo" else None
         self.gen_model, self.gen_version, self.version = None, -1, 0
-        if dist.enabled or self.autocast_on:
-            self.gen_model = copy.deepcopy(model).requires_grad_(False).eval()
+        if dist.enabled or self.autocast_on or cfg.lora_rank:
+            self.gen_model = lora.merged_copy(model).requires_grad_(False)
             if self.autocast_on:
                 self.gen_model.to(torch.bfloat16)
 
@@ -57,7 +66,7 @@ class Learner:
         """FSDP2 over the ranks (after any checkpoint weights are loaded into the whole models)."""
         if not self.dist.enabled:
             return
-        for m in (self.model, self.ref, self.critic.body if self.critic else None):
+        for m in (self.model, self.ref, self.critic.body if self.critic else None):   # (LoRA: frozen base sharded too)
             if m is not None:
                 distributed.shard(m, bf16=self.autocast_on)
         if self.critic is not None:
@@ -66,9 +75,10 @@ class Learner:
 
     def build_optimizers(self):
         cfg = self.cfg
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+        trained = lambda m: [p for p in m.parameters() if p.requires_grad]   # with LoRA: the adapters alone
+        self.opt = torch.optim.AdamW(trained(self.model), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                      weight_decay=cfg.weight_decay)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr) if self.critic else None
+        self.critic_opt = torch.optim.AdamW(trained(self.critic), lr=cfg.critic_lr) if self.critic else None
         total = max(1, cfg.steps * cfg.ppo_epochs * cfg.mini_batches)
 
         def schedule(i):
@@ -78,13 +88,27 @@ class Learner:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
 
     def decoder(self) -> nn.Module:
-        """The model the generator runs: the policy itself, or its plain copy refreshed after each update."""
+        """The model the generator runs: the policy itself, or its plain copy refreshed after each update
+        (gathered from the shards, adapters merged; every rank calls this)."""
         if self.gen_model is None:
             return self.model
         if self.gen_version != self.version:
-            distributed.gather_weights(self.model, self.gen_model)
+            with torch.no_grad():
+                params = dict(self.gen_model.named_parameters(remove_duplicate=False))
+                for name, w in lora.merged_weights(self.model, distributed.full_tensor):   # one tensor at a time
+                    params[name].copy_(w)
             self.gen_version = self.version
         return self.gen_model
+
+    @contextmanager
+    def reference(self):
+        """The starting policy for KL: its frozen copy, or with LoRA the policy with its adapters off."""
+        if self.ref is not None:
+            yield self.ref
+            distributed.reshard(self.ref)
+        else:
+            with lora.disabled(self.model):
+                yield self.model
 
     # --------------------------------------------------------------------------------------------
     def autocast(self):
@@ -141,9 +165,9 @@ class Learner:
     def score(self, samples: list[Sample]):
         """Before any update of the step: reference log-probs (kl_coef > 0) and old values (ppo) of every
         sample; neither depends on which weights generated it."""
-        if self.ref is not None:
-            self._per_sample(samples, "ref_logp", self._logprobs_of(self.ref))
-            distributed.reshard(self.ref)
+        if self.cfg.kl_coef > 0:
+            with self.reference() as ref:
+                self._per_sample(samples, "ref_logp", self._logprobs_of(ref))
         if self.critic is not None:
             self._per_sample(samples, "old_values", self.values)
 
@@ -201,7 +225,7 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
             self.critic_opt.step()
         out = {**vars(stats.all_reduce(d.all_reduce)), "grad_norm": float(gn)}
-        if self.ref is None:
+        if not cfg.kl_coef:
             out.pop("kl")
         if not cfg.tis_cap:
             out.pop("tis_capped")
@@ -216,7 +240,7 @@ class Learner:
         h, targets, _ = self._states(self.model, mb)                                    # [M, D], [M]
         adv = batching.per_token(mb, "adv", dev)                                        # [M]
         old, held = batching.behaviour_logprobs(mb, dev)                                # [M], [M] bool
-        ref = batching.per_token(mb, "ref_logp", dev) if self.ref is not None else None
+        ref = batching.per_token(mb, "ref_logp", dev) if cfg.kl_coef > 0 else None
         gen = batching.generator_logprobs(mb, dev)                                      # [M]
         stats = [rl.ObjectiveStats()]
 

@@ -4,7 +4,8 @@
     runs/NAME/metrics.jsonl          one line per step (and step 0: the held-out evaluation before training)
     runs/NAME/samples.jsonl          a few whole rollouts per step
     runs/NAME/scaling.png, .json     written when the run ends
-    runs/NAME/checkpoints/step-N/    a model directory transformers and vLLM load, plus trainer_state.pt
+    runs/NAME/checkpoints/step-N/    a model directory transformers and vLLM load (with --lora-rank: the
+                                     adapter as PEFT saves it, on its base), plus trainer_state.pt
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minitir import distributed
+from minitir import distributed, lora
 from minitir.checkpoint import load_model, save_pretrained
 from minitir.config import ConfigError
 
@@ -112,8 +113,12 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
     under a temporary name and renamed, so a crash mid-write leaves the previous checkpoint as the latest
     complete one. Model and optimizer state are full (unsharded), so any number of ranks can resume from them.
     Every rank calls it (the full state is gathered)."""
-    L, step = learner, trainer_state["step"]
-    model = distributed.model_state(L.model, dist)
+    L, step, lora_rank = learner, trainer_state["step"], learner.cfg.lora_rank
+    if lora_rank:   # the adapter alone, PEFT's format, naming its base
+        adapter = lora.adapter_state(L.model, distributed.full_tensor)
+        config = lora.adapter_config(L.base_path, lora_rank, L.cfg.lora_alpha, L.cfg.lora_targets.split(","))
+    else:
+        model = distributed.model_state(L.model, dist)
     state = {**trainer_state, "optimizer": distributed.optimizer_state(L.model, L.opt, dist),
              "scheduler": L.sched.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if L.critic is not None:
@@ -125,7 +130,11 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
         ck.mkdir(parents=True, exist_ok=True)
         tmp = ck / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(L.model, L.tok, tmp, state_dict=model)
+        if lora_rank:
+            lora.save_adapter(tmp, adapter, config)
+            L.tok.save_pretrained(str(tmp))
+        else:
+            save_pretrained(L.model, L.tok, tmp, state_dict=model)
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -138,7 +147,10 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
 def load_weights(learner, path: Path, device) -> dict:
     """Model (and critic) weights from a checkpoint into the learner's unsharded models -> the saved state."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    learner.model.load_state_dict(load_model(path, dtype=learner.model.dtype, device=device).state_dict())
+    if learner.cfg.lora_rank:   # the base came from its model; the adapter from here
+        lora.load_adapter_state(learner.model, lora.read_adapter(path)[1])
+    else:
+        learner.model.load_state_dict(load_model(path, dtype=learner.model.dtype, device=device).state_dict())
     if learner.critic is not None:
         learner.critic.load_state_dict(state["critic"])
     return state

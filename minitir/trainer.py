@@ -201,7 +201,7 @@ class Trainer:
             self.learner.behaviour_logprobs(samples)
         self.learner.score(samples)
         kl = [torch.zeros(sum(s.loss_mask)) for s in samples]                              # [L] per sample
-        if self.learner.ref is not None and cfg.kl_in_reward:
+        if cfg.kl_coef > 0 and cfg.kl_in_reward:
             kl = [cfg.kl_coef * rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
                   for s in samples]
         if cfg.algo == "ppo":

@@ -27,6 +27,9 @@ CASES = {
                          checkpointing="selective"),
     # a critic (sharded too), GAE with a global advantage whitening, full checkpointing
     "ppo": dict(algo="ppo", loss_agg="token_mean", checkpointing="full"),
+    # LoRA adapters on a frozen, sharded base; the KL reference is the base (adapters off); merged decode copy
+    "lora": dict(algo="grpo", loss_agg="token_mean", lora_rank=4, lora_alpha=8.0, kl_coef=0.1,
+                 checkpointing="selective"),
 }
 
 
@@ -88,8 +91,17 @@ def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
 
 
 def full_params(model, grads=False) -> dict:
+    """Every parameter (or gradient: trained parameters only) whole."""
     from minitir.distributed import full_tensor
-    return {n: full_tensor((p.grad if grads else p).detach()).clone() for n, p in model.named_parameters()}
+    return {n: full_tensor((p.grad if grads else p).detach()).clone() for n, p in model.named_parameters()
+            if not grads or p.requires_grad}
+
+
+def merged_params(model) -> dict:
+    """The plain parameters the generator decodes with (adapters merged, shards gathered)."""
+    from minitir import lora
+    from minitir.distributed import full_tensor
+    return {n: w.detach().clone() for n, w in lora.merged_weights(model, full_tensor)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -107,8 +119,10 @@ def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
             torch.testing.assert_close(dist["grads"][n], g, atol=1e-6, rtol=1e-4, msg=n)
         for n, p in single.items():
             torch.testing.assert_close(dist["params"][n], p, atol=1e-5, rtol=0, msg=n)
-            assert torch.equal(dist["decoder"][n], dist["params"][n]), n  # refreshed after the update
-            moved = max(moved, float((p - full_params(tiny_model())[n]).abs().max()))
+        start = dict(tiny_model().named_parameters(remove_duplicate=False))
+        for n, w in merged_params(t.learner.model).items():
+            assert torch.equal(dist["decoder"][n], dist["merged"][n]), n  # refreshed after the update
+            moved = max(moved, float((w - start[n].detach()).abs().max()))
         assert moved > 1e-4  # the step did change the weights
         if case == "ppo":
             crit = full_params(t.learner.critic)
@@ -182,9 +196,11 @@ def _worker(case: str, out: str):
     t, m = one_step(case, Path(out).parent / "workers")
     params, grads = full_params(t.learner.model), full_params(t.learner.model, grads=True)
     critic = full_params(t.learner.critic) if t.learner.critic is not None else None
-    decoder = {n: p.clone() for n, p in t.learner.decoder().named_parameters()}  # the generator's gathered copy
+    decoder = {n: p.clone() for n, p in t.learner.decoder().named_parameters(remove_duplicate=False)}  # its copy
+    merged = merged_params(t.learner.model)
     if t.dist.main:
-        torch.save({"params": params, "grads": grads, "critic": critic, "metrics": m, "decoder": decoder}, out)
+        torch.save({"params": params, "grads": grads, "critic": critic, "metrics": m, "decoder": decoder,
+                    "merged": merged}, out)
     t.close()
 
 

@@ -442,6 +442,8 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
 def test_config_errors_before_first_step(tmp_path):
     with pytest.raises(ConfigError, match="micro-batch-tokens 100 cannot hold"):
         Trainer(TrainConfig(micro_batch_tokens=100, run_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--lora-targets q_proj,wq"):
+        Trainer(TrainConfig(lora_rank=4, lora_targets="q_proj,wq", run_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="bfloat16 needs a CUDA GPU"):
         Trainer(TrainConfig(dtype="bfloat16", device="cpu", run_dir=str(tmp_path)))
     bad = tmp_path / "bad.jsonl"
