@@ -51,11 +51,12 @@ def emulate(landlock: bool = True):
     if os.geteuid() == 0:
         _python_readable_by_all()
     rules = [(name, seccomp.ERRNO(errno.EPERM), []) for name in REFUSED]
-    rules += [("clone", seccomp.ERRNO(errno.EPERM), [(0, flag, flag)]) for flag in seccomp.CLONE_NAMESPACES]
+    rules += [("clone", seccomp.ERRNO(errno.EPERM), [(0, seccomp.CMP_MASKED_EQ, flag, flag)])
+              for flag in seccomp.CLONE_NAMESPACES]
     rules += [("clone3", seccomp.ERRNO(errno.ENOSYS), [])]
     rules += [] if landlock else [(name, seccomp.ERRNO(errno.ENOSYS), []) for name in LANDLOCK]
     ctypes.CDLL(None, use_errno=True).prctl(isolation.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    seccomp.load(seccomp.compile_filter(rules))
+    seccomp.load(seccomp.compile_filter(rules)[0])
     os.environ[ENV] = "landlock" if landlock else "nothing"
 
 

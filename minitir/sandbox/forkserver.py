@@ -27,6 +27,7 @@ from minitir.sandbox.child import MEMORY_EXIT, run_user_code
 
 PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
 SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+UID_BASE = 1_800_000_000   # far above the ranges /etc/subuid hands out (100000 and up)
 MAX_PROCESSES = 64   # per run (RLIMIT_NPROC): a fork bomb stops there instead of filling the host's memory
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -60,9 +61,6 @@ def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_
         rules = None   # built now, while it waits: opening the paths costs no run any time
         if iso.landlock:
             rules = landlock.ruleset(iso.landlock, server.read, server.write + [run.inside])
-        nproc = MAX_PROCESSES   # a worker's own uid, or its user namespace: its runs alone
-        if uid is None and iso.mode not in ("root", "user"):   # else the user's other tasks count too
-            nproc += isolation.tasks_of(os.getuid()) - 1     # (this one is the run: counted in both)
         os.environ.clear()
         os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=run.inside, TMPDIR=run.inside,
                           LANG="C.UTF-8", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -72,6 +70,9 @@ def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_
             req = json.loads(f.read() or b"null")
         if req is None:  # the fork server is shutting down
             os._exit(0)
+        nproc = MAX_PROCESSES   # a worker's own uid, or its user namespace: its runs alone
+        if uid is None and iso.mode not in ("root", "user"):   # else the user's other tasks count too, now
+            nproc += isolation.tasks_of(os.getuid()) - 1     # (this one is the run: counted in both)
         isolation.drop_privileges(uid)                # no capability, no_new_privs
         if rules is not None:
             landlock.restrict(rules)
@@ -362,7 +363,7 @@ def main(as_user: int | None = None):
     _warm_up()                                           # single-threaded (one BLAS thread), so it may
     iso, program = isolation.setup(base, as_user)        # come first: unshare needs a single thread
     root = os.geteuid() == 0
-    uid = 100_000 + os.getpid() if root and iso.mode in ("root", "landlock") else None   # a uid per worker
+    uid = UID_BASE + os.getpid() if root else None   # a uid of its own per worker
     write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, **asdict(iso)})
     server = ForkServer(base, iso, program, uid)
     try:

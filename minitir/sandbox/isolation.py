@@ -15,10 +15,12 @@
   privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
               ends with no capability at all and no_new_privs, so nothing gives it one back.
   landlock    (landlock.py) every run, under the namespaces or without them, restricts itself to reading
-              Python's directories and writing its working directory; no TCP, no signals or abstract
-              sockets beyond itself, no ptrace of anything outside it.
+              Python's directories and writing its working directory; no ptrace of anything outside it,
+              and where the kernel's ABI has them no TCP (ABI 4), no signals or abstract sockets beyond
+              itself (ABI 6).
   seccomp     (seccomp.py) every run's dangerous system calls fail with EPERM: ptrace, mounts, namespaces,
-              keyrings, bpf, io_uring, sockets...
+              keyrings, bpf, io_uring, sockets, other processes' priorities and limits...; where runs share
+              the user's uid and files, also changing a file's mode, owner, times and attributes.
 In a container whose seccomp profile refuses namespaces (Docker's and Kubernetes' defaults), Landlock and
 seccomp are the isolation (mode "landlock"). Where neither namespaces nor Landlock can be had, `setup` says
 so and pool.Sandbox refuses to run code unless told to accept the risk.
@@ -214,7 +216,7 @@ def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | Non
             sources = None
         os.chown(base, as_user, as_user)
         become(as_user)
-    abi, program = landlock.abi(), seccomp.run_filter()
+    abi = landlock.abi()
     mode, problem = enter_namespaces()
     view, keep, problems = None, (), []
     if mode != "none":
@@ -224,20 +226,28 @@ def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | Non
             keep = build_view(view, sources)
         except OSError as e:
             view, problem = None, f"no private filesystem view ({e})"
+            problems += [f"{problem}: Landlock alone closes the filesystem"] if abi else []
     elif abi:
         mode = "landlock"
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
+    root, shared = os.geteuid() == 0, mode in ("landlock", "none")   # shared: runs see the host's processes
+    program, unknown = seccomp.run_filter(user_files=shared and not root)   # ... and as a user, its files
     if view is None and not abi:
         problems.append(f"{problem}, and no Landlock (Linux >= 5.13 with landlock among its LSMs): code sees "
-                        f"every file this {'machine' if os.geteuid() == 0 else 'user'} can read")
+                        f"every file this {'machine' if root else 'user'} can read")
     network = mode in ("root", "user") or program is not None
     if program is None:
         problems.append("no seccomp filter (libseccomp.so.2 not found: install libseccomp2)" +
                         ("" if network else "; runs can reach the network"))
+    if unknown:
+        problems.append(f"this libseccomp does not know {', '.join(unknown)}: those calls are not filtered")
+    if shared and not root and 0 < abi < 6:
+        problems.append(f"Landlock ABI {abi} (< 6, Linux < 6.12) cannot scope signals: runs can signal this "
+                        f"user's other processes")
     if mode == "user" and not NPROC_PER_USER_NAMESPACE:
         problems.append("runs have no process limit (before Linux 5.14 RLIMIT_NPROC counts every process of "
                         "the user), so a fork bomb is stopped only by the timeout")
-    if mode == "landlock" and os.geteuid() == 0 and not all(map(_others_can_read, python_dirs())):
+    if shared and root and not all(map(_others_can_read, python_dirs())):
         problems.append("Python's directories are not readable by other users, so runs (each worker's own uid) "
                         "can import only what the fork server preloaded")
     return Isolation(mode, network, view, abi, program is not None, "; ".join(problems), keep), program

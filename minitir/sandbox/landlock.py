@@ -2,9 +2,10 @@
 
 A ruleset names the rights it handles; every handled right is denied except beneath the paths a rule grants
 it for. The run gets: read and execute beneath what Python needs, read and write beneath its working
-directory (its only temporary directory too), /dev/null and friends, nothing else of the filesystem. Where
-the kernel's ABI has them: TCP bind and connect denied (ABI 4), signals to processes outside the run's domain
-and abstract unix sockets outside it refused (ABI 6). Rights newer than the kernel's ABI are left out, so the
+directory (its TMPDIR) and the private view's /tmp where there is a view, /dev/null and friends, nothing else
+of the filesystem. Where the kernel's ABI has them: truncation (ABI 3), TCP bind and connect denied (ABI 4),
+signals to processes outside the run's domain and abstract unix sockets outside it refused (ABI 6). Landlock
+does not cover a file's mode, owner, times or extended attributes: the seccomp filter does, where it must. Rights newer than the kernel's ABI are left out, so the
 best the kernel offers is used and reported (`abi`).
 
 The ruleset is built in the pre-forked child while it waits for its code (opening the paths costs that
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 
 # syscall numbers are the same on every architecture that has Landlock
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
@@ -73,7 +75,7 @@ def ruleset(version: int, read_exec: list[str], read_write: list[str]) -> int:
             except OSError:   # not on this system (lib32, a missing /etc file): nothing to grant
                 continue
             try:
-                allowed = rights & fs if os.path.isdir(p) else rights & fs & FILE_RIGHTS
+                allowed = rights & fs if stat.S_ISDIR(os.fstat(target).st_mode) else rights & fs & FILE_RIGHTS
                 rule = _PathBeneath(allowed, target)
                 _check(_libc.syscall(SYS_ADD_RULE, ctypes.c_int(fd), ctypes.c_int(RULE_PATH_BENEATH),
                                      ctypes.byref(rule), ctypes.c_uint32(0)), f"add_rule {p}")

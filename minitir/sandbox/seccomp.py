@@ -1,12 +1,16 @@
 """A seccomp filter for runs: the system calls model-written code has no business making fail with EPERM
-(the code sees a PermissionError; nothing is killed), every other call goes through.
+(the code sees a PermissionError; nothing is killed but a call of another architecture, x32 or i386, which
+libseccomp's default kills), every other call goes through.
 
 Denied: debugging and reading other processes (ptrace, process_vm_readv/writev), mounts and new or other
 namespaces (mount and the new mount API, pivot_root, chroot, unshare, setns, clone with a namespace flag),
 kernel keyrings, bpf, perf_event_open, io_uring (its operations bypass this filter), file handles
 (open_by_handle_at: the classic container escape), userfaultfd, kexec, reboot, modules, swap, accounting,
-quotas, clocks, host names, the kernel log; `socket` of every family when the network is off (a named unix
-socket such as docker.sock is reachable by path, which Landlock's ABI 7 does not cover); socketpair stays.
+quotas, clocks, host names, the kernel log; `socket` of every family (runs have no network; a named unix
+socket such as docker.sock is reachable by path, which Landlock's ABI 7 does not cover; socketpair stays);
+another process's priority, scheduling, affinity and limits (Landlock has no hook for them). Where runs
+share the user's uid and files (a container, as a normal user), also what Landlock does not cover of files
+the user owns: their mode, owner, times, extended attributes, and truncation by path.
 clone3 gets ENOSYS, so glibc falls back to clone, whose flags the filter can read.
 
 The program is compiled once per fork server with libseccomp (libseccomp.so.2, through ctypes: it knows
@@ -25,10 +29,16 @@ DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
           "io_uring_enter", "io_uring_register", "open_by_handle_at", "name_to_handle_at", "userfaultfd",
           "kexec_load", "kexec_file_load", "reboot", "init_module", "finit_module", "delete_module", "swapon",
           "swapoff", "acct", "quotactl", "quotactl_fd", "settimeofday", "clock_settime", "clock_adjtime",
-          "adjtimex", "sethostname", "setdomainname", "syslog", "vhangup", "iopl", "ioperm", "lookup_dcookie")
+          "adjtimex", "sethostname", "setdomainname", "syslog", "vhangup", "iopl", "ioperm", "lookup_dcookie",
+          "socket", "setpriority", "ioprio_set", "sched_setscheduler", "sched_setparam", "sched_setattr")
+ARCH_SPECIFIC = ("iopl", "ioperm", "futimesat", "utime", "utimes", "chmod", "chown", "lchown")   # x86 only
+SELF_ONLY = ("prlimit64", "sched_setaffinity")   # allowed on the run itself (pid 0) only
+USER_FILES = ("chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "setxattr",
+              "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "utime", "utimes",
+              "utimensat", "futimesat", "truncate")
 CLONE_NAMESPACES = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 ACT_ALLOW = 0x7FFF0000
-CMP_MASKED_EQ = 7
+CMP_NE, CMP_MASKED_EQ = 1, 7   # (argument != datum_a), (argument & datum_a == datum_b)
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
@@ -61,19 +71,21 @@ def _lib():
     return lib
 
 
-def compile_filter(rules: list[tuple[str, int, list[tuple[int, int, int]]]]) -> bytes | None:
-    """The BPF program of a filter that allows everything but `rules`: (system call, action, [(argument,
-    mask, value): the call matches when argument & mask == value, all of them]). None without libseccomp."""
+def compile_filter(rules: list[tuple[str, int, list[tuple[int, int, int, int]]]]) -> tuple[bytes | None, list[str]]:
+    """The BPF program of a filter that allows everything but `rules`: (system call, action, [(argument, op,
+    datum_a, datum_b): all must hold]) -> (program, the calls libseccomp does not know: unfiltered). (None, [])
+    without libseccomp."""
     lib = _lib()
     if lib is None:
-        return None
-    ctx = lib.seccomp_init(ACT_ALLOW)
+        return None, []
+    ctx, unknown = lib.seccomp_init(ACT_ALLOW), []
     try:
         for name, action, args in rules:
             nr = lib.seccomp_syscall_resolve_name(name.encode())
-            if nr < 0:   # not a system call on this architecture
+            if nr < 0:   # too new for this libseccomp, or not a call of this architecture
+                unknown.append(name)
                 continue
-            cmp = (_ArgCmp * max(len(args), 1))(*[_ArgCmp(a, CMP_MASKED_EQ, m, v) for a, m, v in args])
+            cmp = (_ArgCmp * max(len(args), 1))(*[_ArgCmp(*a) for a in args])
             if lib.seccomp_rule_add_array(ctx, action, nr, len(args), cmp) < 0:
                 raise OSError(f"seccomp: cannot add a rule for {name}")
         r, w = os.pipe()
@@ -84,7 +96,7 @@ def compile_filter(rules: list[tuple[str, int, list[tuple[int, int, int]]]]) -> 
             w = -1
             with os.fdopen(r, "rb") as f:
                 r = -1
-                return f.read()
+                return f.read(), unknown
         finally:
             for fd in (r, w):
                 if fd >= 0:
@@ -93,14 +105,15 @@ def compile_filter(rules: list[tuple[str, int, list[tuple[int, int, int]]]]) -> 
         lib.seccomp_release(ctx)
 
 
-def run_filter(network: bool = False) -> bytes | None:
-    """The runs' filter (see the module docstring)."""
-    rules = [(name, ERRNO(errno.EPERM), []) for name in DENIED]
-    rules += [("clone", ERRNO(errno.EPERM), [(0, flag, flag)]) for flag in CLONE_NAMESPACES]
+def run_filter(user_files: bool) -> tuple[bytes | None, list[str]]:
+    """The runs' filter (see the module docstring); user_files: runs share the user's uid and files.
+    -> (program or None without libseccomp, the denied calls libseccomp does not know: not filtered)."""
+    rules = [(name, ERRNO(errno.EPERM), []) for name in DENIED + (USER_FILES if user_files else ())]
+    rules += [(name, ERRNO(errno.EPERM), [(0, CMP_NE, 0, 0)]) for name in SELF_ONLY]
+    rules += [("clone", ERRNO(errno.EPERM), [(0, CMP_MASKED_EQ, flag, flag)]) for flag in CLONE_NAMESPACES]
     rules += [("clone3", ERRNO(errno.ENOSYS), [])]
-    if not network:
-        rules += [("socket", ERRNO(errno.EPERM), [])]
-    return compile_filter(rules)
+    program, unknown = compile_filter(rules)
+    return program, [n for n in unknown if n not in ARCH_SPECIFIC]
 
 
 def load(program: bytes):
