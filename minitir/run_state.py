@@ -148,7 +148,10 @@ def load_weights(learner, path: Path, device) -> dict:
     """Model (and critic) weights from a checkpoint into the learner's unsharded models -> the saved state."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     if learner.cfg.lora_rank:   # the base came from its model; the adapter from here
-        lora.load_adapter_state(learner.model, lora.read_adapter(path)[1])
+        try:
+            lora.load_adapter_state(learner.model, lora.read_adapter(path)[1])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume {path}: {e}; resume with the run's own --lora-rank and --lora-targets") from None
     else:
         learner.model.load_state_dict(load_model(path, dtype=learner.model.dtype, device=device).state_dict())
     if learner.critic is not None:
