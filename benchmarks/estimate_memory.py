@@ -17,7 +17,7 @@ What each term is (P parameters, N ranks):
                 input, attention output and middle residual; full = layer input (+ one layer recomputed),
                 4 bytes per value with one process (float32 residual stream under autocast), 2 under FSDP's
                 bfloat16 parameters. LoRA adds the adapted weights W0 + (alpha/r) B A the products keep for
-                backward: every layer's (selective) or one layer's (full), in bfloat16
+                backward, in bfloat16: every layer's o, gate, up and down (selective) or one layer's (full)
   log-probs     1024-token chunks of float32 logits over the vocabulary (logits, softmax, gradient)
 The KV cache and the training terms are not alive at the same time (the cache is freed after decoding),
 so the peak is the larger of the two phases plus what both hold.
@@ -63,8 +63,9 @@ def estimate(m: dict, cfg: dict, gpus: int) -> dict:
     T, b = cfg["micro_batch_tokens"], (4 if gpus == 1 else 2)
     if cfg["checkpointing"] == "full":
         acts = L * T * D * b + T * (6 * D + 3 * m["intermediate"]) * b + (2 * layer if r else 0)
-    else:  # selective
-        acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b + (2 * layer * L if r else 0)
+    else:  # selective (q/k/v are recomputed: the adapted o, gate, up and down weights are kept)
+        kept = m["heads"] * m["head_dim"] * D + 3 * D * m["intermediate"]
+        acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b + (2 * kept * L if r else 0)
     logprobs = 3 * 1024 * m["vocab"] * 4
     train = gathered + acts + logprobs
     peak = state + decode_copy + max(kv, train)

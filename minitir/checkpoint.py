@@ -56,17 +56,30 @@ def resolve(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
+    return download(_repo(name_or_path))
+
+
+def _repo(name_or_path: str) -> str:
+    """A hub id, short names expanded (Qwen2.5-1.5B -> Qwen/Qwen2.5-1.5B)."""
+    p = Path(name_or_path).expanduser()
     if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise CheckpointError(f"{name_or_path}: not a checkpoint directory (expected a folder with config.json "
                               f"and *.safetensors)")
-    repo = name_or_path
-    if "/" not in repo:
-        prefix = next((v for k, v in SHORT_NAMES.items() if re.match(k, repo)), None)
-        if prefix is None:
-            raise CheckpointError(f"{name_or_path!r} is neither a local directory nor a known short name; "
-                                  f"pass a hub id such as Qwen/Qwen2.5-1.5B, a local path, or 'smollm2-135m'")
-        repo = prefix + repo
-    return download(repo)
+    if "/" in name_or_path:
+        return name_or_path
+    prefix = next((v for k, v in SHORT_NAMES.items() if re.match(k, name_or_path)), None)
+    if prefix is None:
+        raise CheckpointError(f"{name_or_path!r} is neither a local directory nor a known short name; "
+                              f"pass a hub id such as Qwen/Qwen2.5-1.5B, a local path, or 'smollm2-135m'")
+    return prefix + name_or_path
+
+
+def base_name(name_or_path: str) -> str:
+    """How a LoRA adapter names its base so that PEFT and minitir find it on another machine too: a hub id
+    as such (short names expanded), anything local (a directory, the embedded or the miniature model) as
+    an absolute path."""
+    local = name_or_path.lower() in EMBEDDED + ("miniature",) or Path(name_or_path).expanduser().exists()
+    return str(resolve(name_or_path).resolve()) if local else _repo(name_or_path)
 
 
 def download(repo: str) -> Path:
@@ -163,10 +176,13 @@ def load_lora(path: Path, dtype: torch.dtype | None = None, device=None) -> Tran
     """Base (adapter_config.json's base_model_name_or_path) + adapter, merged into a plain Transformer."""
     try:
         config, state = lora.read_adapter(path)
+        lora.check_config(config)
+        if not config.get("base_model_name_or_path"):
+            raise ValueError("adapter_config.json names no base model (base_model_name_or_path)")
         model = load_model(resolve(config["base_model_name_or_path"]), dtype, device)
-        lora.add_lora(model, config["r"], config["lora_alpha"], tuple(config["target_modules"]))
+        lora.add_lora(model, config["r"], config["lora_alpha"], lora.targets_of(config))
         lora.load_adapter_state(model, state)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a loadable LoRA adapter ({type(e).__name__}: {e})") from None
     return lora.merged_copy(model)
 

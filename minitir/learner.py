@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from minitir import batching, distributed, lora, rl
-from minitir.checkpoint import load_pretrained, resolve
+from minitir.checkpoint import base_name, load_pretrained
 from minitir.logprobs import token_logprobs, token_loss
 from minitir.rollout import Sample
 
@@ -28,7 +28,8 @@ class Critic(nn.Module):
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.body = copy.deepcopy(policy)
-        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype, device=policy.device)
+        # float32 whatever the body's dtype (a LoRA base is bfloat16): the head's weights are trained masters
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=torch.float32, device=policy.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -44,12 +45,12 @@ class Learner:
         self.cfg, self.dist, self.device = cfg, dist, device
         self.autocast_on = cfg.dtype == "auto" and device.type == "cuda"
         if model is None:
-            low = cfg.dtype == "bfloat16" or (cfg.lora_rank > 0 and device.type == "cuda")
-            self.base_path = str(resolve(cfg.model))
-            model, tokenizer = load_pretrained(self.base_path, dtype=torch.bfloat16 if low else torch.float32,
+            low = cfg.dtype == "bfloat16" or (cfg.lora_rank > 0 and self.autocast_on)
+            self.base_path = base_name(cfg.model)   # what a LoRA checkpoint names as its base
+            model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if low else torch.float32,
                                                device=device)
         else:
-            self.base_path = cfg.model
+            self.base_path = None   # a model given as an object: its origin is unknown
         self.model, self.tok = model, tokenizer
         if cfg.lora_rank:
             lora.add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), seed=cfg.seed)
@@ -104,8 +105,10 @@ class Learner:
     def reference(self):
         """The starting policy for KL: its frozen copy, or with LoRA the policy with its adapters off."""
         if self.ref is not None:
-            yield self.ref
-            distributed.reshard(self.ref)
+            try:
+                yield self.ref
+            finally:
+                distributed.reshard(self.ref)
         else:
             with lora.disabled(self.model):
                 yield self.model
@@ -138,7 +141,7 @@ class Learner:
         """-> the critic's value at each policy token [M], sequence index [M]."""
         h, _, seq = self._states(self.critic.body, samples)
         with self.autocast():
-            return self.critic.value_head(h).squeeze(-1).float(), seq
+            return self.critic.value_head(h.float()).squeeze(-1).float(), seq
 
     def _logprobs_of(self, model: nn.Module):
         def forward(mb):

@@ -44,17 +44,22 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.scale, self.enabled = rank, alpha, alpha / rank, True
         out_f, in_f = base.weight.shape
-        self.lora_A = nn.Parameter(torch.empty(rank, in_f, dtype=torch.float32, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=torch.float32, device=base.weight.device))
         bound = 1 / math.sqrt(in_f)   # kaiming_uniform_(a=sqrt(5)), nn.Linear's and PEFT's default
-        with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+        a = torch.empty(rank, in_f, dtype=torch.float32).uniform_(-bound, bound, generator=generator)   # on the CPU:
+        self.lora_A = nn.Parameter(a.to(base.weight.device))    # the same numbers on every device and rank
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=torch.float32, device=base.weight.device))
 
     @property
     def weight(self) -> torch.Tensor:
-        """W0 + (alpha / r) B A in W0's dtype (the adapters are float32 masters); W0 when disabled."""
+        """W0 + (alpha / r) B A in W0's dtype; W0 when disabled. B A is formed in float32 (autocast off), as
+        the decode copy's merge forms it, so trainer and generator hold the same W. In bfloat16 an update below
+        half of W0's rounding step does not show in W yet, exactly as full fine-tuning's float32 masters do
+        not show in its bfloat16 forward until they cross it; the adapters (float32) keep every update."""
         w0 = self.base.weight
-        return w0 + (self.scale * (self.lora_B @ self.lora_A)).to(w0.dtype) if self.enabled else w0
+        if not self.enabled:
+            return w0
+        with torch.autocast(w0.device.type, enabled=False):
+            return w0 + (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w0.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -117,7 +122,23 @@ def adapter_state(model: nn.Module, full=lambda t: t) -> dict[str, torch.Tensor]
             for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
 
 
-def adapter_config(base_path: str, rank: int, alpha: float, targets) -> dict:
+def check_config(config: dict):
+    """What minitir's LoRA is: plain LoRA, alpha / r scaling, one rank and alpha for every target."""
+    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"adapter options minitir does not implement: {unsupported or config.get('peft_type')}")
+
+
+def targets_of(config: dict) -> tuple[str, ...]:
+    t = config["target_modules"]
+    if t == "all-linear":
+        return TARGETS
+    if isinstance(t, str) or not set(t) <= set(TARGETS):
+        raise ValueError(f"target_modules {t!r}: minitir adapts {', '.join(TARGETS)}")
+    return tuple(t)
+
+
+def adapter_config(base_path: str | None, rank: int, alpha: float, targets) -> dict:
     """PEFT's LoraConfig as adapter_config.json holds it."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path), "r": rank,
             "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",

@@ -121,8 +121,10 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
         model = distributed.model_state(L.model, dist)
     state = {**trainer_state, "optimizer": distributed.optimizer_state(L.model, L.opt, dist),
              "scheduler": L.sched.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    if L.critic is not None:
-        state["critic"] = distributed.model_state(L.critic, dist)
+    if L.critic is not None:   # with LoRA its adapters and value head (its frozen base is the policy's base)
+        critic = distributed.model_state(L.critic, dist)
+        trained = {n for n, p in L.critic.named_parameters() if p.requires_grad}
+        state["critic"] = {k: v for k, v in critic.items() if k in trained} if lora_rank else critic
         state["critic_optimizer"] = distributed.optimizer_state(L.critic, L.critic_opt, dist)
     ck = run_dir / "checkpoints"
     final = ck / f"step-{step:06d}"
@@ -132,7 +134,8 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
         if lora_rank:
             lora.save_adapter(tmp, adapter, config)
-            L.tok.save_pretrained(str(tmp))
+            if L.tok is not None:
+                L.tok.save_pretrained(str(tmp))
         else:
             save_pretrained(L.model, L.tok, tmp, state_dict=model)
         torch.save(state, tmp / "trainer_state.pt")
@@ -147,15 +150,22 @@ def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int
 def load_weights(learner, path: Path, device) -> dict:
     """Model (and critic) weights from a checkpoint into the learner's unsharded models -> the saved state."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    if learner.cfg.lora_rank:   # the base came from its model; the adapter from here
+    cfg = learner.cfg
+    if cfg.lora_rank:   # the base came from its model; the adapter from here, if it is this run's kind
         try:
-            lora.load_adapter_state(learner.model, lora.read_adapter(path)[1])
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume {path}: {e}; resume with the run's own --lora-rank and --lora-targets") from None
+            config, adapter = lora.read_adapter(path)
+            if (config["r"], config["lora_alpha"], sorted(lora.targets_of(config))) != \
+                    (cfg.lora_rank, cfg.lora_alpha, sorted(cfg.lora_targets.split(","))):
+                raise ValueError(f"its adapter has rank {config['r']}, alpha {config['lora_alpha']}, targets "
+                                 f"{','.join(lora.targets_of(config))}")
+            lora.load_adapter_state(learner.model, adapter)
+        except (OSError, KeyError, ValueError) as e:
+            raise ConfigError(f"--resume {path}: {e}; resume with the run's own --lora-rank, --lora-alpha and "
+                              f"--lora-targets") from None
     else:
         learner.model.load_state_dict(load_model(path, dtype=learner.model.dtype, device=device).state_dict())
     if learner.critic is not None:
-        learner.critic.load_state_dict(state["critic"])
+        learner.critic.load_state_dict(state["critic"], strict=not learner.cfg.lora_rank)
     return state
 
 

@@ -10,7 +10,7 @@ import torch
 
 from minitir import lora
 from minitir.checkpoint import load_model, load_pretrained
-from minitir.config import TrainConfig
+from minitir.config import ConfigError, TrainConfig
 from minitir.trainer import Trainer
 from tests.conftest import make_hf_model
 from tests.test_trainer import _strip, toy_setup
@@ -138,3 +138,7 @@ def test_exact_resume_with_lora(tmp_path):
     resumed = _strip(t.train_step())
     t.close()
     assert resumed == straight[1]
+    tc, model, tok, problems = toy_setup(tmp_path, run_name="stopped", **dict(setup, lora_alpha=16.0))
+    with pytest.raises(ConfigError, match="its adapter has rank 4, alpha 8.0"):   # another scale: refused
+        Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[], tool=lambda code: "1",
+                resume=str(Path(tmp_path) / "stopped"))
