@@ -4,6 +4,7 @@
     python eval.py --model Qwen2.5-1.5B --benchmarks math500 --paper            # the paper's eval settings
     python eval.py --model Qwen2.5-1.5B --benchmarks math500 --max-tool-calls 0,1,2,4,8,16   # the sweep
     python eval.py --model smollm2-135m --benchmarks math500 --prompt zero_rl                 # no tools
+    python eval.py --model runs/NAME/checkpoints/step-000040 --benchmarks miniature --max-tool-calls 0,1,2
 
     torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16       # problems split over ranks
 
@@ -35,14 +36,15 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class EvalConfig:
     model: str                          # checkpoint dir, hub id, short name (Qwen2.5-1.5B) or smollm2-135m
-    benchmarks: str = "math500"         # comma-separated names (math500, aime24, amc23, ...) or file paths
+    benchmarks: str = "math500"         # comma-separated names (math500, aime24, amc23, ..., miniature) or files
     data_dir: str = str(ROOT / "data")  # where benchmark files are looked up (then the Hugging Face hub)
     n_samples: int = 1                  # responses per problem (avg@n, pass@k, maj@n)
     max_tool_calls: str = "2"           # one value, or a comma-separated sweep such as 0,1,2,4
     prompt: str = "zero_tir"            # zero_tir | zero_rl | zero_tir_explained | chat_tir | a text with {question}
     temperature: float | None = None    # default: 0 (greedy) for one sample, else 1.0
     top_p: float = 1.0                  # nucleus sampling
-    max_new_tokens: int = 3072          # response budget, tool output included
+    max_new_tokens: int | None = None   # response budget, tool output included (default: 3072, or what the
+                                        # model's context leaves after the longest prompt when that is less)
     max_tool_output_tokens: int = 256   # an output block over this many tokens is replaced (or cut)
     tool_output_overflow: Literal["replace", "truncate"] = "replace"   # the paper's message, or keep the start
     reward: Literal["lenient", "strict"] = "lenient"   # lenient: the last \boxed answer (the paper's eval script);
@@ -97,6 +99,18 @@ def load_benchmarks(cfg: EvalConfig, say) -> dict:
     return benches
 
 
+def default_budget(model, tok, cfg: EvalConfig, benches: dict) -> int:
+    """3072 tokens, or what the model's context leaves after the longest prompt (the miniature's is 1024)."""
+    template = get_template(cfg.prompt)
+    longest = max((len(tok(render_prompt(template, p.question, tok)).input_ids) for ps in benches.values()
+                   for p in ps), default=0)
+    room = model.config.max_position_embeddings - longest
+    if room < 1:
+        raise UsageError(f"a prompt of {longest} tokens fills the model's context of "
+                         f"{model.config.max_position_embeddings}: pass --max-new-tokens to decode past it")
+    return min(3072, room)
+
+
 def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, calls: int, first: int) -> list[dict]:
     """Generate cfg.n_samples responses per problem with at most `calls` tool calls; grade them -> records."""
     template = get_template(cfg.prompt)
@@ -140,6 +154,8 @@ def run(cfg: EvalConfig) -> dict | None:
         tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout, cfg.sandbox_memory_mb, workers=2,
                          allow_unisolated=cfg.sandbox_allow_unisolated)
     model, tok = load_pretrained(cfg.model, device=device)
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = default_budget(model, tok, cfg, benches)
     grader = Grader()
     try:
         for calls in cfg.sweep:

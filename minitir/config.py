@@ -75,6 +75,9 @@ class TrainConfig:
     filter_min_acc: float = 0.01        # the paper: 0 < accuracy < 0.8, i.e. [1/16, 0.75] at n = 16
     filter_max_acc: float = 0.8
     max_refill_rounds: int = 3          # sampling rounds per step when filters drop groups or responses
+    roc_oversample: int = 1             # GRPO-RoC (rStar2-Agent): sample this many x n_samples responses per problem
+                                        # and keep n_samples, the correct ones with the fewest tool errors and
+                                        # format problems (minitir/roc.py); 1 = off, the paper's rStar2: 2
     mask_truncated: bool = False        # keep responses cut at the length limit out of the loss
     filter_overlong: bool = False       # the paper: drop responses cut at the length limit (not correct)
     filter_repetition: float = 0.0      # the paper (0.05): drop correct responses repeating more than this
@@ -137,6 +140,9 @@ def validate(cfg: TrainConfig, device: torch.device):
     if cfg.micro_batch_tokens < need:
         bad(f"--micro-batch-tokens {cfg.micro_batch_tokens} cannot hold one sequence of up to {need} tokens "
             f"(--max-prompt-tokens + --max-new-tokens): raise it to at least {need} or lower those")
+    if cfg.roc_oversample < 1 or (cfg.roc_oversample > 1 and cfg.n_samples < 4):
+        bad(f"--roc-oversample {cfg.roc_oversample} with --n-samples {cfg.n_samples}: use 1 (off), or K >= 2 with "
+            f"n_samples >= 4 (it keeps at least 2 correct and 2 incorrect responses of a mixed group)")
     if cfg.algo == "rloo" and cfg.n_samples < 2:
         bad("--algo rloo needs --n-samples >= 2")
     if cfg.prompts_per_step * cfg.n_samples < cfg.mini_batches:

@@ -216,12 +216,16 @@ def load_problems(path: str | Path, question_field: str | None = None, answer_fi
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | None = None):
-    """A benchmark by name (see BENCHMARKS), or a file path: a local file under data_dir if present, else
-    the Hugging Face dataset (needs `datasets` and network). -> (problems, report)."""
+    """A benchmark by name (see BENCHMARKS; `miniature`: the held-out problems of `python train.py`), or a
+    file path: a local file under data_dir if present, else the Hugging Face dataset (needs `datasets` and
+    network). -> (problems, report)."""
+    if name == "miniature":
+        problems = miniature_held_out()[:limit]
+        return problems, LoadReport(loaded=len(problems))
     if name not in BENCHMARKS:
         if Path(name).exists():
             return load_problems(name, limit=limit)
-        raise DatasetError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS)} or a file path")
+        raise DatasetError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS) + ['miniature']} or a file path")
     files, hub_id, split = BENCHMARKS[name]
     for d in [Path(data_dir)] if data_dir else []:
         for f in files:
@@ -379,13 +383,26 @@ def miniature_problems(n: int, seed: int, small_share: float = 0.1,
     return out
 
 
+def miniature_source(size: int, seed: int) -> list[Problem]:
+    """A miniature run's problems (training, then held-out): the base model's corpora used seeds 0 and 7
+    (miniature.BaseConfig), so 10,000 + seed gives problems it never trained on."""
+    return miniature_problems(size, seed=10_000 + seed)
+
+
+def miniature_held_out(train_size: int = 4000, eval_size: int = 64, seed: int = 0) -> list[Problem]:
+    """The held-out problems of `python train.py` (configs/miniature.json's synthetic_size and eval_size,
+    seed 0), for eval.py --benchmarks miniature."""
+    return miniature_source(train_size + eval_size, seed)[-eval_size:]
+
+
 # ------------------------------------------------------------------------------------------------
 # a run's problems: the training source and its held-out part, and the order they are drawn in
 # ------------------------------------------------------------------------------------------------
 def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
     """(training problems, held-out problems) for a TrainConfig: generated (miniature, synthetic), a file, or a
-    benchmark name; the held-out ones from cfg.eval_data, else the last cfg.eval_size of the source.
-    Records without a gold answer are skipped and said."""
+    benchmark name; the held-out ones from cfg.eval_data, else the last cfg.eval_size of the source; training
+    problems whose question is also held out are left out (and said). Records without a gold answer are
+    skipped and said."""
     def loaded(name, pair):
         problems, report = pair
         if report.skipped_no_answer:
@@ -394,8 +411,8 @@ def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
         return problems
 
     n = cfg.synthetic_size + cfg.eval_size
-    if cfg.data == "miniature":   # problems the miniature base model never trained on: its corpora used seeds
-        problems = miniature_problems(n, seed=10_000 + cfg.seed)   # 0 and 7 (miniature.BaseConfig)
+    if cfg.data == "miniature":
+        problems = miniature_source(n, cfg.seed)
     elif cfg.data == "synthetic":
         problems = synthetic_problems(n, seed=cfg.seed, difficulty=cfg.synthetic_difficulty)
     elif Path(cfg.data).exists():
@@ -409,9 +426,13 @@ def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
         if len(problems) <= cfg.eval_size:
             raise DatasetError(f"--eval-size {cfg.eval_size} leaves no training problems out of {len(problems)}")
         problems, held_out = problems[:-cfg.eval_size], problems[-cfg.eval_size:]
-    if not problems:
+    seen = {p.question for p in held_out}   # a held-out problem is never trained on (generated sources repeat)
+    train = [p for p in problems if p.question not in seen]
+    if len(train) < len(problems):
+        say(f"left out {len(problems) - len(train)} training problems that are also held-out problems")
+    if not train:
         raise DatasetError(f"no training problems in {cfg.data!r}")
-    return problems, held_out
+    return train, held_out
 
 
 class ProblemStream:

@@ -12,12 +12,13 @@ weights are normalised over the global mini-batch, and distributed.py keeps the 
 """
 from __future__ import annotations
 
+import random
 import sys
 import time
 
 import torch
 
-from minitir import distributed, rl, run_state
+from minitir import distributed, rl, roc, run_state
 from minitir.config import ConfigError, TrainConfig, validate
 from minitir.filters import drop_reason, mask_reason
 from minitir.learner import Learner
@@ -104,7 +105,8 @@ class Trainer:
         """-> (this rank's samples for the update, every sample it generated, global statistics). The samples
         carried over from the last step come first; then rounds of whole groups, each rank its contiguous
         share of a round's problems, graded and baselined per group before anything is filtered (as the paper
-        does); groups outside the accuracy range (filter_groups) and responses the paper's filters drop leave
+        does); with roc_oversample K, K x n responses per problem, down-sampled to n before that (GRPO-RoC);
+        groups outside the accuracy range (filter_groups) and responses the paper's filters drop leave
         the batch, and rounds refill it up to prompts_per_step x n_samples responses (all ranks together).
         With carry_over the surplus waits for the next step, holding the log-probs of the weights that made it."""
         cfg, d, n = self.cfg, self.dist, self.cfg.n_samples
@@ -120,16 +122,17 @@ class Trainer:
             want = -(-(target - have) // n)
             lo, hi = distributed.split(want, d)
             t = time.perf_counter()
-            batch = self._rollouts(self.data.next(want)[lo:hi], n, cfg.temperature,
-                                   seed=cfg.seed * 1_000_003 + self.step * 101 + rnd, first=lo)
+            seed, k = cfg.seed * 1_000_003 + self.step * 101 + rnd, n * cfg.roc_oversample
+            batch = self._rollouts(self.data.next(want)[lo:hi], k, cfg.temperature, seed=seed, first=lo)
             clock["generate"] += time.perf_counter() - t
             t = time.perf_counter()
             self.reward(batch)
             clock["grade"] += time.perf_counter() - t
             sampled += batch
             stats["groups_sampled"] += want
-            for i in range(0, len(batch), n):
-                buffer += self._keep(batch[i:i + n], stats)
+            for i in range(0, len(batch), k):
+                group = batch[i:i + k] if k == n else self._resample_on_correct(batch[i:i + k], seed, lo + i // k)
+                buffer += self._keep(group, stats)
         for k in ("groups_kept", "dropped_overlong", "dropped_repetitive", "masked_truncated", "masked_void"):
             stats[k] = int(d.sum(stats[k]))
         kept, self.carry = self._one_batch(buffer, target) if cfg.carry_over else (buffer, [])
@@ -182,6 +185,15 @@ class Trainer:
             s.loss_mask = [0] * len(c.tokens) if masked else list(c.policy_mask)
             kept.append(s)
         return kept
+
+    def _resample_on_correct(self, group: list[Sample], seed: int, index: int) -> list[Sample]:
+        """GRPO-RoC: n of the group's graded responses (roc.downsample), in their order; index: the group's place
+        in the step's round over all ranks, so the draw does not depend on how many ranks share it."""
+        graded = [s for s in group if s.graded]
+        pen = [roc.penalty(s.completion.num_tool_calls, s.completion.num_tool_errors, s.format_ok) for s in graded]
+        keep = roc.downsample([s.correct for s in graded], pen, self.cfg.n_samples,
+                              random.Random(seed * 1_000_033 + index))
+        return [graded[i] for i in keep]
 
     def _one_batch(self, buffer: list[Sample], target: int) -> tuple[list[Sample], list[Sample]]:
         """carry_over: -> (exactly one batch over all ranks, the rest), the last ranks' tails carried first."""

@@ -103,3 +103,10 @@ def test_tool_use_emerges_in_miniature(tmp_path):
     assert len(rows) == cfg.steps and {"code_ratio", "response_length", "entropy", "time/tools_s", "batch_size",
                                        "format_failure_rate", "grade_errors", "tool_failures"} <= set(json.loads(rows[0]))
     assert time.time() - t0 < 90, time.time() - t0
+    # what it learnt, evaluated by name as a user would (eval.py --benchmarks miniature): with a tool call
+    # allowed it answers held-out problems it cannot answer without one
+    import eval as evaluate_cli
+    ckpt = tmp_path / "mini" / "checkpoints" / f"step-{cfg.steps:06d}"
+    s = evaluate_cli.main(["--model", str(ckpt), "--benchmarks", "miniature", "--limit", "16", "--max-tool-calls",
+                           "0,1", "--out", str(tmp_path / "eval")])
+    assert s["miniature@0"]["avg@1"] + 0.2 <= s["miniature@1"]["avg@1"], s

@@ -150,3 +150,15 @@ def test_synthetic_answers_independently_checked(difficulty):
         assert int(p.answer) == _check(p), p
     assert [p.question for p in probs] == [p.question for p in synthetic_problems(35, seed=11, difficulty=difficulty)]
     assert [p.question for p in probs] != [p.question for p in synthetic_problems(35, seed=12, difficulty=difficulty)]
+
+
+def test_the_miniature_benchmark_is_the_held_out_set_of_python_train_py():
+    import train
+    from minitir.config import TrainConfig
+    from minitir.tasks import training_problems
+    train_set, held_out = training_problems(TrainConfig(**train.preset("miniature")), say=print)
+    problems, report = load_benchmark("miniature")
+    assert [(p.question, p.answer) for p in problems] == [(p.question, p.answer) for p in held_out]
+    assert report.loaded == len(problems) == 64
+    assert not {p.question for p in problems} & {p.question for p in train_set}
+    assert load_benchmark("miniature", limit=5)[0] == problems[:5]

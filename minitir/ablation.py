@@ -1,0 +1,154 @@
+"""What an ablation concludes from its runs: final held-out metrics per variant with 95% bootstrap intervals
+over seeds, differences to the first variant paired by seed, steps to a threshold, the curves with bands,
+and a Markdown table that says "no difference" where the interval contains 0. ablate.py runs the variants;
+this module only reads their metrics.jsonl files.
+
+The interval is Hesterberg's expanded percentile bootstrap of the mean over seeds (B = 10,000 resamples, a
+fixed stream): the percentiles at a / 2 and 1 - a / 2 with a / 2 = Phi(-sqrt(n / (n - 1)) t(0.975, n - 1)),
+which widens the plain percentile interval for small n. Simulated on normal data it covered the true mean
+93% of the time at 5 seeds and 94% at 8 (the plain 2.5 / 97.5 percentiles: 85% and 89%); at 3 seeds 77%, as
+a resample's mean never leaves the range of the values. Read an interval that barely excludes 0 as weak
+evidence.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+from minitir.plot import read_metrics, series
+
+METRICS = ("eval/accuracy", "eval/code_ratio", "eval/response_length")
+THRESHOLDS = {"eval/accuracy": 0.5, "eval/code_ratio": 0.5}   # steps_to: the first evaluation at or above
+RESAMPLES = 10_000
+
+
+# Student's t, 97.5th percentile, by degrees of freedom (beyond 30: a two-term expansion around the normal's)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    z = 1.959964
+    return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
+
+
+def tail(n: int) -> float:
+    """The expanded percentile bootstrap's tail probability a / 2 for n values (0.025 in the limit)."""
+    return 0.5 * (1 + math.erf(-math.sqrt(n / (n - 1)) * t975(n - 1) / math.sqrt(2)))
+
+
+def bootstrap_ci(values: list[float], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """{"mean", "ci_low", "ci_high"}: the mean of values and the tail(n) and 1 - tail(n) percentiles of the
+    means of `resamples` resamples drawn with replacement (one value: the interval is that value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("bootstrap_ci: no values")
+    mean = sum(values) / n
+    if n == 1:
+        return {"mean": mean, "ci_low": mean, "ci_high": mean}
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    a = 100 * tail(n)
+    return {"mean": mean, "ci_low": percentile(means, a), "ci_high": percentile(means, 100 - a)}
+
+
+def percentile(sorted_xs: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    pos = (len(sorted_xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def final(rows: list[dict], metric: str) -> float:
+    """The metric at the run's last evaluation."""
+    xs, ys = series(rows, metric)
+    if not xs:
+        raise ValueError(f"no {metric} in the run's metrics (is --eval-size 0?)")
+    return ys[-1]
+
+
+def steps_to(rows: list[dict], metric: str, threshold: float) -> int | None:
+    """The first evaluated step at which the metric is >= threshold, None if never."""
+    return next((s for s, y in zip(*series(rows, metric)) if y >= threshold), None)
+
+
+def summarise(variants: list[dict]) -> dict:
+    """variants: [{"name", "overrides", "steps", "runs": {seed: run_dir}}], the first one the baseline -> the
+    ablation.json object. A run that never reaches a threshold counts as its last step in steps_to (the mean
+    is then a lower bound; "reached" says how many did)."""
+    rows = {v["name"]: {s: read_metrics(d) for s, d in v["runs"].items()} for v in variants}
+    base = rows[variants[0]["name"]]
+    out = []
+    for v in variants:
+        mine = rows[v["name"]]
+        seeds = sorted(mine)
+        entry = {"name": v["name"], "overrides": v["overrides"], "seeds": seeds,
+                 "runs": [str(v["runs"][s]) for s in seeds],
+                 "final": {m: bootstrap_ci([final(mine[s], m) for s in seeds]) for m in METRICS},
+                 "diff_vs_first": {}, "steps_to": {}}
+        paired = [s for s in seeds if s in base]
+        if v is not variants[0] and paired:
+            entry["diff_vs_first"] = {m: {**bootstrap_ci([final(mine[s], m) - final(base[s], m) for s in paired]),
+                                          "pairs": len(paired)} for m in METRICS}
+        for m, t in THRESHOLDS.items():
+            hit = [steps_to(mine[s], m, t) for s in seeds]
+            entry["steps_to"][f"{m}>={t:g}"] = {**bootstrap_ci([v["steps"] if h is None else h for h in hit]),
+                                                "reached": sum(h is not None for h in hit)}
+        out.append(entry)
+    return {"variants": out, "resamples": RESAMPLES,
+            "interval": "95% expanded percentile bootstrap of the mean over seeds (Hesterberg)"}
+
+
+def contains_zero(ci: dict) -> bool:
+    return ci["ci_low"] <= 0 <= ci["ci_high"]
+
+
+def markdown_table(summary: dict) -> str:
+    """One row per variant: final metrics with intervals, and their differences to the first variant."""
+    names = {"eval/accuracy": "accuracy", "eval/code_ratio": "code ratio", "eval/response_length": "length"}
+
+    def cell(ci, sign=""):
+        return f"{ci['mean']:{sign}.2f} [{ci['ci_low']:{sign}.2f}, {ci['ci_high']:{sign}.2f}]"
+
+    head = ["variant", "seeds"] + [f"{n}" for n in names.values()] + [f"Δ {n} vs first" for n in names.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in summary["variants"]:
+        diffs = []
+        for m in names:
+            d = v["diff_vs_first"].get(m)
+            diffs.append("(first)" if d is None else
+                         f"no difference at {d['pairs']} seeds ({cell(d, '+')})" if contains_zero(d) else cell(d, "+"))
+        lines.append("| " + " | ".join([v["name"], str(len(v["runs"]))] + [cell(v["final"][m]) for m in names] + diffs)
+                     + " |")
+    return "\n".join(lines)
+
+
+def figure(variants: list[dict], path: Path) -> Path:
+    """The three held-out curves against step, per variant the mean over seeds and its bootstrap band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, v in enumerate(variants):
+        runs = [read_metrics(d) for d in v["runs"].values()]
+        for ax, m in zip(axes, METRICS):
+            by_step: dict[int, list[float]] = {}
+            for rows in runs:
+                for s, y in zip(*series(rows, m)):
+                    by_step.setdefault(s, []).append(y)
+            steps = sorted(by_step)
+            cis = [bootstrap_ci(by_step[s], resamples=2000) for s in steps]
+            ax.plot(steps, [c["mean"] for c in cis], color=f"C{i}", marker="o", markersize=3,
+                    label=f"{v['name']} ({len(runs)} seeds)")
+            ax.fill_between(steps, [c["ci_low"] for c in cis], [c["ci_high"] for c in cis], color=f"C{i}", alpha=0.2)
+    for ax, m in zip(axes, METRICS):
+        ax.set_title(f"held-out {m.split('/')[1].replace('_', ' ')}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
