@@ -157,8 +157,10 @@ def state(run_dir: Path, want: dict) -> str:
 
 
 def same_config(a: dict, b: dict) -> bool:
-    """Equal but for where the run lives (an ablation directory can be moved or named relatively)."""
-    return {k: v for k, v in a.items() if k != "run_dir"} == {k: v for k, v in b.items() if k != "run_dir"}
+    """Equal but for where the run lives (an ablation directory can be moved, or hold a copy of a run made
+    elsewhere with the same configuration)."""
+    where = ("run_dir", "run_name")
+    return {k: v for k, v in a.items() if k not in where} == {k: v for k, v in b.items() if k not in where}
 
 
 def slots(jobs: int) -> tuple[int, list[dict]]:

@@ -1,6 +1,7 @@
 """What an ablation concludes from its runs: final held-out metrics per variant with 95% bootstrap intervals
-over seeds, differences to the first variant paired by seed, steps to a threshold, the curves with bands,
-and a Markdown table that says "no difference" where the interval contains 0. ablate.py runs the variants;
+over seeds, their means over the run (the learning curve's area), differences to the first variant paired by
+seed, steps to a threshold, the curves with bands, and a Markdown table that says "no difference" where the
+interval contains 0. ablate.py runs the variants;
 this module only reads their metrics.jsonl files.
 
 The interval is Hesterberg's expanded percentile bootstrap of the mean over seeds (B = 10,000 resamples, a
@@ -69,6 +70,14 @@ def final(rows: list[dict], metric: str) -> float:
     return ys[-1]
 
 
+def curve_mean(rows: list[dict], metric: str) -> float:
+    """The metric averaged over the run's evaluations, the first (before training) included: the area under
+    its learning curve over the run's length, which tells a faster learner from a slower one when both end
+    at the same place."""
+    ys = series(rows, metric)[1]
+    return sum(ys) / len(ys)
+
+
 def steps_to(rows: list[dict], metric: str, threshold: float) -> int | None:
     """The first evaluated step at which the metric is >= threshold, None if never."""
     return next((s for s, y in zip(*series(rows, metric)) if y >= threshold), None)
@@ -87,11 +96,13 @@ def summarise(variants: list[dict]) -> dict:
         entry = {"name": v["name"], "overrides": v["overrides"], "seeds": seeds,
                  "runs": [str(v["runs"][s]) for s in seeds],
                  "final": {m: bootstrap_ci([final(mine[s], m) for s in seeds]) for m in METRICS},
-                 "diff_vs_first": {}, "steps_to": {}}
+                 "curve_mean": {m: bootstrap_ci([curve_mean(mine[s], m) for s in seeds]) for m in METRICS},
+                 "diff_vs_first": {}, "curve_mean_diff_vs_first": {}, "steps_to": {}}
         paired = [s for s in seeds if s in base]
         if v is not variants[0] and paired:
-            entry["diff_vs_first"] = {m: {**bootstrap_ci([final(mine[s], m) - final(base[s], m) for s in paired]),
-                                          "pairs": len(paired)} for m in METRICS}
+            for key, f in (("diff_vs_first", final), ("curve_mean_diff_vs_first", curve_mean)):
+                entry[key] = {m: {**bootstrap_ci([f(mine[s], m) - f(base[s], m) for s in paired]),
+                                  "pairs": len(paired)} for m in METRICS}
         for m, t in THRESHOLDS.items():
             hit = [steps_to(mine[s], m, t) for s in seeds]
             entry["steps_to"][f"{m}>={t:g}"] = {**bootstrap_ci([v["steps"] if h is None else h for h in hit]),
@@ -106,22 +117,26 @@ def contains_zero(ci: dict) -> bool:
 
 
 def markdown_table(summary: dict) -> str:
-    """One row per variant: final metrics with intervals, and their differences to the first variant."""
+    """One row per variant: final metrics with intervals, their differences to the first variant, and the
+    difference in held-out accuracy averaged over the run (who learns faster)."""
     names = {"eval/accuracy": "accuracy", "eval/code_ratio": "code ratio", "eval/response_length": "length"}
 
     def cell(ci, sign=""):
         return f"{ci['mean']:{sign}.2f} [{ci['ci_low']:{sign}.2f}, {ci['ci_high']:{sign}.2f}]"
 
-    head = ["variant", "seeds"] + [f"{n}" for n in names.values()] + [f"Δ {n} vs first" for n in names.values()]
+    def diff(d):
+        if d is None:
+            return "(first)"
+        return f"no difference at {d['pairs']} seeds ({cell(d, '+')})" if contains_zero(d) else cell(d, "+")
+
+    head = (["variant", "seeds"] + list(names.values()) + [f"Δ {n} vs first" for n in names.values()]
+            + ["Δ accuracy over the run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in summary["variants"]:
-        diffs = []
-        for m in names:
-            d = v["diff_vs_first"].get(m)
-            diffs.append("(first)" if d is None else
-                         f"no difference at {d['pairs']} seeds ({cell(d, '+')})" if contains_zero(d) else cell(d, "+"))
-        lines.append("| " + " | ".join([v["name"], str(len(v["runs"]))] + [cell(v["final"][m]) for m in names] + diffs)
-                     + " |")
+        cells = ([v["name"], str(len(v["runs"]))] + [cell(v["final"][m]) for m in names]
+                 + [diff(v["diff_vs_first"].get(m)) for m in names]
+                 + [diff(v["curve_mean_diff_vs_first"].get("eval/accuracy"))])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -62,6 +62,11 @@ def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     assert diff["pairs"] == 3 and diff["mean"] == pytest.approx(0.4 / 3)
     assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((paired["ci_low"], paired["ci_high"]))
     assert diff["ci_low"] == pytest.approx(0.1)
+    # over the run: a's curves average 0.3, 0.4, 0.3667, b's 0.3667, 0.5, 0.4, so b learns faster by
+    # 0.0667, 0.1, 0.0333 seed by seed
+    assert a["curve_mean"]["eval/accuracy"]["mean"] == pytest.approx((0.3 + 0.4 + 1.1 / 3) / 3)
+    area = b["curve_mean_diff_vs_first"]["eval/accuracy"]
+    assert area == pytest.approx({**ablation.bootstrap_ci([1.1 / 3 - 0.3, 0.1, 1.2 / 3 - 1.1 / 3]), "pairs": 3})
     code = b["diff_vs_first"]["eval/code_ratio"]   # [0, 0, -0.6]: all three resampled as 0 with p = 8/27
     assert code["mean"] == pytest.approx(-0.2) and code["ci_high"] == 0.0
     # the first evaluation at or above 0.5; one that never gets there counts as the last step (10)
@@ -103,7 +108,7 @@ def test_a_run_is_done_resumed_or_started_over(tmp_path):
     (run / "checkpoints" / "step-000005" / "trainer_state.pt").write_bytes(b"")
     assert ablate.state(run, want) == "resume"                              # logged to step 5 of 10
     assert ablate.state(run, {**want, "lr": 1.0}) == "new"                   # other flags: start over
-    assert ablate.state(run, {**want, "run_dir": "elsewhere"}) == "resume"   # moved: the same run
+    assert ablate.state(run, {**want, "run_dir": "x", "run_name": "y"}) == "resume"   # moved or copied: the same run
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 10, "eval/accuracy": 1.0}) + "\n")
     assert ablate.state(run, want) == "done"
