@@ -11,8 +11,9 @@ thread each) or GPUs (one each). A finished run is never run again: re-running t
 an interrupted ablation (a run with a checkpoint resumes from it; one without, or one made with other flags,
 starts over). Values are separated by commas, so a value cannot hold one (lora_targets, adam_betas: set them
 for every run instead). SIGTERM stops the runs as Ctrl-C does. At the end:
-OUT/ablation.json (final held-out metrics with 95% bootstrap intervals over seeds, differences to the first
-variant paired by seed, steps to 0.5), OUT/ablation.png (the curves, mean and band) and a Markdown table.
+OUT/ablation.json (final held-out metrics with 95% bootstrap intervals over seeds, their means over the run,
+differences to the first variant paired by seed, steps to 0.5), OUT/ablation.png (the curves, mean and band)
+and a Markdown table.
 """
 from __future__ import annotations
 

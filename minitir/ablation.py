@@ -83,6 +83,11 @@ def steps_to(rows: list[dict], metric: str, threshold: float) -> int | None:
     return next((s for s, y in zip(*series(rows, metric)) if y >= threshold), None)
 
 
+def paired_diffs(f, mine: dict, base: dict, seeds: list[int]) -> dict:
+    """{metric: the interval of f(variant's run) - f(first variant's run), seed by seed, and "pairs"}."""
+    return {m: {**bootstrap_ci([f(mine[s], m) - f(base[s], m) for s in seeds]), "pairs": len(seeds)} for m in METRICS}
+
+
 def summarise(variants: list[dict]) -> dict:
     """variants: [{"name", "overrides", "steps", "runs": {seed: run_dir}}], the first one the baseline -> the
     ablation.json object. A run that never reaches a threshold counts as its last step in steps_to (the mean
@@ -100,9 +105,10 @@ def summarise(variants: list[dict]) -> dict:
                  "diff_vs_first": {}, "curve_mean_diff_vs_first": {}, "steps_to": {}}
         paired = [s for s in seeds if s in base]
         if v is not variants[0] and paired:
-            for key, f in (("diff_vs_first", final), ("curve_mean_diff_vs_first", curve_mean)):
-                entry[key] = {m: {**bootstrap_ci([f(mine[s], m) - f(base[s], m) for s in paired]),
-                                  "pairs": len(paired)} for m in METRICS}
+            entry["diff_vs_first"] = paired_diffs(final, mine, base, paired)
+            # a curve mean compares like with like only over the same evaluation steps
+            if all(series(mine[s], m)[0] == series(base[s], m)[0] for s in paired for m in METRICS):
+                entry["curve_mean_diff_vs_first"] = paired_diffs(curve_mean, mine, base, paired)
         for m, t in THRESHOLDS.items():
             hit = [steps_to(mine[s], m, t) for s in seeds]
             entry["steps_to"][f"{m}>={t:g}"] = {**bootstrap_ci([v["steps"] if h is None else h for h in hit]),
@@ -124,18 +130,19 @@ def markdown_table(summary: dict) -> str:
     def cell(ci, sign=""):
         return f"{ci['mean']:{sign}.2f} [{ci['ci_low']:{sign}.2f}, {ci['ci_high']:{sign}.2f}]"
 
-    def diff(d):
+    def diff(d, first):
         if d is None:
-            return "(first)"
+            return "(first)" if first else "n/a (other evaluation steps)"
         return f"no difference at {d['pairs']} seeds ({cell(d, '+')})" if contains_zero(d) else cell(d, "+")
 
     head = (["variant", "seeds"] + list(names.values()) + [f"Δ {n} vs first" for n in names.values()]
             + ["Δ accuracy over the run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = summary["variants"][0]
     for v in summary["variants"]:
         cells = ([v["name"], str(len(v["runs"]))] + [cell(v["final"][m]) for m in names]
-                 + [diff(v["diff_vs_first"].get(m)) for m in names]
-                 + [diff(v["curve_mean_diff_vs_first"].get("eval/accuracy"))])
+                 + [diff(v["diff_vs_first"].get(m), v is first) for m in names]
+                 + [diff(v["curve_mean_diff_vs_first"].get("eval/accuracy"), v is first)])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

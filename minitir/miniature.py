@@ -279,6 +279,6 @@ def build(cfg: BaseConfig | None = None, out: Path = MINIATURE_DIR, log=lambda s
     return out
 
 
-if __name__ == "__main__":   # python -m minitir.miniature: rebuild the shipped base model (~4 minutes on 2 cores)
+if __name__ == "__main__":   # python -m minitir.miniature: rebuild the shipped base model (~7 minutes on 2 cores)
     t = time.time()
     print(f"written: {build()} in {time.time() - t:.0f} s")

@@ -74,6 +74,10 @@ def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     assert b["steps_to"]["eval/accuracy>=0.5"]["mean"] == pytest.approx(20 / 3)      # 5, 5, 10
     assert b["steps_to"]["eval/code_ratio>=0.5"] == {**ablation.bootstrap_ci([5, 5, 10]), "reached": 2}
     assert a["steps_to"]["eval/code_ratio>=0.5"]["reached"] == 3
+    other = {"name": "c", "overrides": {"lr": "3"}, "steps": 10,   # evaluated every 2 steps: no curve-mean difference
+             "runs": {s: _fake_run(tmp_path / f"c{s}", *r, every=2) for s, r in new.items()}}
+    c = ablation.summarise(variants + [other])["variants"][2]
+    assert c["curve_mean_diff_vs_first"] == {} and c["diff_vs_first"]["eval/accuracy"] == diff
     table = ablation.markdown_table(summary)
     row = table.splitlines()[-1]
     assert row.startswith("| b | 3 |") and row.count("no difference at 3 seeds") == 1   # code ratio only
@@ -119,7 +123,7 @@ def test_a_run_is_done_resumed_or_started_over(tmp_path):
 
 
 def test_a_failed_run_fails_the_ablation_loudly(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--out", str(tmp_path), "--seeds", "2",
+    out = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--out", str(tmp_path), "--seeds", "1",
                           "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "runs failed, no summary written" in out.stderr
     assert "base-seed0: exit 2" in out.stderr and not (tmp_path / "ablation.json").exists()

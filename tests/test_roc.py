@@ -49,7 +49,7 @@ def test_positives_with_the_fewest_errors_and_negatives_uniformly():
 
 
 def test_the_trainer_keeps_n_per_group_and_baselines_over_them(tmp_path):
-    tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True, roc_oversample=2)
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True, roc_oversample=2, prompts_per_step=4)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         kept, sampled, stats = t.collect({"generate": 0.0, "grade": 0.0})
