@@ -3,8 +3,6 @@ seed, steps_to, the table's "no difference", parsing, and a real tiny grid that 
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from minitir import ablation
 from minitir.cli import UsageError
 from minitir.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_of_two_values_by_hand():
@@ -123,21 +120,22 @@ def test_a_run_is_done_resumed_or_started_over(tmp_path):
 
 
 def test_a_failed_run_fails_the_ablation_loudly(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--out", str(tmp_path), "--seeds", "1",
-                          "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and "runs failed, no summary written" in out.stderr
-    assert "base-seed0: exit 2" in out.stderr and not (tmp_path / "ablation.json").exists()
+    with pytest.raises(SystemExit) as e:   # in this process; the runs are processes of their own
+        ablate.ablate(["--out", str(tmp_path), "--seeds", "1", "--data", str(tmp_path / "missing.jsonl")])
+    assert "runs failed, no summary written" in str(e.value) and "base-seed0: exit 2" in str(e.value)
+    assert not (tmp_path / "ablation.json").exists()
 
 
-def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path):
-    argv = [sys.executable, str(ROOT / "ablate.py"), "--out", "abl", "--vary", "lr=0.0003,0.003",
-            "--seeds", "2", "--jobs", "2", "--prompt", "zero_rl", "--steps", "2", "--prompts-per-step", "2",
-            "--n-samples", "2", "--max-new-tokens", "16", "--eval-size", "4", "--eval-every", "1",
-            "--synthetic-size", "40", "--no-tensorboard", "--log-samples", "0", "--save-every", "0"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)   # --out relative to it
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 runs to do" in out.stdout and "| lr=0.003 | 2 |" in out.stdout
-    summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # --out relative to it; the runs are started from here too
+    argv = ["--out", "abl", "--vary", "lr=0.0003,0.003", "--seeds", "2", "--jobs", "2", "--prompt", "zero_rl",
+            "--steps", "2", "--prompts-per-step", "2", "--n-samples", "2", "--max-new-tokens", "16", "--eval-size",
+            "4", "--eval-every", "1", "--synthetic-size", "40", "--no-tensorboard", "--log-samples", "0",
+            "--save-every", "0"]
+    summary = ablate.ablate(argv)
+    out = capsys.readouterr().out
+    assert "4 runs to do" in out and "| lr=0.003 | 2 |" in out
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text()) == json.loads(json.dumps(summary))
     first, second = summary["variants"]
     assert [first["name"], second["name"]] == ["lr=0.0003", "lr=0.003"] and second["overrides"] == {"lr": "0.003"}
     for m in ablation.METRICS:
@@ -150,7 +148,8 @@ def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path):
     before = kept.stat().st_mtime_ns
     lost = Path(second["runs"][1])
     (lost / "metrics.jsonl").write_text((lost / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # cut short
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0 and "1 runs to do" in out.stdout and "lr=0.003-seed1: done" in out.stdout
+    again = ablate.ablate(argv)
+    out = capsys.readouterr().out
+    assert "1 runs to do" in out and "lr=0.003-seed1: done" in out
     assert kept.stat().st_mtime_ns == before
-    assert json.loads((tmp_path / "abl" / "ablation.json").read_text()) == summary   # redone: the same numbers
+    assert again == summary   # the run redone alone gives the same numbers
