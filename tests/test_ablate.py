@@ -13,7 +13,6 @@ from minitir.cli import UsageError
 from minitir.config import ConfigError
 
 
-
 def test_bootstrap_of_two_values_by_hand():
     # resampled means of [0, 1]: 0 (1/4), 0.5 (1/2), 1 (1/4): the 2.5th and 97.5th percentiles are 0 and 1
     ci = ablation.bootstrap_ci([0.0, 1.0])
