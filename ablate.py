@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from minitir import ablation, cli
@@ -107,8 +107,9 @@ def flag_field(arg: str) -> str | None:
 
 
 def parse(argv: list[str]):
-    """-> (AblateConfig, the variants with their train.py flags and steps, the flags common to all runs).
-    Every variant's flags are parsed and validated here as train.py will, so a mistake stops before any run."""
+    """-> (AblateConfig, the variants with their train.py flags and configuration, the flags common to all
+    runs). Every variant's flags are parsed and validated here as train.py will, so a mistake stops before any
+    run."""
     import torch
     own, rest = split_argv(argv)
     cfg = cli.parse(AblateConfig, own, description="Variants x seeds of train.py with bootstrap intervals; flags "
@@ -126,20 +127,20 @@ def parse(argv: list[str]):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for v in out:
         v["flags"] = sum((train_flags(k, x) for k, x in v["overrides"].items()), [])
-        tc, _ = train.parse((["--config", cfg.config] if cfg.config else []) + v["flags"] + rest)
+        v["argv"] = (["--config", cfg.config] if cfg.config else []) + ["--print-every", "0"] + v["flags"] + rest
+        tc, _ = train.parse(v["argv"])
         validate(tc, device)
         if tc.eval_size == 0:
             raise UsageError("--eval-size 0: an ablation compares held-out evaluations; keep eval_size > 0")
-        v["steps"] = tc.steps
+        v["config"], v["steps"] = tc, tc.steps
     return cfg, out, rest
 
 
-def run_config(cfg: AblateConfig, v: dict, seed: int, rest: list[str], run_dir: Path) -> tuple[list[str], dict]:
+def run_config(v: dict, seed: int, run_dir: Path) -> tuple[list[str], dict]:
     """-> (train.py's flags for one run, the configuration it will write to its config.json)."""
-    flags = ((["--config", cfg.config] if cfg.config else []) + ["--print-every", "0"] + v["flags"] + rest +
-             ["--seed", str(seed), "--run-dir", str(run_dir.parent), "--run-name", run_dir.name])
-    tc, _ = train.parse(flags)
-    return flags, json.loads(json.dumps(asdict(tc)))
+    where = {"seed": seed, "run_dir": str(run_dir.parent), "run_name": run_dir.name}
+    flags = v["argv"] + sum((["--" + k.replace("_", "-"), str(x)] for k, x in where.items()), [])
+    return flags, json.loads(json.dumps(asdict(replace(v["config"], **where))))
 
 
 def state(run_dir: Path, want: dict) -> str:
@@ -197,8 +198,9 @@ def stop(running: dict):
         log.close()
 
 
-def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str]]]) -> list[str]:
-    """Runs every (run_dir, train.py command) in todo, `jobs` at a time; -> the failures, one line each."""
+def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str], dict]]) -> list[str]:
+    """Runs every (run_dir, train.py command, its configuration) in todo, `jobs` at a time; -> the failures,
+    one line each."""
     n, envs = slots(cfg.jobs)
     logs = Path(cfg.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -207,19 +209,18 @@ def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str]]]) -> list[str]:
     try:
         while todo or running:
             for slot in [s for s in range(n) if s not in running][:len(todo)]:
-                run_dir, cmd = todo.pop(0)
+                run_dir, cmd, want = todo.pop(0)
                 log = open(logs / f"{run_dir.name}.log", "a")
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(envs[slot]))
-                running[slot] = (proc, log, run_dir, time.time())
+                running[slot] = (proc, log, run_dir, want, time.time())
             time.sleep(0.5)
-            for slot, (proc, log, run_dir, start) in list(running.items()):
+            for slot, (proc, log, run_dir, want, start) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
                 del running[slot]
                 done += 1
-                want = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-                ok = proc.returncode == 0 and bool(want) and state(run_dir, want) == "done"
+                ok = proc.returncode == 0 and state(run_dir, want) == "done"
                 if not ok:
                     failures.append(f"{run_dir.name}: exit {proc.returncode}, see {log.name}")
                 print(f"[{done}] {run_dir.name}: {'done' if ok else 'FAILED'} in {time.time() - start:.0f}s "
@@ -230,7 +231,7 @@ def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str]]]) -> list[str]:
 
 
 def ablate(argv: list[str]) -> dict:
-    cfg, vs, rest = parse(argv)
+    cfg, vs, _ = parse(argv)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
     for stale in ("ablation.json", "ablation.png"):   # a summary is only ever of this invocation's runs
@@ -240,14 +241,14 @@ def ablate(argv: list[str]) -> dict:
         v["runs"] = {}
         for seed in range(cfg.seed_base, cfg.seed_base + cfg.seeds):
             run_dir = out / "runs" / f"{v['name'].replace('/', '_')}-seed{seed}"
-            flags, want = run_config(cfg, v, seed, rest, run_dir)
+            flags, want = run_config(v, seed, run_dir)
             v["runs"][seed] = run_dir
             now = state(run_dir, want)
             if now == "resume":
-                todo.append((run_dir, [sys.executable, script, "--resume", str(run_dir)]))
+                todo.append((run_dir, [sys.executable, script, "--resume", str(run_dir)], want))
             elif now == "new":
                 shutil.rmtree(run_dir, ignore_errors=True)
-                todo.append((run_dir, [sys.executable, script] + flags))
+                todo.append((run_dir, [sys.executable, script] + flags, want))
     failures = run_all(cfg, todo) if todo else []
     if failures:
         raise SystemExit("ablate.py: runs failed, no summary written (re-run the same command to retry them):\n  "

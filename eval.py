@@ -27,7 +27,7 @@ from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
 from minitir.reward import Grader, RewardConfig
 from minitir.sandbox import SandboxUnavailable
-from minitir.rollout import generate_groups, generation_config, grade, make_tool
+from minitir.rollout import generate_groups, generation_config, grade, make_tool, prompt_ids
 from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -102,8 +102,7 @@ def load_benchmarks(cfg: EvalConfig, say) -> dict:
 def default_budget(model, tok, cfg: EvalConfig, benches: dict) -> int:
     """3072 tokens, or what the model's context leaves after the longest prompt (the miniature's is 1024)."""
     template = get_template(cfg.prompt)
-    longest = max((len(tok(render_prompt(template, p.question, tok)).input_ids) for ps in benches.values()
-                   for p in ps), default=0)
+    longest = max((len(prompt_ids(tok, template, p.question)) for ps in benches.values() for p in ps), default=0)
     room = model.config.max_position_embeddings - longest
     if room < 1:
         raise UsageError(f"a prompt of {longest} tokens fills the model's context of "

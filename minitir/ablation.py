@@ -1,8 +1,7 @@
 """What an ablation concludes from its runs: final held-out metrics per variant with 95% bootstrap intervals
 over seeds, their means over the run (the learning curve's area), differences to the first variant paired by
 seed, steps to a threshold, the curves with bands, and a Markdown table that says "no difference" where the
-interval contains 0. ablate.py runs the variants;
-this module only reads their metrics.jsonl files.
+interval contains 0. ablate.py runs the variants; this module only reads their metrics.jsonl files.
 
 The interval is Hesterberg's expanded percentile bootstrap of the mean over seeds (B = 10,000 resamples, a
 fixed stream): the percentiles at a / 2 and 1 - a / 2 with a / 2 = Phi(-sqrt(n / (n - 1)) t(0.975, n - 1)),

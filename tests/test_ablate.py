@@ -99,7 +99,7 @@ def test_parse_builds_the_grid_and_refuses_mistakes():
 def test_a_run_is_done_resumed_or_started_over(tmp_path):
     cfg, (v,), rest = ablate.parse(["--out", str(tmp_path), "--steps", "10"])
     run = tmp_path / "runs" / "base-seed0"
-    flags, want = ablate.run_config(cfg, v, 0, rest, run)
+    flags, want = ablate.run_config(v, 0, run)
     assert flags[-6:] == ["--seed", "0", "--run-dir", str(run.parent), "--run-name", "base-seed0"]
     assert ablate.state(run, want) == "new"
     _fake_run(run, [0.0, 0.5], [0.0, 1.0])

@@ -63,12 +63,12 @@ def test_eval_py_end_to_end_and_resume(tmp_path, smollm):
 def test_the_default_response_budget_fits_the_models_context():
     import eval as evaluate_cli
     from minitir import load_pretrained
-    from minitir.tasks import get_template, render_prompt
+    from minitir.rollout import prompt_ids
+    from minitir.tasks import get_template
     model, tok = load_pretrained("miniature")
     cfg = evaluate_cli.parse(["--model", "miniature", "--benchmarks", "miniature"])
     benches = evaluate_cli.load_benchmarks(cfg, print)
-    longest = max(len(tok(render_prompt(get_template("zero_tir"), p.question, tok)).input_ids)
-                  for p in benches["miniature"])
+    longest = max(len(prompt_ids(tok, get_template("zero_tir"), p.question)) for p in benches["miniature"])
     assert cfg.max_new_tokens is None and model.config.max_position_embeddings == 1024
     assert evaluate_cli.default_budget(model, tok, cfg, benches) == 1024 - longest
     model.config.max_position_embeddings = 10**6
