@@ -26,13 +26,15 @@ try:  # optional GPU dependency
     from flash_attn import flash_attn_with_kvcache as _flash_kvcache
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_varlen = _flash_kvcache = None
-try:  # torch's own FlashAttention (2.10+); its GQA, window and paged-cache arguments came in later releases
+try:  # torch's own FlashAttention (2.10+); its GQA, window and paged-cache arguments came in later releases.
+    if not torch.cuda.is_available():   # a CUDA kernel: without a GPU, skip its import (1.5 s: it loads dynamo)
+        raise ImportError
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen
     _params = set(inspect.signature(_torch_varlen).parameters)
     if not {"window_size", "enable_gqa"} <= _params:   # pragma: no cover - an early release: not used
         _torch_varlen = None
     TORCH_VARLEN_PAGED = _torch_varlen is not None and {"seqused_k", "block_table", "num_splits"} <= _params
-except ImportError:  # pragma: no cover - older torch
+except ImportError:  # pragma: no cover - older torch, or no GPU
     _torch_varlen, TORCH_VARLEN_PAGED = None, False
 PAGE = 256   # FlashAttention's paged KV cache wants pages of a multiple of 256 tokens: rows are padded to it
 
