@@ -25,10 +25,12 @@ from minitir import cli, distributed, load_pretrained
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
+from minitir.generate import Engine
 from minitir.reward import Grader, RewardConfig
 from minitir.sandbox import SandboxUnavailable
 from minitir.rollout import generate_groups, generation_config, grade, make_tool, prompt_ids
 from minitir.tasks import DatasetError, get_template, iter_jsonl, load_benchmark, render_prompt
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 
@@ -110,15 +112,20 @@ def default_budget(model, tok, cfg: EvalConfig, benches: dict) -> int:
     return min(3072, room)
 
 
-def evaluate(cfg: EvalConfig, model, tok, tool, grader, problems, bench: str, calls: int, first: int) -> list[dict]:
-    """Generate cfg.n_samples responses per problem with at most `calls` tool calls; grade them -> records."""
+def evaluate(cfg: EvalConfig, engine: Engine, grader, problems, bench: str, calls: int, first: int,
+             show: bool = True) -> list[dict]:
+    """Generate cfg.n_samples responses per problem with at most `calls` tool calls (a progress bar when show);
+    grade them -> records."""
+    tok = engine.tok
     template = get_template(cfg.prompt)
     gen = generation_config(template, max_tool_calls=calls, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                             seed_offset=first * cfg.n_samples, max_tool_output_tokens=cfg.max_tool_output_tokens,
                             tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
-    samples = generate_groups(model, tok, template, problems, cfg.n_samples, gen, tool,
-                              autocast=model.device.type == "cuda")
+    with tqdm(total=len(problems) * cfg.n_samples, desc=f"{bench}, {calls} calls", leave=False, dynamic_ncols=True,
+              file=sys.stdout, disable=not show) as bar:
+        samples = generate_groups(engine, template, problems, cfg.n_samples, gen,
+                                  autocast=engine.model.device.type == "cuda", progress=bar.update)
     grade(samples, grader, RewardConfig(kind=cfg.reward), tok)
     prompts = [render_prompt(template, p.question, tok) for p in problems]   # once per problem, not per sample
     rows = []
@@ -155,7 +162,7 @@ def run(cfg: EvalConfig) -> dict | None:
     model, tok = load_pretrained(cfg.model, device=device)
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = default_budget(model, tok, cfg, benches)
-    grader = Grader()
+    grader, engine = Grader(), Engine(model, tok, tool)   # one engine: its cache and graphs serve every sweep
     try:
         for calls in cfg.sweep:
             for bench, problems in benches.items():
@@ -164,7 +171,7 @@ def run(cfg: EvalConfig) -> dict | None:
                     continue
                 t = time.time()
                 lo, hi = distributed.split(len(todo), d)
-                rows = evaluate(cfg, model, tok, tool, grader, todo[lo:hi], bench, calls, lo)
+                rows = evaluate(cfg, engine, grader, todo[lo:hi], bench, calls, lo, show=d.main)
                 rows = sum(d.gather(rows), [])
                 if d.main:
                     with open(samples_path, "a") as f:  # whole problems at a time, so a resume never splits one

@@ -1,10 +1,13 @@
-"""Rollout speed on CPU with SmolLM2-135M, float32, against transformers' `generate` in the same run.
+"""Rollout speed on CPU with SmolLM2-135M, float32 or bfloat16 (--dtype, both models), against transformers'
+`generate` in the same run.
 
 1. The RL workload (the headline): the paper's zero_tir prompt around MATH-500 problems (prompts of different
    lengths, ~180-560 tokens), sampled at temperature 1 as GRPO groups, 2 prompts x 8 (batch 16) and 8 x 8
    (batch 64), 512 new tokens, EOS ignored. transformers' generate gets the same prompts with
    num_return_sequences=8 (it prefills every copy; minitir prefills a group's prompt once). Reported:
    tokens/s, the ratio, time to the first token and ms per decode step; best of interleaved rounds.
+   Beside it, 16 different problems (MATH-500's last 16) decoded greedily: no prompt is shared, so the
+   group prefill does not help (a headline must hold on inputs it was not tuned on).
 2. Per-call overhead: time to the first token for 16 short prompts (the second call: weights already packed).
 3. Secondary rows: greedy decoding of short equal-length prompts at batch 1 and 16 (the easy case).
 4. A tool-interleaved rollout: 16 responses, each making 2 tool calls with a fixed tool latency, against
@@ -15,7 +18,8 @@
    Every variant produces the same tokens: the model's real forward passes run, but each response is
    forced to a fixed script (filler text around two code blocks), so only the engine differs.
 
-    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 512] [--rounds 2] [--groups 2,8] [--latency 0.2]
+    python benchmarks/bench_generate.py [--dtype float32|bfloat16] [--threads 2] [--new-tokens 512] [--rounds 2]
+                                        [--groups 2,8] [--latency 0.2] [--skip-tools] [--only-workloads]
 """
 import argparse
 import sys
@@ -39,29 +43,29 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def rl_workload(model, tok, hf, n_prompts, group, new_tokens, rounds):
-    """-> {ours, theirs: (tokens/s, seconds to the first token, ms per decode step)} for GRPO groups of
-    MATH-500 problems in the zero_tir prompt, sampled at T=1; best of `rounds` interleaved rounds."""
-    probs, _ = load_benchmark("math500", ROOT / "data", limit=n_prompts)
+def workload(model, tok, hf, probs, group, temperature, new_tokens, rounds):
+    """-> ({ours, theirs: (tokens/s, seconds to the first token, ms per decode step)}, prompt lengths) for
+    `group` responses to each problem in the zero_tir prompt (T=0: greedy); best of `rounds` interleaved rounds."""
     texts = [render_prompt(TEMPLATES["zero_tir"], p.question) for p in probs]
     ids = [tok.encode(t) for t in texts]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True)
+    sampled = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
 
     def ours(n):
-        generate(model, tok, [i for i in ids for _ in range(group)], max_new_tokens=n, temperature=1.0, seed=0,
+        generate(model, tok, [i for i in ids for _ in range(group)], max_new_tokens=n, temperature=temperature, seed=0,
                  ignore_eos=True)
 
     def theirs(n):
         with torch.no_grad():
-            hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
-                        top_p=1.0, num_return_sequences=group, pad_token_id=tok.eos_token_id)
+            hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, num_return_sequences=group,
+                        pad_token_id=tok.eos_token_id, **sampled)
 
     best = {}
     for _ in range(rounds):
         for name, fn in (("ours", ours), ("theirs", theirs)):
             first, total = timed(lambda: fn(1)), timed(lambda: fn(new_tokens))
-            row = (n_prompts * group * new_tokens / total, first, 1000 * (total - first) / (new_tokens - 1))
+            row = (len(probs) * group * new_tokens / total, first, 1000 * (total - first) / (new_tokens - 1))
             best[name] = max(best.get(name, row), row)
     return best, [len(i) for i in ids]
 
@@ -157,27 +161,36 @@ def tool_rollout(model, tok, latency, batch=16, mode="keep"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both models' weights")
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--groups", default="2,8", help="prompts per RL-workload row (x 8 responses each)")
     ap.add_argument("--skip-tools", action="store_true", help="leave out the tool-interleaved rollout")
+    ap.add_argument("--only-workloads", action="store_true", help="the two decoding workloads alone")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model, tok = load_pretrained("smollm2-135m")
+    dtype = getattr(torch, a.dtype)
+    model, tok = load_pretrained("smollm2-135m", dtype=dtype)
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=dtype).eval()
     generate(model, tok, [tok.encode("warm up")], max_new_tokens=8, temperature=0)
-    print(f"SmolLM2-135M, float32, {a.threads} threads. The RL workload: MATH-500 problems in the zero_tir prompt, "
-          f"GRPO groups sampled at T=1, {a.new_tokens} new tokens, best of {a.rounds} interleaved rounds")
-    print("| groups | prompt tokens | transformers tok/s | minitir tok/s | speed-up | first token s (tf / minitir) | "
+    math500, _ = load_benchmark("math500", ROOT / "data")
+    print(f"SmolLM2-135M, {a.dtype}, {a.threads} threads, {a.new_tokens} new tokens (EOS ignored), best of {a.rounds} "
+          f"interleaved rounds. MATH-500 problems in the zero_tir prompt: the RL workload (GRPO groups of 8 sampled at "
+          f"T=1, problems 1-{max(int(x) for x in a.groups.split(','))}) and 16 different problems greedy (the last 16)")
+    print("| workload | prompt tokens | transformers tok/s | minitir tok/s | speed-up | first token s (tf / minitir) | "
           "ms per decode step (tf / minitir) |")
     print("|---|---|---|---|---|---|---|")
-    for n_prompts in [int(x) for x in a.groups.split(",")]:
-        best, lens = rl_workload(model, tok, hf, n_prompts, 8, a.new_tokens, a.rounds)
+    rows = [(f"{n} x 8 at T=1 (batch {n * 8})", math500[:n], 8, 1.0) for n in (int(x) for x in a.groups.split(","))]
+    rows.append(("16 different, greedy (batch 16)", math500[-16:], 1, 0.0))
+    for label, probs, group, temperature in rows:
+        best, lens = workload(model, tok, hf, probs, group, temperature, a.new_tokens, a.rounds)
         (o, o1, od), (t, t1, td) = best["ours"], best["theirs"]
-        print(f"| {n_prompts} x 8 (batch {n_prompts * 8}) | {min(lens)}-{max(lens)} | {t:.1f} | {o:.1f} | {o / t:.2f}x | "
+        print(f"| {label} | {min(lens)}-{max(lens)} | {t:.1f} | {o:.1f} | {o / t:.2f}x | "
               f"{t1:.2f} / {o1:.2f} | {td:.0f} / {od:.0f} |")
+    if a.only_workloads:
+        return
     print(f"\nper-call overhead: first token for 16 short prompts in {overhead(model, tok):.3f} s")
     print(f"\nsecondary: greedy, short prompts of one length, {a.new_tokens // 2} new tokens")
     print("| batch | transformers tok/s | minitir tok/s | speed-up |")

@@ -1,4 +1,5 @@
-"""Per-token log-probs + backward on 8 x 512 tokens, SmolLM2-135M, float32: minitir vs transformers.
+"""Per-token log-probs + backward on 8 x 512 tokens, SmolLM2-135M: minitir vs transformers, in float32 and
+as the bfloat16 recipe trains (float32 weights, forward under bfloat16 autocast: --dtype bfloat16 of train.py).
 
 Each variant runs in its own process so peak RSS (VmHWM) is its own. Usage:
     python benchmarks/bench_logprobs.py [--threads 2] [--batch 8] [--seqlen 512] [--repeats 2] [--rounds 2]
@@ -20,7 +21,7 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
-def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, checkpointing: str):
+def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, checkpointing: str, amp: bool):
     import torch
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(threads)
@@ -35,7 +36,9 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
         model.train()
         for _ in range(repeats):
             t = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
     else:
@@ -50,13 +53,15 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
         for _ in range(repeats):
             t = time.perf_counter()
             # what the trainer does: the mean next-token NLL (transformers' loss with labels), fused into the head
-            hidden = model.hidden_packed(flat, cu)
-            loss, _, _ = token_loss(hidden[sel], model.lm_head.weight, flat[sel + 1],
-                                    lambda lp, ent, rows: -lp.sum() / n, chunk_size=1024)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                hidden = model.hidden_packed(flat, cu)
+                loss, _, _ = token_loss(hidden[sel], model.lm_head.weight, flat[sel + 1],
+                                        lambda lp, ent, rows: -lp.sum() / n, chunk_size=1024)
             loss.backward()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
-    print(json.dumps({"variant": variant + (f" checkpointing={checkpointing}" if variant == "minitir" else ""), "seconds": min(times),
+    name = variant + (f" checkpointing={checkpointing}" if variant == "minitir" else "") + (", bf16 autocast" if amp else "")
+    print(json.dumps({"variant": name, "seconds": min(times),
                       "peak_rss_gb": peak_rss_gb()}))
 
 
@@ -69,16 +74,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--checkpointing", default="none", choices=["none", "selective", "full"])
+    ap.add_argument("--amp", action="store_true", help="(worker) under bfloat16 autocast")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.threads, a.batch, a.seqlen, a.repeats, a.checkpointing)
-    variants = (("transformers", "none"), ("minitir", "none"), ("minitir", "selective"), ("minitir", "full"))
+        return worker(a.worker, a.threads, a.batch, a.seqlen, a.repeats, a.checkpointing, a.amp)
+    variants = [(v, ck, amp) for amp in (False, True) for v, ck in
+                (("transformers", "none"), ("minitir", "none"), ("minitir", "selective"), ("minitir", "full"))]
     best: dict[str, dict] = {}
     # rounds interleave the variants, so a machine that speeds up or slows down over minutes biases none
     for _ in range(a.rounds):
-        for variant, ck in variants:
+        for variant, ck, amp in variants:
             cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(a.threads), "--batch",
                    str(a.batch), "--seqlen", str(a.seqlen), "--repeats", str(a.repeats), "--checkpointing", ck]
+            cmd += ["--amp"] if amp else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             old = best.get(r["variant"])
@@ -86,8 +94,8 @@ def main():
                                                          "seconds": min(old["seconds"], r["seconds"]),
                                                          "peak_rss_gb": max(old["peak_rss_gb"], r["peak_rss_gb"])}
     rows = list(best.values())
-    base = rows[0]
-    print(f"{a.batch}x{a.seqlen} tokens, float32, {a.threads} threads, best time of {a.rounds} interleaved rounds "
+    base = rows[0]   # transformers in float32
+    print(f"{a.batch}x{a.seqlen} tokens, float32 weights, {a.threads} threads, best time of {a.rounds} interleaved rounds "
           f"x {a.repeats} repeats, highest peak RSS")
     print("| variant | forward+backward s | peak RSS GB | time vs transformers | memory vs transformers |")
     print("|---|---|---|---|---|")

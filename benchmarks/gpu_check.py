@@ -11,8 +11,11 @@ Sections, each recorded even when another fails (an exception is a result too):
                   to 4 layers) against transformers in bfloat16: logits, packed forward, cached decode
   4. decode       a Qwen2.5-1.5B-shaped model, random weights, EOS ignored: batch 1, 16, 64 x 256 new tokens,
                   CUDA graphs on and off, against transformers' generate in the same run; capture seconds
-  5. train step   the qwen2.5-1.5b-grpo preset with 4 layers of Qwen2.5-1.5B's shape: seconds, peak memory,
-                  the generator/trainer log-prob gap
+  5. engine       one engine across a rollout, an in-place weight update, an evaluation and a refill round:
+                  one CUDA-graph capture for all, each call's tokens equal to a fresh engine's
+  6. train step   the qwen2.5-1.5b-grpo preset with 4 layers of Qwen2.5-1.5B's shape, bfloat16 recipe: seconds,
+                  peak memory, the generator/trainer log-prob gap and the share of tokens truncated importance
+                  sampling capped
 Everything goes to one JSON file (--out) and a printed table.
 """
 from __future__ import annotations
@@ -179,6 +182,37 @@ def decode(dev, dtype, dry: bool) -> list[dict]:
     return rows
 
 
+def engine_reuse(dev, dtype, dry: bool) -> dict:
+    """A training run's use of one engine: a rollout, the weights updated in place (as Learner.decoder refreshes
+    its copy), a greedy evaluation, a smaller refill round. One capture must serve all three, and each call's
+    tokens must equal those of a fresh engine on the same weights (graphs replaying the updated weights)."""
+    import minitir.generate as G
+    shape = dict(QWEN15) if not dry else dict(QWEN15, hidden_size=96, intermediate_size=160, num_attention_heads=6,
+                                               vocab_size=1000)
+    _, m = hf_model("Qwen2Config", 4 if not dry else 2, dev, dtype, **shape)
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(16, 96, (16,), generator=g)]
+    calls = [dict(max_new_tokens=32, temperature=1.0, seed=1, max_batch=16, ignore_eos=True),
+             dict(max_new_tokens=16, temperature=0.0, max_batch=16, ignore_eos=True),
+             dict(max_new_tokens=32, temperature=1.0, seed=2, max_batch=8, ignore_eos=True)]
+    engine, out = G.Engine(m, tok), {"calls_equal_fresh_engine": [], "seconds": []}
+    with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"):
+        for i, kw in enumerate(calls):
+            if i == 1:
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.mul_(1.01)
+            t = time.perf_counter()
+            kept = engine.generate(prompts, G.GenerationConfig(**kw))
+            _sync(dev)
+            out["seconds"].append(round(time.perf_counter() - t, 2))
+            fresh = G.Engine(m, tok).generate(prompts, G.GenerationConfig(**kw))
+            out["calls_equal_fresh_engine"].append([o.tokens for o in kept] == [o.tokens for o in fresh])
+    out.update(captures=engine.captures, graphs=engine.graphs is not None, graphs_failed=engine.graphs_failed)
+    return out
+
+
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -216,7 +250,7 @@ def train_step(dev, dry: bool) -> dict:
                               "--max-new-tokens", "64" if not dry else "16", "--max-prompt-tokens", "1024",
                               "--eval-size", "0", "--run-dir", d, "--run-name", "gpu", "--no-tensorboard",
                               "--save-every", "0", "--steps", "1", "--sandbox-workers", "2",
-                              "--device", dev.type, "--dtype", "auto" if dev.type == "cuda" else "float32"])
+                              "--device", dev.type, "--dtype", "bfloat16"])   # the GPU recipe, on a CPU too
         cfg.filter_groups = False
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -230,7 +264,7 @@ def train_step(dev, dry: bool) -> dict:
         seconds = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
     return {"seconds": round(seconds, 1), "peak_gb": None if peak is None else round(peak, 2),
-            **{k: metrics.get(k) for k in ("logprob_gap_mean", "logprob_gap_max", "grad_norm", "loss",
+            **{k: metrics.get(k) for k in ("logprob_gap_mean", "logprob_gap_max", "tis_capped", "grad_norm", "loss",
                                            "response_length_all", "time/generate_s", "time/train_s")}}
 
 
@@ -238,7 +272,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="tiny sizes, CPU allowed: checks the script itself")
     ap.add_argument("--out", default=str(ROOT / "gpu_check.json"))
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (tests,parity,decode,train)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (tests,parity,decode,engine,train)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not a.dry:
@@ -247,7 +281,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if cuda else torch.float32
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry": a.dry, "environment": environment(dev)}
     sections = {"tests": lambda: gpu_tests(a.dry), "parity": lambda: parity(dev, dtype, a.dry),
-                "decode": lambda: decode(dev, dtype, a.dry), "train": lambda: train_step(dev, a.dry)}
+                "decode": lambda: decode(dev, dtype, a.dry), "engine": lambda: engine_reuse(dev, dtype, a.dry),
+                "train": lambda: train_step(dev, a.dry)}
     for name, run in sections.items():
         if name in a.skip.split(","):
             continue
@@ -285,6 +320,8 @@ def print_table(r: dict):
                   f"{row['graphs_equal_eager']} |")
     elif "decode" in r:
         print(f"decode: {r['decode']['error']}")
+    if "engine" in r:
+        print(f"one engine across calls: {json.dumps(r['engine'])[:300]}")
     if "train" in r:
         print(f"train step: {json.dumps(r['train'])[:400]}")
 

@@ -21,7 +21,9 @@ Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_n
 class TrainConfig:
     # --- model ---
     model: str = "miniature"            # local dir, hub id, short name (Qwen2.5-1.5B), smollm2-135m or miniature
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: float32 weights, bfloat16 autocast on CUDA
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # bfloat16: float32 master weights, bfloat16 autocast
+                                        # and a bfloat16 decode copy (the GPU recipe, on CPU too); float32: all
+                                        # float32; auto: bfloat16 on CUDA and on CPUs with native bfloat16 products
     device: Literal["auto", "cpu", "cuda"] = "auto"           # auto: CUDA when there is a GPU
     checkpointing: Literal["none", "selective", "full"] = "selective"   # activation checkpointing in training
     lora_rank: int = 0                  # LoRA adapters of this rank on --lora-targets, the rest frozen (0: full
@@ -117,6 +119,16 @@ class ConfigError(ValueError):
     pass
 
 
+def compute_dtype(dtype: str, device: torch.device) -> str:
+    """What a run computes in: --dtype itself, or for auto bfloat16 on CUDA and on CPUs whose matrix units
+    multiply bfloat16 natively (AVX512-BF16, AMX), float32 on other CPUs (there bfloat16 products are
+    emulated, slower than float32)."""
+    if dtype != "auto":
+        return dtype
+    native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    return "bfloat16" if native else "float32"
+
+
 def choices(name: str) -> tuple:
     """The allowed values of a Literal field of TrainConfig."""
     return typing.get_args(typing.get_type_hints(TrainConfig)[name])
@@ -134,8 +146,6 @@ def validate(cfg: TrainConfig, device: torch.device):
         allowed = choices(f.name)
         if allowed and isinstance(allowed[0], str) and getattr(cfg, f.name) not in allowed:
             bad(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {', '.join(allowed)}")
-    if cfg.dtype == "bfloat16" and device.type != "cuda":
-        bad("--dtype bfloat16 needs a CUDA GPU (none found); use --dtype float32 (or auto) on CPU")
     need = cfg.max_prompt_tokens + cfg.max_new_tokens
     if cfg.micro_batch_tokens < need:
         bad(f"--micro-batch-tokens {cfg.micro_batch_tokens} cannot hold one sequence of up to {need} tokens "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitir.attention import cache_length, flash_available
+from minitir.attention import cache_dtype, cache_length, flash_available
 from minitir.model import KVCache, Transformer
 from minitir.ops import packed_weights
 from minitir.sampling import sample
@@ -161,20 +161,27 @@ class DecodeGraphs:
 
 
 class Engine:
-    """Generates completions for lists of prompts (token ids) with one model, tokenizer, configuration and
-    tool; each `generate` call builds its own cache, sequences and graphs, so an engine serves many calls."""
+    """Generates completions for lists of prompts (token ids) with one model, tokenizer and tool, each `generate`
+    call under its own GenerationConfig. The KV cache and its CUDA graphs are kept from one call to the next
+    (refill rounds, evaluations) while they are large enough: a graph reads the model's weights where they
+    are, so a model updated in place between calls (an optimizer step, Learner.decoder's refreshed copy)
+    replays with its new weights. release() frees both, e.g. before an update needs the memory."""
 
-    def __init__(self, model: Transformer, tokenizer, config: GenerationConfig, tool=None):
-        self.model, self.tok, self.cfg, self.tool = model, tokenizer, config, tool
-        eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos = set() if config.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
-        # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
-        self.window = 4 * max([len(s) for s in config.stop] + [len("```")]) + 4
+    def __init__(self, model: Transformer, tokenizer, tool=None):
+        self.model, self.tok, self.tool = model, tokenizer, tool
+        self.cache, self.graphs, self.rows = None, None, 0   # rows: cache rows handed out (the scratch row aside)
+        self.captures = 0             # DecodeGraphs built by this engine (each one captures every batch size)
+        self.graphs_failed = False    # a capture failed: this engine decodes without graphs from then on
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], config: GenerationConfig, progress=None) -> list[Completion]:
+        """-> a completion per prompt. progress(n), when given, is called as n more sequences finish (a bar)."""
         if not prompts:
             return []
-        c = self.cfg
+        self.cfg = c = config
+        eos = self.model.config.eos_token_id if self.model.config.eos_token_id is not None else self.tok.eos_token_id
+        self.eos = set() if c.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
+        # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
+        self.window = 4 * max([len(st) for st in c.stop] + [len("```")]) + 4
         self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
         self.seqs = [Sequence(idx=i, prompt=list(p), gen=None if c.seed is None else torch.Generator(
             device=self.model.device).manual_seed(c.seed * 1_000_003 + c.seed_offset + i)) for i, p in enumerate(prompts)]
@@ -183,6 +190,8 @@ class Engine:
                 s.end("prompt_too_long" if s.prompt else "stop")
         self.waiting = deque(s for s in self.seqs if s.status is Status.WAITING)
         self.active: list[Sequence] = []
+        self.progress = progress or (lambda n: None)
+        self.progress(len(self.seqs) - len(self.waiting))   # prompts that ended before generating
         self._allocate(min(c.max_batch, len(prompts)))
         self.tools = ToolProtocol(self.tok, self.tool, c) if self.tool is not None and c.max_tool_calls > 0 else None
         try:
@@ -192,25 +201,40 @@ class Engine:
         finally:
             if self.tools is not None:
                 self.tools.close()
-            self.graphs = self.cache = None  # the graphs hold the cache and their memory pool: both go now
         return [s.completion(self.tok) for s in self.seqs]
 
+    def release(self):
+        """Frees the KV cache and the graphs (which hold the cache and their memory pool)."""
+        self.cache, self.graphs, self.rows = None, None, 0
+
     def _allocate(self, rows: int):
-        """The KV cache (+ a scratch row for CUDA graphs) and the graphs, when the device can capture them."""
+        """The KV cache (+ a scratch row for CUDA graphs) and the graphs, when the device can capture them;
+        the last call's are kept when they have the rows, length and dtype this call needs."""
         dev = torch.device(self.model.device)
-        # under autocast the attention inputs are in the autocast dtype, and so must the cache be
+        # under autocast the attention inputs are in the autocast dtype, and so must the cache be (CPUs: cache_dtype)
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.model.dtype
-        graphs = self.cfg.cuda_graphs and _graphs_supported(dev, dtype)
+        dtype = cache_dtype(dtype, dev)
+        graphs = self.cfg.cuda_graphs and not self.graphs_failed and _graphs_supported(dev, dtype)
         length = cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev))
-        self.cache = KVCache(self.model.config, rows + int(graphs), length, dtype=dtype, device=dev)
+        kept = self.cache
+        if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.rows < rows or \
+                (graphs and self.graphs is None):
+            self.release()
+            self.cache = KVCache(self.model.config, rows + int(graphs), length, dtype=dtype, device=dev)
+            self.rows = rows
+            if graphs:
+                self._capture()
+        self.use_graphs = graphs and self.graphs is not None
         self.free = list(range(rows - 1, -1, -1))
-        self.graphs = None
-        if graphs:
-            try:
-                self.graphs = DecodeGraphs(self.model, self.cache, rows)
-            except RuntimeError as e:  # decoding still works without them, only slower
-                warnings.warn(f"CUDA-graph capture of the decode step failed ({e}); decoding without graphs "
-                              f"(GenerationConfig.cuda_graphs=False skips the attempt)")
+
+    def _capture(self):
+        self.captures += 1
+        try:
+            self.graphs = DecodeGraphs(self.model, self.cache, self.rows)
+        except Exception as e:  # decoding still works without them, only slower
+            self.graphs_failed = True
+            warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); decoding "
+                          f"without graphs from now on (GenerationConfig.cuda_graphs=False skips the attempt)")
 
     def step(self):
         """One tick of the engine: schedule, run, post-process."""
@@ -222,9 +246,12 @@ class Engine:
         self._prefill([s for s in self.active if s.status is Status.PREFILL and s.donor is None])
         self._copy_prompts([s for s in self.active if s.donor is not None])
         self._decode([s for s in self.active if s.status is Status.DECODE])
-        for s in [s for s in self.active if s.status is Status.FINISHED]:
+        done = [s for s in self.active if s.status is Status.FINISHED]
+        for s in done:
             self.active.remove(s)
             self.free.append(s.row)
+        if done:
+            self.progress(len(done))
 
     def _admit(self):
         """Waiting sequences into free rows. A prompt a sibling is caching or has cached is copied from its
@@ -291,7 +318,7 @@ class Engine:
         seqs = sorted(seqs, key=lambda s: s.row)  # contiguous rows let the cache be read without a copy
         ids = torch.tensor([[s.pending[0]] for s in seqs], device=self.model.device)
         rows = torch.tensor([s.row for s in seqs], dtype=torch.int32, device=self.model.device)
-        logits = self.graphs(ids, rows) if self.graphs is not None else self.model.forward_cached(ids, self.cache, rows)
+        logits = self.graphs(ids, rows) if self.use_graphs else self.model.forward_cached(ids, self.cache, rows)
         for s in seqs:
             s.cached += 1
         self._sampled(logits, seqs)
@@ -347,4 +374,4 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new
     """Generate a completion for each prompt (a list of token ids). See GenerationConfig for kwargs."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=tuple(stop), seed=seed, max_tool_calls=max_tool_calls, **kwargs)
-    return Engine(model, tokenizer, cfg, tool).generate(prompts)
+    return Engine(model, tokenizer, tool).generate(prompts, cfg)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from minitir import batching, distributed, lora, rl
 from minitir.checkpoint import base_name, load_pretrained
+from minitir.config import compute_dtype
 from minitir.logprobs import token_logprobs, token_loss
 from minitir.rollout import Sample
 
@@ -39,13 +40,14 @@ class Learner:
         """Policy (with LoRA adapters when lora_rank > 0), reference (kl_coef > 0: the starting policy, also when
         resuming; with LoRA the policy with its adapters off), critic (ppo), and the copy the generator
         decodes with when the trained weights are sharded, float32 masters under autocast (casting every
-        weight at every decode step would dominate decoding) or adapted by LoRA (merged once per update). On
-        CUDA, dtype auto keeps float32 weights and computes in bfloat16: AdamW steps at lr 1e-6 would round
-        away in bfloat16 weights; a LoRA run's frozen base is stored in bfloat16, its adapters in float32."""
+        weight at every decode step would dominate decoding) or adapted by LoRA (merged once per update).
+        In bfloat16 (config.compute_dtype), weights stay float32 and compute runs in bfloat16 on CPU and CUDA
+        alike: AdamW steps at lr 1e-6 would round away in bfloat16 weights; a LoRA run's frozen base is
+        stored in bfloat16, its adapters in float32."""
         self.cfg, self.dist, self.device = cfg, dist, device
-        self.autocast_on = cfg.dtype == "auto" and device.type == "cuda"
+        self.autocast_on = compute_dtype(cfg.dtype, device) == "bfloat16"
         if model is None:
-            low = cfg.dtype == "bfloat16" or (cfg.lora_rank > 0 and self.autocast_on)
+            low = cfg.lora_rank > 0 and self.autocast_on
             self.base_path = base_name(cfg.model)   # what a LoRA checkpoint names as its base
             model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if low else torch.float32,
                                                device=device)
@@ -115,7 +117,7 @@ class Learner:
 
     # --------------------------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.autocast_on)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_on)
 
     def micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
         mbs = batching.micro_batches(samples, self.cfg.micro_batch_tokens)

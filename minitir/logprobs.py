@@ -70,7 +70,7 @@ class _TokenLogprobs(torch.autograd.Function):
     scales it, instead of recomputing the logits (one of the head's four vocabulary-sized products)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @ops.amp_forward
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, loss_fn):
         n, V = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden)
@@ -129,7 +129,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp, (ent if with_entropy else torch.empty(0, device=hidden.device)), loss
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @ops.amp_backward
     def backward(ctx, g_logp, g_ent, g_loss):
         if ctx.fused:
             # scaled in place: a copy of the float32 weight gradient would add its size to the peak

@@ -11,6 +11,7 @@ cost in matrix products; `mlp(..., recompute=True)` (selective checkpointing) al
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import weakref
@@ -19,17 +20,37 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# oneDNN runs the x @ W^T and gy @ W products on x86 CPUs in float32: on the AMD EPYC these benchmarks ran
-# on, MKL's sgemm (what F.linear calls) is ~1.3x slower at training shapes and ~2x at decoding's few-row
-# shapes. The weight gradients (gy^T @ x) stay in MKL, which was as fast or faster for them.
+# oneDNN runs the x @ W^T and gy @ W products on x86 CPUs in float32 and bfloat16: on the AMD EPYC these
+# benchmarks ran on, MKL's sgemm (what F.linear calls) is ~1.3x slower at training shapes and ~2x at
+# decoding's few-row shapes; in bfloat16, packed oneDNN weights decode ~1.6x faster than F.linear. The weight gradients (gy^T @ x) stay in MKL, which was as fast or faster for them.
 # MINITIR_ONEDNN=0 keeps every product in F.linear / torch.mm.
 _ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
            and os.environ.get("MINITIR_ONEDNN", "1") != "0")
 
 
 def _onednn_ok(x, w) -> bool:
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and type(w) in (torch.Tensor, torch.nn.Parameter) and not torch.is_autocast_enabled("cpu"))
+
+
+def amp_forward(fwd):
+    """torch.amp.custom_fwd for whichever device the first input is on (CPU or CUDA): records the autocast
+    state forward runs under, which amp_backward restores, so backward's products see forward's dtypes."""
+    @functools.wraps(fwd)
+    def run(ctx, x, *args):
+        dev = x.device.type
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return fwd(ctx, x, *args)
+    return run
+
+
+def amp_backward(bwd):
+    @functools.wraps(bwd)
+    def run(ctx, *grads):
+        dev, enabled, dtype = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return bwd(ctx, *grads)
+    return run
 
 
 _packing = False   # inside `packed_weights()`
@@ -38,7 +59,7 @@ _PACKED: dict = {}   # id of a group's first weight -> (weakref to it, ids, vers
 
 @contextmanager
 def packed_weights():
-    """Within this block, CPU float32 products without autograd use weights reordered into oneDNN's
+    """Within this block, CPU float32/bfloat16 products without autograd use weights reordered into oneDNN's
     blocked layout, and linears sharing an input (q/k/v, gate/up) run as one product with their weights
     stacked. Decoding reads every weight once per token; reordering it in every call was a third of the
     product's time at batch 16. The packed copies (as large as the weights) are kept beside the weights
@@ -109,7 +130,7 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b), with the forward product in oneDNN on x86 CPUs in float32 (see _ONEDNN)."""
+    """F.linear(x, w, b), with the forward product in oneDNN on x86 CPUs (see _ONEDNN)."""
     if not _onednn_ok(x, w):
         return F.linear(x, w, b)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
@@ -157,7 +178,7 @@ class _NormLinears(torch.autograd.Function):
     """y_i = (rmsnorm(x) * w) @ W_i^T + b_i for several linears sharing one normalised input."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @amp_forward
     def forward(ctx, x, norm_w, eps, *wb):
         # x [N, D]; wb = (W_0, b_0, W_1, b_1, ...) with b_i possibly None
         _, n, rstd = _norm(x, norm_w, eps)
@@ -165,7 +186,7 @@ class _NormLinears(torch.autograd.Function):
         return _products(n, wb[0::2], wb[1::2])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @amp_backward
     def backward(ctx, *gys):
         x, rstd, norm_w, *wb = ctx.saved_tensors
         has_b = [wb[i + 1] is not None for i in range(0, len(wb), 2)]
@@ -188,14 +209,14 @@ class _SwiGLUDown(torch.autograd.Function):
     """(silu(g) * u) @ W^T + b, keeping g and u only."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @amp_forward
     def forward(ctx, g, u, W, b):
         ctx.save_for_backward(g, u, W)
         ctx.has_b = b is not None
         return _product(F.silu(g) * u, W, b)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @amp_backward
     def backward(ctx, gout):
         g, u, W = ctx.saved_tensors
         return _swiglu_down_backward(g, u, W, gout, ctx.has_b)
@@ -206,7 +227,7 @@ class _RecomputedMLP(torch.autograd.Function):
     backward (two of the layer's seven matrix products) instead of stored (over half its activations)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @amp_forward
     def forward(ctx, x, norm_w, eps, Wg, bg, Wu, bu, Wd, bd):
         _, n, rstd = _norm(x, norm_w, eps)
         ctx.save_for_backward(x, rstd, norm_w, Wg, bg, Wu, bu, Wd)
@@ -214,7 +235,7 @@ class _RecomputedMLP(torch.autograd.Function):
         return _product(F.silu(_product(n, Wg, bg)) * _product(n, Wu, bu), Wd, bd)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @amp_backward
     def backward(ctx, gout):
         x, rstd, norm_w, Wg, bg, Wu, bu, Wd = ctx.saved_tensors
         n = norm_w * (x.float() * rstd).to(x.dtype)                      # recomputed [N, D]

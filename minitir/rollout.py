@@ -95,15 +95,17 @@ def within_prompt_budget(problems: list[Problem], tok, template: PromptTemplate,
     return fits, skipped
 
 
-def generate_groups(model, tok, template: PromptTemplate, problems: list[Problem], n: int, gen: GenerationConfig,
-                    tool=None, autocast: bool = False) -> list[Sample]:
-    """n responses to each problem, as samples in problem order. gen.seed_offset is the index of problems[0]
-    times n in the whole batch: sampling streams are per response, so a response does not depend on how many
-    processes share the batch."""
-    prompts = [prompt_ids(tok, template, p.question) for p in problems]
-    model.eval()
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-        outs = Engine(model, tok, gen, tool).generate([ids for ids in prompts for _ in range(n)])
+def generate_groups(engine: Engine, template: PromptTemplate, problems: list[Problem], n: int, gen: GenerationConfig,
+                    autocast: bool = False, progress=None) -> list[Sample]:
+    """n responses to each problem, as samples in problem order, from the engine's model, tokenizer and tool.
+    gen.seed_offset is the index of problems[0] times n in the whole batch: sampling streams are per response,
+    so a response does not depend on how many processes share the batch. progress: see Engine.generate."""
+    prompts = [prompt_ids(engine.tok, template, p.question) for p in problems]
+    engine.model.eval()
+    # a CPU decodes a bfloat16 copy as it is: under autocast its products would leave oneDNN's packed weights
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                        enabled=autocast and engine.model.device.type == "cuda"):
+        outs = engine.generate([ids for ids in prompts for _ in range(n)], gen, progress)
     return [Sample(prompt_ids=prompts[i // n], completion=c, gold=problems[i // n].answer,
                    question=problems[i // n].question) for i, c in enumerate(outs)]
 

@@ -17,10 +17,12 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from minitir import distributed, rl, roc, run_state
 from minitir.config import ConfigError, TrainConfig, validate
 from minitir.filters import drop_reason, mask_reason
+from minitir.generate import Engine
 from minitir.learner import Learner
 from minitir.reward import Grader, RewardConfig
 from minitir.rollout import (Sample, TimedTool, generate_groups, generation_config, grade, make_tool,
@@ -59,7 +61,7 @@ class Trainer:
         self.learner.build_optimizers()
         if state is not None:
             self._restore(state)
-        self.grader, self.reward_fn = Grader(workers=2), reward_fn
+        self.grader, self.reward_fn, self.engine = Grader(workers=2), reward_fn, None
         self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,
                                        truncation_penalty=cfg.truncation_penalty)
 
@@ -72,6 +74,8 @@ class Trainer:
         m = {"step": self.step + 1, **stats, **rollout_metrics(sum(d.gather([sample_row(s) for s in sampled]), []))}
         if self.step == 0:   # once per run: training problems skipped for their prompt's length
             m["prompts_too_long"] = self.prompts_too_long
+        if self.engine is not None:
+            self.engine.release()                                     # the update needs the cache's memory
         t = time.perf_counter()
         if stats["batch_size"]:
             self.prepare(batch)                                       # behaviour/ref log-probs, values, advantages
@@ -90,16 +94,20 @@ class Trainer:
         return m
 
     # --------------------------------------------------------------------------------------------
-    def _rollouts(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0) -> list[Sample]:
+    def _rollouts(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0,
+                  progress=None) -> list[Sample]:
         """n responses to each problem (not graded yet), each with the whole max_new_tokens. first: the index
-        of problems[0] in the global batch."""
+        of problems[0] in the global batch. One engine serves every call: its KV cache and CUDA graphs are
+        kept across refill rounds and evaluations, and released before the update (train_step)."""
         cfg = self.cfg
         gen = generation_config(self.template, max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens,
                                 temperature=temperature, top_p=cfg.top_p, seed=seed, seed_offset=first * n,
                                 max_tool_output_tokens=cfg.max_tool_output_tokens,
                                 tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
-        return generate_groups(self.learner.decoder(), self.tok, self.template, problems, n, gen, self.tool,
-                               self.learner.autocast_on)
+        model = self.learner.decoder()   # refreshed in place after each update: the engine's graphs stay valid
+        if self.engine is None or self.engine.model is not model:
+            self.engine = Engine(model, self.tok, self.tool)
+        return generate_groups(self.engine, self.template, problems, n, gen, self.learner.autocast_on, progress)
 
     def collect(self, clock: dict) -> tuple[list[Sample], list[Sample], dict]:
         """-> (this rank's samples for the update, every sample it generated, global statistics). The samples
@@ -254,7 +262,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """Greedy, one response per held-out problem; ranks split the problems."""
         lo, hi = distributed.split(len(self.eval_problems), self.dist)
-        samples = self._rollouts(self.eval_problems[lo:hi], 1, 0.0, seed=self.cfg.seed)
+        with tqdm(total=hi - lo, desc=f"eval, step {self.step}", leave=False, dynamic_ncols=True, file=sys.stdout,
+                  disable=not self.dist.main) as bar:
+            samples = self._rollouts(self.eval_problems[lo:hi], 1, 0.0, seed=self.cfg.seed, progress=bar.update)
         grade(samples, self.grader, self.reward_cfg, self.tok)
         r = rollout_metrics(sum(self.dist.gather([sample_row(s) for s in samples]), []))
         return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
@@ -263,7 +273,6 @@ class Trainer:
     def train(self):
         """Steps until cfg.steps, with a held-out evaluation first (step 0) when evaluations are due; at the
         end, also when interrupted, the run's scaling figure and statistics (scaling.png, scaling.json)."""
-        from tqdm import tqdm
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout,
                    disable=not self.dist.main)
         try:

@@ -76,7 +76,7 @@ def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
     tc = TrainConfig(prompt="{question}", prompts_per_step=2, n_samples=4, max_prompt_tokens=6, max_new_tokens=14,
                      micro_batch_tokens=20, max_tool_calls=0, lr=1e-3, grad_clip=1e3, eval_size=0,
                      tensorboard=False, run_dir=str(run_dir), run_name="dist",
-                     save_every=0, seed=1, **CASES[case])
+                     save_every=0, seed=1, dtype="float32", **CASES[case])
     tok = CharTokenizer()
     t = Trainer(tc, model=tiny_model(), tokenizer=tok, problems=[Problem("p", "q", "1")], eval_problems=[])
     samples = batch()

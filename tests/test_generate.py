@@ -466,6 +466,77 @@ def test_decode_graph_step_touches_only_its_rows(tmp_path):
         assert torch.equal(cache.k[:, r, :n], ref.k[:, r, :n]) and torch.equal(cache.v[:, r, :n], ref.v[:, r, :n])
 
 
+def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_weights(tmp_path, tok, monkeypatch):
+    """What a training run does with its engine: calls under different configurations (rollouts, a greedy
+    evaluation, a smaller refill round) reuse one cache and one capture; weights updated in place between
+    calls are the weights the kept graphs decode with; a call needing more rows captures again; release()
+    frees them. Off CUDA the graphs run their buffers eagerly, so the reuse is checked, not the capture."""
+    import minitir.generate as G
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+    prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4]]
+    calls = [dict(max_new_tokens=12, temperature=0.8, seed=1, max_batch=4),
+             dict(max_new_tokens=6, temperature=0.0, max_batch=4),
+             dict(max_new_tokens=12, temperature=1.0, seed=2, max_batch=2)]
+    engine = G.Engine(m, tok)
+    for i, kw in enumerate(calls):
+        if i == 2:
+            with torch.no_grad():   # an optimizer step between calls: in place, as Learner.decoder refreshes
+                for p in m.parameters():
+                    p.mul_(1.05)
+        fresh = G.Engine(m, tok).generate(prompts, G.GenerationConfig(**kw))
+        kept = engine.generate(prompts, G.GenerationConfig(**kw))
+        assert [o.tokens for o in kept] == [o.tokens for o in fresh]
+        assert max(abs(a - b) for x, y in zip(kept, fresh) for a, b in zip(x.logprobs, y.logprobs)) <= 1e-5
+    assert engine.captures == 1 and engine.graphs is not None
+    engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=6))   # more rows than the cache has
+    assert engine.captures == 2 and engine.rows == 6
+    engine.release()
+    assert engine.cache is None and engine.graphs is None
+
+
+def test_a_failed_capture_of_any_kind_falls_back_once_with_a_warning(tmp_path, tok, monkeypatch):
+    import minitir.generate as G
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    want = generate(m, tok, PROMPTS, max_new_tokens=8, temperature=0)
+    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+
+    def broken(self, *a, **kw):
+        raise ValueError("no capture here")
+
+    monkeypatch.setattr(G.DecodeGraphs, "__init__", broken)
+    engine = G.Engine(m, tok)
+    cfg = G.GenerationConfig(max_new_tokens=8, temperature=0)
+    with pytest.warns(UserWarning, match="ValueError: no capture here"):
+        first = engine.generate(PROMPTS, cfg)
+    second = engine.generate(PROMPTS, G.GenerationConfig(max_new_tokens=8, temperature=0, max_batch=64))
+    assert engine.captures == 1 and engine.graphs_failed      # not tried again
+    assert [o.tokens for o in first] == [o.tokens for o in second] == [o.tokens for o in want]
+
+
+def test_stop_strings_are_checked_on_the_new_tail_and_progress_is_reported(tmp_path, tok):
+    """Each step decodes a bounded tail of a row (the stop string's length in tokens), not the whole text
+    generated so far; progress callbacks count every sequence once."""
+    import minitir.generate as G
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    seen, decode = [], tok.decode
+
+    class Counting:
+        eos_token_id = tok.eos_token_id
+
+        def decode(self, ids, **kw):
+            seen.append(len(ids))
+            return decode(ids, **kw)
+
+    done = []
+    cfg = G.GenerationConfig(max_new_tokens=40, temperature=1.0, seed=0, stop=("zzz",), ignore_eos=True)
+    outs = G.Engine(m, Counting()).generate(PROMPTS, cfg, progress=done.append)
+    assert sum(done) == len(PROMPTS) and all(len(o.tokens) == 40 for o in outs)
+    window = 4 * len("zzz") + 4
+    per_step = seen[:-2 * len(PROMPTS)]   # the last decodes are each completion's text and policy text
+    assert len(per_step) >= 39 * len(PROMPTS) and max(per_step) <= window
+
+
 CUDA_GRAPHS = torch.cuda.is_available() and (attention._flash_kvcache is not None or attention.TORCH_VARLEN_PAGED)
 
 

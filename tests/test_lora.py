@@ -97,7 +97,7 @@ def test_peft_loads_the_adapter_and_minitir_merges_it(tmp_path):
     tok.save_pretrained(base_dir)
     tc = TrainConfig(model=str(base_dir), lora_rank=4, lora_alpha=16.0, lora_targets="q_proj,v_proj,down_proj",
                      prompt="{question}", eval_size=0, run_dir=str(tmp_path), run_name="lora", tensorboard=False,
-                     max_tool_calls=0, max_new_tokens=8, max_prompt_tokens=64, micro_batch_tokens=256)
+                     max_tool_calls=0, max_new_tokens=8, max_prompt_tokens=64, micro_batch_tokens=256, dtype="float32")
     t = Trainer(tc, problems=toy_problems(16), eval_problems=[])
     try:
         randomise(t.learner.model)

@@ -58,3 +58,33 @@ def test_packed_weights_group_products_and_follow_in_place_updates():
         import gc
         gc.collect()
         assert key not in ops._PACKED
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_layers_under_cpu_bfloat16_autocast_give_autocasts_values_and_gradients(recompute):
+    """The GPU recipe on a CPU: the norm/MLP functions with hand-written backward passes, run under bfloat16
+    autocast with float32 weights, must give what plain autograd under the same autocast gives, with float32
+    gradients for the float32 weights. Their backward runs under forward's autocast state (ops.amp_backward):
+    without it, backward mixes bfloat16 gradients with float32 weights."""
+    from minitir.model import RMSNorm
+    torch.manual_seed(0)
+    D, H = 32, 64
+    norm = RMSNorm(D, 1e-6)
+    norm.weight.data.uniform_(0.5, 1.5)
+    gate, up, down = (torch.nn.Linear(i, o, bias=False) for i, o in ((D, H), (D, H), (H, D)))
+    x = torch.randn(10, D, requires_grad=True)
+    params = [x, norm.weight, gate.weight, up.weight, down.weight]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.mlp(x, norm, gate, up, down, recompute=recompute)
+        xf = ref[0].float()
+        n = ref[1] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))
+        y_ref = F.linear(F.silu(F.linear(n, ref[2])) * F.linear(n, ref[3]), ref[4])
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert (y.float() - y_ref.float()).abs().max() < 2e-2
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for p, r in zip(params, ref):
+        assert p.grad.dtype == torch.float32
+        assert (p.grad - r.grad).abs().max() <= 3e-2 * r.grad.abs().max()
