@@ -21,8 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from minitir import cli, distributed, load_pretrained
 from minitir.checkpoint import CheckpointError
+from minitir.config import compute_dtype
 from minitir.cli import UsageError
 from minitir.evaluate import format_table, summarize
 from minitir.generate import Engine
@@ -52,6 +55,8 @@ class EvalConfig:
     reward: Literal["lenient", "strict"] = "lenient"   # lenient: the last \boxed answer (the paper's eval script);
                                         # strict: the training reward's format and ended-normally gates too
     max_batch: int = 64                 # sequences decoded at once (KV-cache rows)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # the weights decoded with; auto: bfloat16 where the
+                                        # run's decode copy is (CUDA, CPUs with native bfloat16 products)
     limit: int | None = None            # first N problems of each benchmark
     seed: int = 0                       # sampling seed (streams are per response, independent of batching)
     sandbox_url: str = ""               # a remote `sandbox.py serve` instead of local workers
@@ -159,7 +164,8 @@ def run(cfg: EvalConfig) -> dict | None:
     if get_template(cfg.prompt).tools and max(cfg.sweep) > 0:
         tool = make_tool(cfg.sandbox_url, cfg.sandbox_timeout, cfg.sandbox_memory_mb, workers=2,
                          allow_unisolated=cfg.sandbox_allow_unisolated)
-    model, tok = load_pretrained(cfg.model, device=device)
+    bf16 = compute_dtype(cfg.dtype, device) == "bfloat16"
+    model, tok = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = default_budget(model, tok, cfg, benches)
     grader, engine = Grader(), Engine(model, tok, tool)   # one engine: its cache and graphs serve every sweep

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from minitir import trainer  # noqa: E402
+from minitir.config import compute_dtype  # noqa: E402
 from minitir.rollout import generation_config  # noqa: E402
 
 
@@ -40,8 +41,9 @@ def minitir_rows(cfg, like_trl: bool = False):
         trainer.generation_config = generation_config
 
 
-def trl_rows(cfg):
-    """[(seconds, generated tokens)] per GRPOTrainer step; the problems are the ones minitir draws."""
+def trl_rows(cfg, bf16: bool):
+    """[(seconds, generated tokens)] per GRPOTrainer step; the problems are the ones minitir draws. bf16: TRL's
+    bfloat16 option (the Trainer's CPU autocast), else float32 as a CPU user runs it."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -67,7 +69,7 @@ def trl_rows(cfg):
             rows.append((time.perf_counter() - self.t, tokens[-1]))
 
     with tempfile.TemporaryDirectory() as d:
-        args = GRPOConfig(output_dir=d, use_cpu=True, bf16=False, seed=cfg.seed, max_steps=cfg.steps,
+        args = GRPOConfig(output_dir=d, use_cpu=True, bf16=bf16, seed=cfg.seed, max_steps=cfg.steps,
                           per_device_train_batch_size=cfg.prompts_per_step * cfg.n_samples, num_generations=cfg.n_samples,
                           max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           learning_rate=cfg.lr, lr_scheduler_type="constant", optim="adamw_torch", max_grad_norm=cfg.grad_clip,
@@ -90,10 +92,12 @@ def main():
         cfg, _ = train.parse(["--config", "smollm2-cpu", "--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
         rows = minitir_rows(cfg)
-        same = (minitir_rows(dataclasses.replace(cfg, run_name="bench-as-trl"), like_trl=True)
-                if importlib.util.find_spec("trl") is not None else [])
+        has_trl = importlib.util.find_spec("trl") is not None
+        same = {dtype: minitir_rows(dataclasses.replace(cfg, run_name=f"bench-as-trl-{dtype}", dtype=dtype), like_trl=True)
+                for dtype in dict.fromkeys((compute_dtype(cfg.dtype, torch.device("cpu")), "float32"))} if has_trl else {}
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
-          f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads")
+          f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads, "
+          f"{compute_dtype(cfg.dtype, torch.device('cpu'))}")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")
     for m in rows:
@@ -104,16 +108,24 @@ def main():
     if importlib.util.find_spec("trl") is None:
         print("\ntrl is not installed: no TRL row (pip install trl to measure it)")
         return
-    theirs = trl_rows(cfg)
+    theirs = {"float32": trl_rows(cfg, bf16=False)}
+    try:
+        theirs["bfloat16"] = trl_rows(cfg, bf16=True)
+    except Exception as e:   # TRL's bfloat16 option may refuse a CPU: said, not hidden
+        print(f"TRL with bf16=True on CPU failed: {type(e).__name__}: {e}")
     print("\nwhole RL step against TRL's GRPOTrainer (steps after the first)")
-    print("| trainer | seconds per step | generated tokens per step | ms per generated token |")
-    print("|---|---|---|---|")
+    print("| trainer | seconds per step | generated tokens per step | ms per generated token | TRL float32 per token / this |")
+    print("|---|---|---|---|---|")
     steps = lambda ms: [(m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"],
                          round(m["response_length"] * cfg.prompts_per_step * cfg.n_samples)) for m in ms]  # sampled tokens
-    for name, r in (("TRL GRPOTrainer", theirs), ("minitir (stop strings, tool)", steps(rows)),
-                    (f"minitir, as TRL generates (no stops, no tool, {cfg.max_new_tokens} tokens each)", steps(same))):
+    table = [(f"TRL GRPOTrainer, {k}", r) for k, r in theirs.items()]
+    table += [(f"minitir, {compute_dtype(cfg.dtype, torch.device('cpu'))} (stop strings, tool)", steps(rows))]
+    table += [(f"minitir, {k}, as TRL generates (no stops, no tool, {cfg.max_new_tokens} tokens each)", steps(r))
+              for k, r in same.items()]
+    per_token = lambda r: sum(x for x, _ in r[1:]) / sum(y for _, y in r[1:])
+    for name, r in table:
         s, n = sum(x for x, _ in r[1:]) / len(r[1:]), sum(y for _, y in r[1:]) / len(r[1:])
-        print(f"| {name} | {s:.1f} | {n:.0f} | {1000 * s / n:.1f} |")
+        print(f"| {name} | {s:.1f} | {n:.0f} | {1000 * s / n:.1f} | {per_token(theirs['float32']) / per_token(r):.2f}x |")
 
 
 if __name__ == "__main__":

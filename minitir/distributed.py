@@ -99,7 +99,8 @@ def shard(model: nn.Module, bf16: bool = False) -> nn.Module:
     """FSDP2 over a minitir Transformer (in place): one unit per decoder layer plus the root.
 
     bf16: gather and compute with bfloat16 copies of the float32 master weights and reduce gradients in
-    float32 (on GPUs; what autocast does for one process, at half the all-gather traffic).
+    float32 (--dtype bfloat16, on GPUs and CPUs; what autocast does for one process, at half the all-gather
+    traffic; unlike autocast it also casts each unit's inputs, so the residual stream is bfloat16).
     The root keeps its parameters gathered after forward (FSDP2's default for a root, stated here because
     the trainer relies on it): the log-prob head reads `model.lm_head.weight` right after `hidden_packed`.
     """

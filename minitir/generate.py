@@ -115,7 +115,7 @@ class DecodeGraphs:
     A graph reads its inputs from static buffers and writes its logits to a static output. A batch of B
     rows runs the smallest graph of at least B; its spare entries decode into a scratch row (the cache's
     last, which the engine never hands out), whose length is reset at the end of every step. Each
-    graph's logits stay allocated while generate runs (Qwen's vocabulary at max_batch 256: ~0.7 GB).
+    graph's logits stay allocated until the engine's release() (Qwen's vocabulary at max_batch 256: ~0.7 GB).
     Off CUDA the same buffers and padding run eagerly (so tests check everything but the capture)."""
 
     def __init__(self, model: Transformer, cache: KVCache, max_rows: int):
@@ -163,9 +163,10 @@ class DecodeGraphs:
 class Engine:
     """Generates completions for lists of prompts (token ids) with one model, tokenizer and tool, each `generate`
     call under its own GenerationConfig. The KV cache and its CUDA graphs are kept from one call to the next
-    (refill rounds, evaluations) while they are large enough: a graph reads the model's weights where they
-    are, so a model updated in place between calls (an optimizer step, Learner.decoder's refreshed copy)
-    replays with its new weights. release() frees both, e.g. before an update needs the memory."""
+    (refill rounds, evaluations) while they are large enough, and grow to cover both calls when not: a graph
+    reads the model's weights at their addresses, so weights updated in place between calls (an optimizer
+    step, Learner.decoder's refreshed copy) are replayed with their new values, but weights given new storage
+    (`model.to(...)`) need a new engine. release() frees both, e.g. before an update needs the memory."""
 
     def __init__(self, model: Transformer, tokenizer, tool=None):
         self.model, self.tok, self.tool = model, tokenizer, tool
@@ -219,13 +220,15 @@ class Engine:
         kept = self.cache
         if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.rows < rows or \
                 (graphs and self.graphs is None):
+            if kept is not None and kept.k.dtype == dtype:   # grow to cover this call and the last: no ping-pong
+                rows, length = max(rows, self.rows), max(length, kept.max_len)
             self.release()
             self.cache = KVCache(self.model.config, rows + int(graphs), length, dtype=dtype, device=dev)
             self.rows = rows
             if graphs:
                 self._capture()
         self.use_graphs = graphs and self.graphs is not None
-        self.free = list(range(rows - 1, -1, -1))
+        self.free = list(range(min(self.cfg.max_batch, len(self.seqs)) - 1, -1, -1))   # this call's rows only
 
     def _capture(self):
         self.captures += 1

@@ -47,7 +47,7 @@ def _head_grads(gz, h, weight, weight_t, g_hidden, g_weight):
     """gz [C, V] -> g_hidden (the chunk's rows [C, D], written) and g_weight [V, D] (accumulated)."""
     gz = gz.to(h.dtype)
     if g_hidden is not None:
-        if weight_t is not None:   # CPU float32: oneDNN, ~1.2x MKL on this product
+        if weight_t is not None:   # CPU (float32, bfloat16): oneDNN, ~1.2x MKL on this product
             g_hidden.copy_(ops._product(gz, weight_t, None))
         elif gz.dtype == weight.dtype == g_hidden.dtype and not torch.is_autocast_enabled(gz.device.type):
             torch.mm(gz, weight, out=g_hidden)

@@ -20,16 +20,18 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# oneDNN runs the x @ W^T and gy @ W products on x86 CPUs in float32 and bfloat16: on the AMD EPYC these
-# benchmarks ran on, MKL's sgemm (what F.linear calls) is ~1.3x slower at training shapes and ~2x at
-# decoding's few-row shapes; in bfloat16, packed oneDNN weights decode ~1.6x faster than F.linear. The weight gradients (gy^T @ x) stay in MKL, which was as fast or faster for them.
+# oneDNN runs the x @ W^T and gy @ W products on x86 CPUs in float32, and in bfloat16 where the CPU multiplies
+# it natively: on the AMD EPYC these benchmarks ran on, MKL's sgemm (what F.linear calls) is ~1.3x slower at
+# training shapes and ~2x at decoding's few-row shapes; in bfloat16, packed oneDNN weights decode ~1.6x faster
+# than F.linear. The weight gradients (gy^T @ x) stay in MKL, which was as fast or faster for them.
 # MINITIR_ONEDNN=0 keeps every product in F.linear / torch.mm.
 _ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
            and os.environ.get("MINITIR_ONEDNN", "1") != "0")
+_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def _onednn_ok(x, w) -> bool:
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _DTYPES
             and type(w) in (torch.Tensor, torch.nn.Parameter) and not torch.is_autocast_enabled("cpu"))
 
 

@@ -314,6 +314,8 @@ class Trainer:
         self.log.truncate(self.step)
 
     def close(self):
+        if self.engine is not None:
+            self.engine.release()
         self.grader.close()
         if self.tool is not None:
             self.tool.close()

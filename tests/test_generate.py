@@ -489,8 +489,17 @@ def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_
         assert [o.tokens for o in kept] == [o.tokens for o in fresh]
         assert max(abs(a - b) for x, y in zip(kept, fresh) for a, b in zip(x.logprobs, y.logprobs)) <= 1e-5
     assert engine.captures == 1 and engine.graphs is not None
+    replays, call = [], G.DecodeGraphs.__call__
+    monkeypatch.setattr(G.DecodeGraphs, "__call__", lambda self, *a: replays.append(1) or call(self, *a))
+    engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=4, cuda_graphs=False))
+    assert not replays and engine.captures == 1                  # graphs kept, not used when a call says no
+    longest = max(map(len, prompts))
+    longer = G.GenerationConfig(max_new_tokens=30, temperature=0.8, seed=3, max_batch=2)   # past the cache's length
+    out = engine.generate(prompts, longer)
+    assert engine.captures == 2 and engine.cache.max_len == longest + 30 and engine.rows == 4   # grown, rows kept
+    assert [o.tokens for o in out] == [o.tokens for o in G.Engine(m, tok).generate(prompts, longer)]
     engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=6))   # more rows than the cache has
-    assert engine.captures == 2 and engine.rows == 6
+    assert engine.captures == 3 and engine.rows == 6 and engine.cache.max_len == longest + 30
     engine.release()
     assert engine.cache is None and engine.graphs is None
 
@@ -530,10 +539,10 @@ def test_stop_strings_are_checked_on_the_new_tail_and_progress_is_reported(tmp_p
 
     done = []
     cfg = G.GenerationConfig(max_new_tokens=40, temperature=1.0, seed=0, stop=("zzz",), ignore_eos=True)
-    outs = G.Engine(m, Counting()).generate(PROMPTS, cfg, progress=done.append)
-    assert sum(done) == len(PROMPTS) and all(len(o.tokens) == 40 for o in outs)
+    outs = G.Engine(m, Counting()).generate(PROMPTS + [[]], cfg, progress=done.append)   # [] ends at once
+    assert sum(done) == len(PROMPTS) + 1 and all(len(o.tokens) == 40 for o in outs[:-1])
     window = 4 * len("zzz") + 4
-    per_step = seen[:-2 * len(PROMPTS)]   # the last decodes are each completion's text and policy text
+    per_step = seen[:-2 * (len(PROMPTS) + 1)]   # the last decodes are each completion's text and policy text
     assert len(per_step) >= 39 * len(PROMPTS) and max(per_step) <= window
 
 

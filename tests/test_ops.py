@@ -88,3 +88,17 @@ def test_fused_layers_under_cpu_bfloat16_autocast_give_autocasts_values_and_grad
     for p, r in zip(params, ref):
         assert p.grad.dtype == torch.float32
         assert (p.grad - r.grad).abs().max() <= 3e-2 * r.grad.abs().max()
+
+
+@pytest.mark.skipif(torch.bfloat16 not in ops._DTYPES, reason="no native bfloat16 products here")
+def test_bfloat16_decoding_uses_packed_onednn_weights():
+    """A bfloat16 decode copy on a CPU that multiplies bfloat16 natively decodes from packed oneDNN weights
+    (the products that make bfloat16 worth it there), with F.linear's values."""
+    lins = [torch.nn.Linear(24, n, bias=False).to(torch.bfloat16) for n in (16, 8)]
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    with torch.no_grad(), ops.packed_weights():
+        ys = ops._products(x, [m.weight for m in lins], [None, None])
+    assert id(lins[0].weight) in ops._PACKED and ops._PACKED[id(lins[0].weight)][3].dtype == torch.bfloat16
+    for y, m in zip(ys, lins):
+        assert y.dtype == torch.bfloat16
+        assert (y.float() - F.linear(x, m.weight).float()).abs().max() < 2e-2

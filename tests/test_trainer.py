@@ -441,6 +441,16 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
         t.close()
 
 
+def test_auto_precision_is_bfloat16_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from minitir.config import compute_dtype
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert compute_dtype("auto", torch.device("cpu")) == want
+        assert compute_dtype("bfloat16", torch.device("cpu")) == "bfloat16"   # asked for: the recipe anyway
+    assert compute_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert compute_dtype("float32", torch.device("cuda")) == "float32"
+
+
 def test_config_errors_before_first_step(tmp_path):
     with pytest.raises(ConfigError, match="micro-batch-tokens 100 cannot hold"):
         Trainer(TrainConfig(micro_batch_tokens=100, run_dir=str(tmp_path)))
@@ -482,8 +492,9 @@ def test_one_smollm2_step_end_to_end(tmp_path):
                                         ("grpo", {"kl_coef": 0.05, "dual_clip": 3.0, "filter_groups": True,
                                                   "filter_min_acc": 0.0, "filter_max_acc": 1.0}),
                                         ("ppo", {"ppo_epochs": 2, "mini_batches": 2, "critic_lr": 1e-2})])
-def test_every_algorithm_runs_and_updates(tmp_path, algo, extra):
-    tc, model, tok, problems = toy_setup(tmp_path, steps=2, algo=algo, **extra)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_algorithm_runs_and_updates(tmp_path, algo, extra, dtype):
+    tc, model, tok, problems = toy_setup(tmp_path, steps=2, algo=algo, dtype=dtype, **extra)
     before = [p.detach().clone() for p in model.parameters()]
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
@@ -493,7 +504,7 @@ def test_every_algorithm_runs_and_updates(tmp_path, algo, extra):
     for m in ms:
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if algo == "ppo":
-        assert "value_loss" in ms[-1]
+        assert "value_loss" in ms[-1] and t.learner.critic.value_head.weight.dtype == torch.float32
     if tc.kl_coef:
         assert "kl" in ms[-1]
     changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
