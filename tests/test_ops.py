@@ -90,7 +90,8 @@ def test_fused_layers_under_cpu_bfloat16_autocast_give_autocasts_values_and_grad
         assert (p.grad - r.grad).abs().max() <= 3e-2 * r.grad.abs().max()
 
 
-@pytest.mark.skipif(torch.bfloat16 not in ops._DTYPES, reason="no native bfloat16 products here")
+@pytest.mark.skipif(not (ops._ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="no oneDNN with native bfloat16 products here")
 def test_bfloat16_decoding_uses_packed_onednn_weights():
     """A bfloat16 decode copy on a CPU that multiplies bfloat16 natively decodes from packed oneDNN weights
     (the products that make bfloat16 worth it there), with F.linear's values."""
