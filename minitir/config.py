@@ -87,7 +87,7 @@ class TrainConfig:
                                         # with the log-probs of the weights that made it (then off-policy)
     mask_void_turns: bool = False       # beyond the paper: mask responses with code that never ran or no answer
     tis_cap: float = 0.0                # truncated importance sampling: weight min(pi_old / pi_generator, cap) per
-                                        # token (0 = off; the GPU presets and the CPU ones: 2.0, see benchmarks/logprob_gap.py)
+                                        # token (0 = off; the presets: 2.0, see benchmarks/logprob_gap.py)
     ppo_epochs: int = 1                 # passes over each step's samples
     mini_batches: int = 1               # optimizer steps per pass (the paper: 1 step per rollout)
     micro_batch_tokens: int = 8192      # tokens per forward/backward (gradients accumulate over micro-batches)

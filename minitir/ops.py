@@ -27,7 +27,8 @@ import torch.nn.functional as F
 # MINITIR_ONEDNN=0 keeps every product in F.linear / torch.mm.
 _ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
            and os.environ.get("MINITIR_ONEDNN", "1") != "0")
-_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_DTYPES = (torch.float32, torch.bfloat16) if _BF16 else (torch.float32,)
 
 
 def _onednn_ok(x, w) -> bool:
