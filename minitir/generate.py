@@ -220,15 +220,16 @@ class Engine:
         kept = self.cache
         if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.rows < rows or \
                 (graphs and self.graphs is None):
+            size = rows
             if kept is not None and kept.k.dtype == dtype:   # grow to cover this call and the last: no ping-pong
-                rows, length = max(rows, self.rows), max(length, kept.max_len)
+                size, length = max(rows, self.rows), max(length, kept.max_len)
             self.release()
-            self.cache = KVCache(self.model.config, rows + int(graphs), length, dtype=dtype, device=dev)
-            self.rows = rows
+            self.cache = KVCache(self.model.config, size + int(graphs), length, dtype=dtype, device=dev)
+            self.rows = size
             if graphs:
                 self._capture()
         self.use_graphs = graphs and self.graphs is not None
-        self.free = list(range(min(self.cfg.max_batch, len(self.seqs)) - 1, -1, -1))   # this call's rows only
+        self.free = list(range(rows - 1, -1, -1))   # this call's rows only, however many the cache has
 
     def _capture(self):
         self.captures += 1
