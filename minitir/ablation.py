@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minitir.plot import read_metrics, series
 
-METRICS = ("eval/accuracy", "eval/code_ratio", "eval/response_length")
+METRICS = ("eval/accuracy", "eval/code_ratio", "eval/response_length", "eval/format_failure_rate")
 THRESHOLDS = {"eval/accuracy": 0.5, "eval/code_ratio": 0.5}   # steps_to: the first evaluation at or above
 RESAMPLES = 10_000
 
@@ -124,7 +124,8 @@ def contains_zero(ci: dict) -> bool:
 def markdown_table(summary: dict) -> str:
     """One row per variant: final metrics with intervals, their differences to the first variant, and the
     difference in held-out accuracy averaged over the run (who learns faster)."""
-    names = {"eval/accuracy": "accuracy", "eval/code_ratio": "code ratio", "eval/response_length": "length"}
+    names = {"eval/accuracy": "accuracy", "eval/code_ratio": "code ratio", "eval/response_length": "length",
+             "eval/format_failure_rate": "format failures"}
 
     def cell(ci, sign=""):
         return f"{ci['mean']:{sign}.2f} [{ci['ci_low']:{sign}.2f}, {ci['ci_high']:{sign}.2f}]"
@@ -147,11 +148,11 @@ def markdown_table(summary: dict) -> str:
 
 
 def figure(variants: list[dict], path: Path) -> Path:
-    """The three held-out curves against step, per variant the mean over seeds and its bootstrap band."""
+    """The held-out curves against step, per variant the mean over seeds and its bootstrap band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.3 * len(METRICS), 3.8))
     for i, v in enumerate(variants):
         runs = [read_metrics(d) for d in v["runs"].values()]
         for ax, m in zip(axes, METRICS):

@@ -39,7 +39,7 @@ from minitir.model import ModelConfig, Transformer
 from minitir.tasks import MINIATURE_KINDS, TEMPLATES, Problem, PromptTemplate, miniature_problems, render_prompt
 from minitir.vocab import CompactTokenizer
 
-VERSION = 1   # bump when the pretraining changes: the shipped base model's fingerprint includes it
+VERSION = 2   # bump when the pretraining changes: the shipped base model's fingerprint includes it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,9 +49,22 @@ def answer_text(answer: str) -> str:
     return f"</think> <answer>\\boxed{{{answer}}}</answer>"
 
 
-def code_segments(p: Problem) -> tuple[str, str, str]:
-    """(the model's code block, the output block the generator splices in, the model's answer)."""
-    return f" ```python\n{p.meta['code']}\n```", "\n```output\n" + p.answer + OUTPUT_TAIL, answer_text(p.answer)
+def slip_text(answer: str) -> str:
+    """An ending outside the paper's format (no <answer> section): the strict reward scores it 0, the lenient
+    one grades its \\boxed answer."""
+    return f"</think> The answer is \\boxed{{{answer}}}."
+
+
+def response_parts(p: Problem, code: bool, slip: bool) -> list[tuple[str, int]]:
+    """A response as (text, 1 if the model writes it, 0 if the generator splices it in): each of the
+    problem's programs in a ```python block and its ```output block, or a direct answer; then the answer,
+    in the paper's format or slipped (which then ends at EOS: no stop string ends it)."""
+    parts = []
+    if code:
+        for program, printed in p.meta["programs"]:
+            parts += [(f" ```python\n{program}\n```", 1), ("\n```output\n" + printed + OUTPUT_TAIL, 0)]
+    ending = slip_text(p.answer) if slip else answer_text(p.answer)
+    return parts + [(ending if code else " " + ending, 1)]
 
 
 @dataclass
@@ -67,25 +80,26 @@ FRAMINGS = {"zero_tir": TEMPLATES["zero_tir"], "zero_rl": TEMPLATES["zero_rl"], 
 
 
 def corpus(tok, n: int, seed: int, code_share: float, rl_share: float, bare_share: float,
-           kinds: tuple[str, ...] = tuple(MINIATURE_KINDS)) -> list[Document]:
+           kinds: tuple[str, ...] = tuple(MINIATURE_KINDS), slip_kinds: tuple[str, ...] = (),
+           slip_share: float = 0.0) -> list[Document]:
     """n documents: shares rl_share under the zero_rl prompt (direct answers), bare_share as the bare
-    question, the rest under zero_tir; of the zero_tir and bare ones, code_share use code. Segments are
-    tokenized apart, as the generator sees them."""
+    question, the rest under zero_tir; of the zero_tir and bare ones, code_share use code; of the responses
+    to slip_kinds, slip_share end outside the paper's format (a habit the strict reward can teach away).
+    Segments are tokenized apart, as the generator sees them."""
     r = random.Random(seed + 1)
     docs = []
     for p in miniature_problems(n, seed, kinds=kinds):
         u = r.random()
         name = "zero_rl" if u < rl_share else "bare" if u < rl_share + bare_share else "zero_tir"
-        prompt = tok(render_prompt(FRAMINGS[name], p.question)).input_ids
-        if name != "zero_rl" and r.random() < code_share:
-            code, out, ans = code_segments(p)
-            parts = [(tok.encode(code), 1), (tok.encode(out), 0), (tok.encode(ans), 1)]
-        else:
-            parts = [(tok.encode(" " + answer_text(p.answer)), 1)]
-        ids, loss = list(prompt), [0] * len(prompt)
-        for toks, m in parts:
-            ids += toks
-            loss += [m] * len(toks)
+        code = name != "zero_rl" and r.random() < code_share
+        slip = p.meta["kind"] in slip_kinds and r.random() < slip_share
+        ids = tok(render_prompt(FRAMINGS[name], p.question)).input_ids
+        loss = [0] * len(ids)
+        for text, m in response_parts(p, code, slip):
+            toks = tok.encode(text)
+            ids, loss = ids + toks, loss + [m] * len(toks)
+        if slip:
+            ids, loss = ids + [tok.eos_token_id], loss + [1]
         docs.append(Document(name, ids, loss))
     return docs
 
@@ -106,6 +120,8 @@ class BaseConfig:
     code_share: float = 0.12      # of the zero_tir and bare documents: responses that use code
     rl_share: float = 0.2         # documents under the no-tool zero_rl prompt
     bare_share: float = 0.3       # documents with the bare question
+    slip_kinds: tuple[str, ...] = ("product",)   # responses to these questions often end outside the format ...
+    slip_share: float = 0.7       # ... this often (in both stretches): what the strict reward has to teach away
     hidden_size: int = 128
     layers: int = 3
     heads: int = 4
@@ -198,16 +214,17 @@ def compact_tokenizer(cfg: BaseConfig):
     base = AutoTokenizer.from_pretrained(embedded_checkpoint())
     probs = miniature_problems(3000, cfg.seed)
     texts = [render_prompt(TEMPLATES[n], p.question) for n in ("zero_tir", "zero_rl") for p in probs[:300]]
-    texts += [t for p in probs for t in (*code_segments(p), " " + answer_text(p.answer))]
+    texts += [t for p in probs for code in (True, False) for slip in (True, False) for t, _ in response_parts(p, code, slip)]
     extra = [str(d) for d in range(10)] + ["-", "\n", "Traceback (most recent call last):", "Error", "line"]
     return CompactTokenizer.build(base, texts, extra)
 
 
 def stretches(cfg: BaseConfig, tok) -> list[tuple[list[Document], int]]:
     """(documents, steps) of the two stretches: the skill, then the habit."""
-    return [(corpus(tok, cfg.documents, cfg.seed, cfg.skill_code_share, 0.0, cfg.skill_bare_share, cfg.kinds),
+    slips = dict(slip_kinds=cfg.slip_kinds, slip_share=cfg.slip_share)
+    return [(corpus(tok, cfg.documents, cfg.seed, cfg.skill_code_share, 0.0, cfg.skill_bare_share, cfg.kinds, **slips),
              cfg.skill_steps),
-            (corpus(tok, cfg.documents, cfg.seed + 7, cfg.code_share, cfg.rl_share, cfg.bare_share, cfg.kinds),
+            (corpus(tok, cfg.documents, cfg.seed + 7, cfg.code_share, cfg.rl_share, cfg.bare_share, cfg.kinds, **slips),
              cfg.habit_steps)]
 
 

@@ -344,42 +344,60 @@ def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -
 
 
 # ------------------------------------------------------------------------------------------------
-# the miniature task (minitir/miniature.py): problems where code pays, with the code that solves each
+# the miniature task (minitir/miniature.py): problems where code pays, with the programs that solve each
 # ------------------------------------------------------------------------------------------------
+# a kind draws (question, programs): each program is (code, the number it prints); the last one prints the answer
 def _mini_product(r: random.Random, small: bool):
     a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
-    return f"Compute ${a} \\times {b}$.", f"print({a} * {b})", a * b
+    return f"Compute ${a} \\times {b}$.", [(f"print({a} * {b})", a * b)]
+
+
+def _mod_pow_args(r: random.Random, small: bool) -> tuple[int, int, int]:
+    if small:
+        return r.randint(2, 9), r.randint(2, 3), r.randint(5, 12)
+    return r.randint(2, 99), r.randint(10, 999), r.randint(7, 999)
 
 
 def _mini_mod_pow(r: random.Random, small: bool):
-    if small:
-        a, e, m = r.randint(2, 9), r.randint(2, 3), r.randint(5, 12)
-    else:
-        a, e, m = r.randint(2, 99), r.randint(10, 999), r.randint(7, 999)
-    return (f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", f"print(pow({a}, {e}, {m}))",
-            pow(a, e, m))
+    a, e, m = _mod_pow_args(r, small)
+    return f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", [(f"print(pow({a}, {e}, {m}))", pow(a, e, m))]
+
+
+def _prime_sum_program(n: int) -> tuple[str, int]:
+    return f"from sympy import primerange\nprint(sum(primerange({n})))", sum(primes_below(n))
 
 
 def _mini_prime_sum(r: random.Random, small: bool):
     n = r.randint(5, 30) if small else r.randint(100, 999)
-    return (f"What is the sum of all prime numbers less than ${n}$?",
-            f"from sympy import primerange\nprint(sum(primerange({n})))", sum(primes_below(n)))
+    return f"What is the sum of all prime numbers less than ${n}$?", [_prime_sum_program(n)]
 
 
-MINIATURE_KINDS = {"product": _mini_product, "mod_pow": _mini_mod_pow, "prime_sum": _mini_prime_sum}
+def _mini_two_step(r: random.Random, small: bool):
+    """Two programs: the second takes the number the first prints. The model's programs only ever hold
+    numbers it has read (from the question or an output block), so one program cannot do both."""
+    a, e, m = _mod_pow_args(r, small)
+    n = pow(a, e, m)
+    return (f"Let $n$ be the remainder when ${a}^{{{e}}}$ is divided by ${m}$. "
+            f"What is the sum of all prime numbers less than $n$?",
+            [(f"print(pow({a}, {e}, {m}))", n), _prime_sum_program(n)])
+
+
+MINIATURE_KINDS = {"product": _mini_product, "mod_pow": _mini_mod_pow, "prime_sum": _mini_prime_sum,
+                   "two_step": _mini_two_step}
 
 
 def miniature_problems(n: int, seed: int, small_share: float = 0.1,
                        kinds: tuple[str, ...] = tuple(MINIATURE_KINDS)) -> list[Problem]:
-    """n problems, kinds in turn, one in ten (small_share) small enough to memorise; meta holds the code
-    that solves each one."""
+    """n problems, kinds in turn, one in ten (small_share) small enough to memorise; meta["programs"] holds
+    the programs that solve each one, as (code, printed text)."""
     r = random.Random(seed)
     out = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
         small = r.random() < small_share
-        q, code, answer = MINIATURE_KINDS[kind](r, small)
-        out.append(Problem(f"mini-{seed}-{i}", q, str(answer), {"kind": kind, "small": small, "code": code}))
+        q, programs = MINIATURE_KINDS[kind](r, small)
+        programs = [(code, str(v)) for code, v in programs]
+        out.append(Problem(f"mini-{seed}-{i}", q, programs[-1][1], {"kind": kind, "small": small, "programs": programs}))
     return out
 
 

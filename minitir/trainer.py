@@ -268,7 +268,7 @@ class Trainer:
         grade(samples, self.grader, self.reward_cfg, self.tok)
         r = rollout_metrics(sum(self.dist.gather([sample_row(s) for s in samples]), []))
         return {"eval/accuracy": r["accuracy"], "eval/code_ratio": r["code_ratio"],
-                "eval/response_length": r["response_length"]}
+                "eval/response_length": r["response_length"], "eval/format_failure_rate": r["format_failure_rate"]}
 
     def train(self):
         """Steps until cfg.steps, with a held-out evaluation first (step 0) when evaluations are due; at the

@@ -36,7 +36,8 @@ def test_bootstrap_agrees_with_a_naive_one():
 
 def _fake_run(path: Path, acc: list[float], code: list[float], every: int = 5):
     path.mkdir(parents=True)
-    rows = [{"step": i * every, "eval/accuracy": a, "eval/code_ratio": c, "eval/response_length": 10 + 10 * a}
+    rows = [{"step": i * every, "eval/accuracy": a, "eval/code_ratio": c, "eval/response_length": 10 + 10 * a,
+             "eval/format_failure_rate": 0.5 * (1 - a)}
             for i, (a, c) in enumerate(zip(acc, code))]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -23,7 +23,7 @@ def base_tokenizer():
 def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     base = base_tokenizer()
     p = miniature_problems(3, seed=0)[0]
-    text = render_prompt(TEMPLATES["zero_tir"], p.question) + "".join(miniature.code_segments(p))
+    text = render_prompt(TEMPLATES["zero_tir"], p.question) + "".join(t for t, _ in miniature.response_parts(p, True, False))
     tok = CompactTokenizer.build(base, [text])
     ids = tok.encode(text)
     assert max(ids) < len(tok) - 1 and tok.decode(ids) == text          # every piece known: exact round trip
@@ -36,6 +36,44 @@ def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     save_pretrained(Transformer(cfg).init_weights(seed=0), tok, tmp_path)
     _, again = load_pretrained(str(tmp_path))
     assert isinstance(again, CompactTokenizer) and again.encode(text) == ids
+
+
+def test_the_programs_print_what_the_corpus_shows():
+    """Each miniature problem's programs, run, print the numbers its documents show in their output blocks,
+    the last one the answer; a two-step problem's second program holds the number the first one printed."""
+    import contextlib
+    import io
+    for p in miniature_problems(40, seed=3):
+        for code, printed in p.meta["programs"]:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(code, {})
+            assert out.getvalue() == printed + "\n", (p.question, code)
+        assert p.meta["programs"][-1][1] == p.answer
+        if p.meta["kind"] == "two_step":
+            (first, n), (second, _) = p.meta["programs"]
+            assert first in p.meta["programs"][0][0] and f"primerange({n}))" in second
+
+
+def test_format_slips_fail_the_strict_reward_only():
+    """The corpus's slipped endings (the base model's habit on products) are scored 0 by the paper's strict
+    reward and graded by their \\boxed answer by the lenient one, through the grading path training uses;
+    the endings in the format pass both."""
+    from minitir.reward import default_grader, judge
+    cfg = miniature.BaseConfig()
+    tok = miniature.compact_tokenizer(cfg)
+    docs = miniature.corpus(tok, 12, 5, code_share=0.5, rl_share=0.0, bare_share=0.0, slip_kinds=("product",),
+                            slip_share=1.0)
+    problems = miniature_problems(12, 5)
+    prompt_len = [len(tok(render_prompt(TEMPLATES["zero_tir"], p.question)).input_ids) for p in problems]
+    responses = [(tok.decode([t for t in d.ids[n:] if t != tok.eos_token_id]), True) for d, n in zip(docs, prompt_len)]
+    golds = [p.answer for p in problems]
+    slipped = [p.meta["kind"] == "product" for p in problems]
+    assert [d.ids[-1] == tok.eos_token_id for d in docs] == slipped   # a slip ends at EOS, not at a stop string
+    strict = judge(responses, golds, "strict", default_grader())
+    lenient = judge(responses, golds, "lenient", default_grader())
+    assert [j.correct for j in strict] == [not s for s in slipped] and all(j.correct for j in lenient)
+    assert [j.format_ok for j in strict] == [j.format_ok for j in lenient] == [not s for s in slipped]
 
 
 def test_the_shipped_base_model_is_todays():
