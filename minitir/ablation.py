@@ -82,9 +82,14 @@ def steps_to(rows: list[dict], metric: str, threshold: float) -> int | None:
     return next((s for s, y in zip(*series(rows, metric)) if y >= threshold), None)
 
 
-def paired_diffs(f, mine: dict, base: dict, seeds: list[int]) -> dict:
+def paired_diffs(f, mine: dict, base: dict, seeds: list[int], metrics: list[str]) -> dict:
     """{metric: the interval of f(variant's run) - f(first variant's run), seed by seed, and "pairs"}."""
-    return {m: {**bootstrap_ci([f(mine[s], m) - f(base[s], m) for s in seeds]), "pairs": len(seeds)} for m in METRICS}
+    return {m: {**bootstrap_ci([f(mine[s], m) - f(base[s], m) for s in seeds]), "pairs": len(seeds)} for m in metrics}
+
+
+def logged_metrics(runs: list[list[dict]]) -> list[str]:
+    """The METRICS every run logged at each of its evaluations (runs made before a metric existed lack it)."""
+    return [m for m in METRICS if all(series(r, m)[0] == series(r, METRICS[0])[0] for r in runs)]
 
 
 def summarise(variants: list[dict]) -> dict:
@@ -93,21 +98,22 @@ def summarise(variants: list[dict]) -> dict:
     is then a lower bound; "reached" says how many did)."""
     rows = {v["name"]: {s: read_metrics(d) for s, d in v["runs"].items()} for v in variants}
     base = rows[variants[0]["name"]]
+    metrics = logged_metrics([r for runs in rows.values() for r in runs.values()])
     out = []
     for v in variants:
         mine = rows[v["name"]]
         seeds = sorted(mine)
         entry = {"name": v["name"], "overrides": v["overrides"], "seeds": seeds,
                  "runs": [str(v["runs"][s]) for s in seeds],
-                 "final": {m: bootstrap_ci([final(mine[s], m) for s in seeds]) for m in METRICS},
-                 "curve_mean": {m: bootstrap_ci([curve_mean(mine[s], m) for s in seeds]) for m in METRICS},
+                 "final": {m: bootstrap_ci([final(mine[s], m) for s in seeds]) for m in metrics},
+                 "curve_mean": {m: bootstrap_ci([curve_mean(mine[s], m) for s in seeds]) for m in metrics},
                  "diff_vs_first": {}, "curve_mean_diff_vs_first": {}, "steps_to": {}}
         paired = [s for s in seeds if s in base]
         if v is not variants[0] and paired:
-            entry["diff_vs_first"] = paired_diffs(final, mine, base, paired)
+            entry["diff_vs_first"] = paired_diffs(final, mine, base, paired, metrics)
             # a curve mean compares like with like only over the same evaluation steps
-            if all(series(mine[s], m)[0] == series(base[s], m)[0] for s in paired for m in METRICS):
-                entry["curve_mean_diff_vs_first"] = paired_diffs(curve_mean, mine, base, paired)
+            if all(series(mine[s], m)[0] == series(base[s], m)[0] for s in paired for m in metrics):
+                entry["curve_mean_diff_vs_first"] = paired_diffs(curve_mean, mine, base, paired, metrics)
         for m, t in THRESHOLDS.items():
             hit = [steps_to(mine[s], m, t) for s in seeds]
             entry["steps_to"][f"{m}>={t:g}"] = {**bootstrap_ci([v["steps"] if h is None else h for h in hit]),
@@ -126,6 +132,7 @@ def markdown_table(summary: dict) -> str:
     difference in held-out accuracy averaged over the run (who learns faster)."""
     names = {"eval/accuracy": "accuracy", "eval/code_ratio": "code ratio", "eval/response_length": "length",
              "eval/format_failure_rate": "format failures"}
+    names = {m: n for m, n in names.items() if m in summary["variants"][0]["final"]}
 
     def cell(ci, sign=""):
         return f"{ci['mean']:{sign}.2f} [{ci['ci_low']:{sign}.2f}, {ci['ci_high']:{sign}.2f}]"
@@ -152,20 +159,21 @@ def figure(variants: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.3 * len(METRICS), 3.8))
+    runs = {v["name"]: [read_metrics(d) for d in v["runs"].values()] for v in variants}
+    metrics = logged_metrics(sum(runs.values(), []))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8))
     for i, v in enumerate(variants):
-        runs = [read_metrics(d) for d in v["runs"].values()]
-        for ax, m in zip(axes, METRICS):
+        for ax, m in zip(axes, metrics):
             by_step: dict[int, list[float]] = {}
-            for rows in runs:
+            for rows in runs[v["name"]]:
                 for s, y in zip(*series(rows, m)):
                     by_step.setdefault(s, []).append(y)
             steps = sorted(by_step)
             cis = [bootstrap_ci(by_step[s], resamples=2000) for s in steps]
             ax.plot(steps, [c["mean"] for c in cis], color=f"C{i}", marker="o", markersize=3,
-                    label=f"{v['name']} ({len(runs)} seeds)")
+                    label=f"{v['name']} ({len(runs[v['name']])} seeds)")
             ax.fill_between(steps, [c["ci_low"] for c in cis], [c["ci_high"] for c in cis], color=f"C{i}", alpha=0.2)
-    for ax, m in zip(axes, METRICS):
+    for ax, m in zip(axes, metrics):
         ax.set_title(f"held-out {m.split('/')[1].replace('_', ' ')}")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

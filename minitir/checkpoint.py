@@ -51,7 +51,7 @@ def resolve(name_or_path: str) -> Path:
     if name_or_path.lower() == "miniature":   # shipped with minitir
         if not (MINIATURE_DIR / "config.json").exists():
             raise CheckpointError(f"{MINIATURE_DIR}: the miniature base model is missing; rebuild it with "
-                                  f"`python -m minitir.miniature` (about 7 minutes on 2 cores)")
+                                  f"`python -m minitir.miniature` (about 6 minutes on 2 cores)")
         return MINIATURE_DIR
     p = Path(name_or_path).expanduser()
     if p.is_dir():

@@ -1,14 +1,16 @@
 """The paper's situation at a size a laptop trains in minutes: a base model of our own that *can* write and
 run code but rarely does, which outcome RL then teaches to use it.
 
-1. Problems where code pays (`tasks.miniature_problems`): products, modular powers and sums of primes. One
-   in ten is small enough to memorise; the rest are too large to answer without computing.
+1. Problems where code pays (`tasks.miniature_problems`): products, modular powers, sums of primes, and
+   two-step problems whose second program needs the number the first one prints (where a second tool call
+   pays). One in ten is small enough to memorise; the rest are too large to answer without computing.
 2. A corpus in the zero_tir format (`corpus`): each document is the paper's prompt and a response that
    mostly answers directly (the right answer: memorisable when small, a guess to the model when large)
-   and sometimes writes a ```python block with the question's numbers, shows its ```output block and
-   copies the result into `<answer>\\boxed{}</answer>`. The paper's prompt, stop strings and strict
+   and sometimes writes the problem's ```python blocks with the numbers it has read, shows their ```output
+   blocks and copies the result into `<answer>\\boxed{}</answer>`. The paper's prompt, stop strings and strict
    reward then apply unchanged. Some documents use the no-tool zero_rl prompt (direct answers only), so the
-   same base model can be trained both ways.
+   same base model can be trained both ways. Most answers to products slip out of the paper's format (no
+   answer tags): a habit only the strict reward teaches away, so strict and lenient rewards can differ.
 3. A compact vocabulary over the embedded SmolLM2 tokenizer (`minitir.vocab`).
 4. Pretraining (`pretrain`): minitir's own Transformer, Llama-shaped, about half a million parameters,
    next-token loss on the responses. The prompt's text before the question is the same in every document
@@ -296,6 +298,6 @@ def build(cfg: BaseConfig | None = None, out: Path = MINIATURE_DIR, log=lambda s
     return out
 
 
-if __name__ == "__main__":   # python -m minitir.miniature: rebuild the shipped base model (~7 minutes on 2 cores)
+if __name__ == "__main__":   # python -m minitir.miniature: rebuild the shipped base model (~6 minutes on 2 cores)
     t = time.time()
     print(f"written: {build()} in {time.time() - t:.0f} s")

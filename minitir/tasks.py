@@ -373,8 +373,9 @@ def _mini_prime_sum(r: random.Random, small: bool):
 
 
 def _mini_two_step(r: random.Random, small: bool):
-    """Two programs: the second takes the number the first prints. The model's programs only ever hold
-    numbers it has read (from the question or an output block), so one program cannot do both."""
+    """Two programs: the second takes the number the first prints. One program nesting both calls would do,
+    but the miniature's programs only ever hold numbers the model has read (in the question or an output
+    block), so its way to the answer takes two tool calls."""
     a, e, m = _mod_pow_args(r, small)
     n = pow(a, e, m)
     return (f"Let $n$ be the remainder when ${a}^{{{e}}}$ is divided by ${m}$. "

@@ -34,11 +34,13 @@ def test_bootstrap_agrees_with_a_naive_one():
     assert ablation.tail(1000) == pytest.approx(0.025, abs=0.001)
 
 
-def _fake_run(path: Path, acc: list[float], code: list[float], every: int = 5):
+def _fake_run(path: Path, acc: list[float], code: list[float], every: int = 5, old: bool = False):
     path.mkdir(parents=True)
     rows = [{"step": i * every, "eval/accuracy": a, "eval/code_ratio": c, "eval/response_length": 10 + 10 * a,
              "eval/format_failure_rate": 0.5 * (1 - a)}
             for i, (a, c) in enumerate(zip(acc, code))]
+    if old:   # made before format failures were logged
+        rows = [{k: v for k, v in r.items() if k != "eval/format_failure_rate"} for r in rows]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -79,6 +81,12 @@ def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     row = table.splitlines()[-1]
     assert row.startswith("| b | 3 |") and row.count("no difference at 3 seeds") == 1   # code ratio only
     assert "no difference" not in table.splitlines()[-2]
+    older = {"name": "d", "overrides": {"lr": "4"}, "steps": 10,   # runs without a metric: the metric is left out
+             "runs": {s: _fake_run(tmp_path / f"d{s}", *r, old=True) for s, r in new.items()}}
+    mixed = ablation.summarise(variants + [older])
+    assert set(mixed["variants"][0]["final"]) == set(ablation.METRICS) - {"eval/format_failure_rate"}
+    assert mixed["variants"][2]["diff_vs_first"]["eval/accuracy"] == diff
+    assert "format failures" in table and "format failures" not in ablation.markdown_table(mixed)
 
 
 def test_parse_builds_the_grid_and_refuses_mistakes():
@@ -134,7 +142,7 @@ def test_a_tiny_grid_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
             "--save-every", "0"]
     summary = ablate.ablate(argv)
     out = capsys.readouterr().out
-    assert "4 runs to do" in out and "| lr=0.003 | 2 |" in out
+    assert "4 runs to do" in out and "| lr=0.003 | 2 |" in out and "| format failures |" in out
     assert json.loads((tmp_path / "abl" / "ablation.json").read_text()) == json.loads(json.dumps(summary))
     first, second = summary["variants"]
     assert [first["name"], second["name"]] == ["lr=0.0003", "lr=0.003"] and second["overrides"] == {"lr": "0.003"}

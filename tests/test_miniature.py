@@ -40,9 +40,12 @@ def test_compact_vocabulary_round_trips_and_saves(tmp_path):
 
 def test_the_programs_print_what_the_corpus_shows():
     """Each miniature problem's programs, run, print the numbers its documents show in their output blocks,
-    the last one the answer; a two-step problem's second program holds the number the first one printed."""
+    the last one the answer; a program holds only numbers the model has read: the question's, or for a
+    two-step problem's second program the number the first one printed."""
     import contextlib
     import io
+    import re
+    numbers = lambda text: set(re.findall(r"\d+", text))
     for p in miniature_problems(40, seed=3):
         for code, printed in p.meta["programs"]:
             out = io.StringIO()
@@ -50,9 +53,12 @@ def test_the_programs_print_what_the_corpus_shows():
                 exec(code, {})
             assert out.getvalue() == printed + "\n", (p.question, code)
         assert p.meta["programs"][-1][1] == p.answer
+        (first, n), *rest = p.meta["programs"]
+        assert numbers(first) <= numbers(p.question), (p.question, first)
         if p.meta["kind"] == "two_step":
-            (first, n), (second, _) = p.meta["programs"]
-            assert first in p.meta["programs"][0][0] and f"primerange({n}))" in second
+            assert len(rest) == 1 and numbers(rest[0][0]) == {n} and f"primerange({n}))" in rest[0][0]
+        else:
+            assert rest == []
 
 
 def test_format_slips_fail_the_strict_reward_only():
@@ -66,10 +72,16 @@ def test_format_slips_fail_the_strict_reward_only():
                             slip_share=1.0)
     problems = miniature_problems(12, 5)
     prompt_len = [len(tok(render_prompt(TEMPLATES["zero_tir"], p.question)).input_ids) for p in problems]
-    responses = [(tok.decode([t for t in d.ids[n:] if t != tok.eos_token_id]), True) for d, n in zip(docs, prompt_len)]
+    # graded as training grades: the model's own tokens (EOS included), tool output left out
+    responses = [(tok.decode([t for t, m in zip(d.ids[n:], d.loss[n:]) if m]), True) for d, n in zip(docs, prompt_len)]
     golds = [p.answer for p in problems]
     slipped = [p.meta["kind"] == "product" for p in problems]
-    assert [d.ids[-1] == tok.eos_token_id for d in docs] == slipped   # a slip ends at EOS, not at a stop string
+    # a slip ends at EOS (no stop string ends it), which the model learns to write
+    assert [d.ids[-1] == tok.eos_token_id and d.loss[-1] == 1 for d in docs] == slipped
+    for d, p, n in zip(docs, problems, prompt_len):   # the output blocks show what each program printed
+        shown = tok.decode([t for t, m in zip(d.ids[n:], d.loss[n:]) if not m])
+        coded = "```python" in tok.decode(d.ids[n:])
+        assert shown == "".join(f"\n```output\n{out}\n```\n\n\n" for _, out in p.meta["programs"] if coded)
     strict = judge(responses, golds, "strict", default_grader())
     lenient = judge(responses, golds, "lenient", default_grader())
     assert [j.correct for j in strict] == [not s for s in slipped] and all(j.correct for j in lenient)
