@@ -71,7 +71,7 @@ def response_parts(p: Problem, code: bool, slip: bool) -> list[tuple[str, int]]:
 
 @dataclass
 class Document:
-    prompt: str                 # "zero_tir" or "zero_rl"
+    prompt: str                 # the framing: "zero_tir", "zero_rl" or "bare"
     ids: list[int]              # prompt and response tokens
     loss: list[int]             # 1 where the token is the model's to predict (the response, tool output excluded)
 
