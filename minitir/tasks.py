@@ -404,7 +404,8 @@ def miniature_problems(n: int, seed: int, small_share: float = 0.1,
 
 def miniature_source(size: int, seed: int) -> list[Problem]:
     """A miniature run's problems (training, then held-out): the base model's corpora used seeds 0 and 7
-    (miniature.BaseConfig), so 10,000 + seed gives problems it never trained on."""
+    (miniature.BaseConfig), so 10,000 + seed draws problems apart from them (the question space is small, so
+    many questions, most prime sums among them, recur there)."""
     return miniature_problems(size, seed=10_000 + seed)
 
 
