@@ -93,11 +93,12 @@ def main():
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
         rows = minitir_rows(cfg)
         has_trl = importlib.util.find_spec("trl") is not None
-        same = {dtype: minitir_rows(dataclasses.replace(cfg, run_name=f"bench-as-trl-{dtype}", dtype=dtype), like_trl=True)
-                for dtype in dict.fromkeys((compute_dtype(cfg.dtype, torch.device("cpu")), "float32"))} if has_trl else {}
+        dtype = compute_dtype(cfg.dtype, torch.device("cpu"))
+        same = {x: minitir_rows(dataclasses.replace(cfg, run_name=f"bench-as-trl-{x}", dtype=x), like_trl=True)
+                for x in dict.fromkeys((dtype, "float32"))} if has_trl else {}
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
           f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads, "
-          f"{compute_dtype(cfg.dtype, torch.device('cpu'))}")
+          f"{dtype}")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")
     for m in rows:
@@ -119,7 +120,7 @@ def main():
     steps = lambda ms: [(m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"],
                          round(m["response_length"] * cfg.prompts_per_step * cfg.n_samples)) for m in ms]  # sampled tokens
     table = [(f"TRL GRPOTrainer, {k}", r) for k, r in theirs.items()]
-    table += [(f"minitir, {compute_dtype(cfg.dtype, torch.device('cpu'))} (stop strings, tool)", steps(rows))]
+    table += [(f"minitir, {dtype} (stop strings, tool)", steps(rows))]
     table += [(f"minitir, {k}, as TRL generates (no stops, no tool, {cfg.max_new_tokens} tokens each)", steps(r))
               for k, r in same.items()]
     per_token = lambda r: sum(x for x, _ in r[1:]) / sum(y for _, y in r[1:])

@@ -216,7 +216,8 @@ def compact_tokenizer(cfg: BaseConfig):
     base = AutoTokenizer.from_pretrained(embedded_checkpoint())
     probs = miniature_problems(3000, cfg.seed)
     texts = [render_prompt(TEMPLATES[n], p.question) for n in ("zero_tir", "zero_rl") for p in probs[:300]]
-    texts += [t for p in probs for code in (True, False) for slip in (True, False) for t, _ in response_parts(p, code, slip)]
+    texts += [t for p in probs for code in (True, False) for slip in (True, False)
+              for t, _ in response_parts(p, code, slip)]
     extra = [str(d) for d in range(10)] + ["-", "\n", "Traceback (most recent call last):", "Error", "line"]
     return CompactTokenizer.build(base, texts, extra)
 

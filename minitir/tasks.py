@@ -360,7 +360,8 @@ def _mod_pow_args(r: random.Random, small: bool) -> tuple[int, int, int]:
 
 def _mini_mod_pow(r: random.Random, small: bool):
     a, e, m = _mod_pow_args(r, small)
-    return f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?", [(f"print(pow({a}, {e}, {m}))", pow(a, e, m))]
+    return (f"What is the remainder when ${a}^{{{e}}}$ is divided by ${m}$?",
+            [(f"print(pow({a}, {e}, {m}))", pow(a, e, m))])
 
 
 def _prime_sum_program(n: int) -> tuple[str, int]:
@@ -398,7 +399,8 @@ def miniature_problems(n: int, seed: int, small_share: float = 0.1,
         small = r.random() < small_share
         q, programs = MINIATURE_KINDS[kind](r, small)
         programs = [(code, str(v)) for code, v in programs]
-        out.append(Problem(f"mini-{seed}-{i}", q, programs[-1][1], {"kind": kind, "small": small, "programs": programs}))
+        meta = {"kind": kind, "small": small, "programs": programs}
+        out.append(Problem(f"mini-{seed}-{i}", q, programs[-1][1], meta))
     return out
 
 

@@ -23,7 +23,8 @@ def base_tokenizer():
 def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     base = base_tokenizer()
     p = miniature_problems(3, seed=0)[0]
-    text = render_prompt(TEMPLATES["zero_tir"], p.question) + "".join(t for t, _ in miniature.response_parts(p, True, False))
+    response = "".join(t for t, _ in miniature.response_parts(p, code=True, slip=False))
+    text = render_prompt(TEMPLATES["zero_tir"], p.question) + response
     tok = CompactTokenizer.build(base, [text])
     ids = tok.encode(text)
     assert max(ids) < len(tok) - 1 and tok.decode(ids) == text          # every piece known: exact round trip
