@@ -16,6 +16,8 @@ Sections, each recorded even when another fails (an exception is a result too):
   6. train step   the qwen2.5-1.5b-grpo preset with 4 layers of Qwen2.5-1.5B's shape, bfloat16 recipe: seconds,
                   peak memory, the generator/trainer log-prob gap and the share of tokens truncated importance
                   sampling capped
+  7. invariance   that step twice with batch invariance (the same metrics and weights? a gap of exactly 0?)
+                  and once without (its gap, its seconds): the CUDA half of "same seed, same run"
 Everything goes to one JSON file (--out) and a printed table.
 """
 from __future__ import annotations
@@ -236,8 +238,10 @@ def _hf_generate(hf, prompts, new, dev) -> float:
     return time.perf_counter() - t
 
 
-def train_step(dev, dry: bool) -> dict:
-    """One step of the qwen2.5-1.5b-grpo preset, scaled down: 4 layers of the 1.5B shape, 2 prompts x 4."""
+def _train(dev, dry: bool, invariant: bool = True) -> dict:
+    """One step of the qwen2.5-1.5b-grpo preset, scaled down: 4 layers of the 1.5B shape, 2 prompts x 4
+    -> its metrics, seconds, peak memory and a digest of the weights after it."""
+    import hashlib
     import train
     from minitir.tasks import miniature_problems
     from minitir.trainer import Trainer
@@ -250,7 +254,8 @@ def train_step(dev, dry: bool) -> dict:
                               "--max-new-tokens", "64" if not dry else "16", "--max-prompt-tokens", "1024",
                               "--eval-size", "0", "--run-dir", d, "--run-name", "gpu", "--no-tensorboard",
                               "--save-every", "0", "--steps", "1", "--sandbox-workers", "2",
-                              "--device", dev.type, "--dtype", "bfloat16"])   # the GPU recipe, on a CPU too
+                              "--device", dev.type, "--dtype", "bfloat16",   # the GPU recipe, on a CPU too
+                              "--batch-invariant" if invariant else "--no-batch-invariant"])
         cfg.filter_groups = False
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -259,20 +264,43 @@ def train_step(dev, dry: bool) -> dict:
                           eval_problems=[])
         try:
             metrics = trainer.train_step()
+            digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes()
+                                             for p in trainer.learner.model.parameters())).hexdigest()
         finally:
             trainer.close()
         seconds = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
-    return {"seconds": round(seconds, 1), "peak_gb": None if peak is None else round(peak, 2),
-            **{k: metrics.get(k) for k in ("logprob_gap_mean", "logprob_gap_max", "tis_capped", "grad_norm", "loss",
-                                           "response_length_all", "time/generate_s", "time/train_s")}}
+    return {"seconds": round(seconds, 1), "peak_gb": None if peak is None else round(peak, 2), "weights": digest,
+            "metrics": {k: v for k, v in metrics.items() if not k.startswith("time/") and k != "tokens_per_s"},
+            **{k: metrics.get(k) for k in ("time/generate_s", "time/train_s")}}
+
+
+def train_step(dev, dry: bool) -> dict:
+    """The train step in the default (batch invariant): seconds, peak memory, its log-prob gap and TIS share."""
+    r = _train(dev, dry)
+    return {k: r[k] for k in ("seconds", "peak_gb", "time/generate_s", "time/train_s")} | {
+        k: r["metrics"].get(k) for k in ("logprob_gap_mean", "logprob_gap_max", "tis_capped", "grad_norm", "loss",
+                                         "response_length_all")}
+
+
+def invariance(dev, dry: bool) -> dict:
+    """"Same seed, same run" on this device: the train step twice with batch invariance (the same metrics and
+    weights, a generator/trainer log-prob gap of exactly 0), and once without (the gap it closes, the time
+    it costs)."""
+    a, b, c = _train(dev, dry), _train(dev, dry), _train(dev, dry, invariant=False)
+    return {"same_run": a["metrics"] == b["metrics"] and a["weights"] == b["weights"],
+            "gap_max_invariant": a["metrics"].get("logprob_gap_max"), "gap_max_default": c["metrics"].get(
+                "logprob_gap_max"), "seconds_invariant": [a["seconds"], b["seconds"]], "seconds_default": c["seconds"],
+            "train_s_invariant": b["time/train_s"], "train_s_default": c["time/train_s"],
+            "generate_s_invariant": b["time/generate_s"], "generate_s_default": c["time/generate_s"]}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="tiny sizes, CPU allowed: checks the script itself")
     ap.add_argument("--out", default=str(ROOT / "gpu_check.json"))
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (tests,parity,decode,engine,train)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out "
+                                               "(tests,parity,decode,engine,train,invariance)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not a.dry:
@@ -282,7 +310,7 @@ def main(argv=None):
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry": a.dry, "environment": environment(dev)}
     sections = {"tests": lambda: gpu_tests(a.dry), "parity": lambda: parity(dev, dtype, a.dry),
                 "decode": lambda: decode(dev, dtype, a.dry), "engine": lambda: engine_reuse(dev, dtype, a.dry),
-                "train": lambda: train_step(dev, a.dry)}
+                "train": lambda: train_step(dev, a.dry), "invariance": lambda: invariance(dev, a.dry)}
     for name, run in sections.items():
         if name in a.skip.split(","):
             continue
@@ -324,6 +352,8 @@ def print_table(r: dict):
         print(f"one engine across calls: {json.dumps(r['engine'])[:300]}")
     if "train" in r:
         print(f"train step: {json.dumps(r['train'])[:400]}")
+    if "invariance" in r:
+        print(f"same seed, same run: {json.dumps(r['invariance'])[:400]}")
 
 
 if __name__ == "__main__":

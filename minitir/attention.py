@@ -74,8 +74,10 @@ def flash_available(t: torch.Tensor) -> bool:
 
 
 def cache_length(max_len: int, t: torch.Tensor) -> int:
-    """Tokens per cache row: max_len, padded to whole pages when torch's paged kernel reads the cache."""
-    return -(-max_len // PAGE) * PAGE if backend(t) == "torch-varlen" and TORCH_VARLEN_PAGED else max_len
+    """Tokens per cache row: max_len, padded to whole pages when torch's paged kernel reads the cache, else to
+    whole key blocks (block_attention reads the cache's rows as they are)."""
+    paged = backend(t) == "torch-varlen" and TORCH_VARLEN_PAGED
+    return -(-max_len // PAGE) * PAGE if paged else -(-max_len // KEY_BLOCK) * KEY_BLOCK
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -114,79 +116,85 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out
 
 
-def kvcache_attention_torch(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False):
-    """`flash_attn_with_kvcache` in PyTorch.
+# --- the batch-invariant kernel ------------------------------------------------------------------
+KEY_BLOCK = 64    # keys per block: every path sums a query's softmax block by block, in key order
+QUERY_TILE = 4    # rows per product: the CPU's matrix kernels pick another algorithm below 4 rows
+QUERY_CHUNK = 128  # queries per call at most: the scores' memory stays bounded, causally later keys skipped
 
-    q [B, Tq, H, D]; k/v [B, Tn, Hkv, D] are written into the cache in place at positions
-    cache_seqlens[b] .. cache_seqlens[b] + Tn of row cache_batch_idx[b]; attention then covers keys
-    0 .. cache_seqlens[b] + Tn - 1 of that row. Unsupported options raise instead of being ignored.
-    """
-    if rotary_cos is not None or cache_leftpad is not None or block_table is not None or \
-            alibi_slopes is not None or softcap != 0.0 or tuple(window_size) != (-1, -1) or return_softmax_lse:
-        raise NotImplementedError("kvcache_attention_torch supports q/k/v, cache_seqlens, cache_batch_idx, "
-                                  "softmax_scale and causal only")
-    B, Tq = q.shape[:2]
-    Tn = k.shape[1] if k is not None else 0
-    p = _plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, q.device)
-    if Tn and p.uniform:
-        k_cache[p.first:p.first + B, p.lens[0]:p.S] = k
-        v_cache[p.first:p.first + B, p.lens[0]:p.S] = v
-    elif Tn:
-        k_cache[p.rows[:, None], p.cols] = k
-        v_cache[p.rows[:, None], p.cols] = v
-    gqa = q.shape[2] != k_cache.shape[2]
-    out = None if len(p.parts) == 1 else q.new_empty(q.shape)
-    for part in p.parts:   # rows of similar lengths attend together: a batch's keys are padded to its longest
-        b0, b1, first, S = part.b0, part.b1, part.first, part.S
-        if part.rows is None:   # consecutive cache rows: a view, no copy
-            keys, vals = k_cache[first:first + b1 - b0, :S], v_cache[first:first + b1 - b0, :S]
-        else:
-            keys, vals = k_cache[part.rows, :S], v_cache[part.rows, :S]
-        o = F.scaled_dot_product_attention(q[b0:b1].transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=part.mask, is_causal=part.is_causal, scale=softmax_scale,
-                                           enable_gqa=gqa).transpose(1, 2)                 # [b, Tq, H, D]
-        if out is None:
-            return o
-        out[b0:b1] = o
+
+def block_attention(q, k, v, last, scale=None):
+    """q [b, T, H, D], k/v [b, S, Hkv, D] (S a multiple of KEY_BLOCK), last [b, T] long: query (b, t) attends
+    keys 0..last[b, t] -> [b, T, H, D] in q's dtype, computed in float32.
+
+    Batch invariant (Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025): a query's output
+    depends on its own keys alone, not on how many queries or rows share the call, nor on how many keys
+    beyond its own are present. The products always have a whole number of QUERY_TILE query rows and
+    reduce over a fixed length (D for scores, KEY_BLOCK for values), masked keys weigh exactly 0, and
+    the blocks' sums are added in key order (cumsum: sequential), so trailing blocks add exact zeros. The
+    same query computes the same bits in prefill, in decoding from the cache and in the trainer's packed
+    forward: that is what lets the trainer's log-probs equal the generator's."""
+    T = q.shape[1]
+    if T <= QUERY_CHUNK:
+        with torch.autocast(q.device.type, enabled=False):   # float32 throughout, under the trainer's autocast too
+            return _block_attention(q, k, v, last, scale)
+    out = torch.empty_like(q)   # chunks of queries: the scores' memory stays bounded, later keys are skipped
+    for t0 in range(0, T, QUERY_CHUNK):
+        t1 = min(t0 + QUERY_CHUNK, T)
+        S = min(_blocks(int(last[:, t0:t1].max()) + 1), k.shape[1])
+        out[:, t0:t1] = block_attention(q[:, t0:t1], k[:, :S], v[:, :S], last[:, t0:t1], scale)
     return out
 
 
-# A batch splits where keeping rows together would pad them with more than this many (row, key) pairs: on
-# a 2-core CPU a further SDPA call costs about what reading ~256 padded keys of one row costs. (Decoding
-# 8 GRPO groups of prompts of 176-562 tokens: attention 1.2-1.9x faster than one padded call.)
-SPLIT_PADDING = 256
+def _block_attention(q, k, v, last, scale):
+    b, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    g, M = H // Hkv, T * H // Hkv
+    Mp = -(-M // QUERY_TILE) * QUERY_TILE
+    qf = q.float().view(b, T, Hkv, g, D).transpose(1, 2).reshape(b * Hkv, M, D)             # [G, M, D]
+    last = last.to(q.device)[:, None, :, None].expand(b, Hkv, T, g).reshape(b * Hkv, M, 1)   # [G, M, 1]
+    if Mp != M:   # padded queries see every key: no row of -inf
+        qf, last = F.pad(qf, (0, 0, 0, Mp - M)), F.pad(last, (0, 0, 0, Mp - M), value=S - 1)
+    keys, vals = (_heads(t.float()) for t in (k, v))                                        # [G, S, D]
+    s = torch.bmm(qf, keys.transpose(1, 2)).mul_(scale or D ** -0.5)                        # [G, Mp, S]
+    s.masked_fill_(torch.arange(S, device=q.device) > last, float("-inf"))
+    p = s.sub_(s.amax(-1, keepdim=True)).exp_()                                             # masked keys: 0
+    total = p.view(-1, Mp, S // KEY_BLOCK, KEY_BLOCK).sum(-1).cumsum(-1)[..., -1:]          # [G, Mp, 1]
+    nb = S // KEY_BLOCK
+    pb = p.view(-1, Mp, nb, KEY_BLOCK).transpose(1, 2).reshape(-1, Mp, KEY_BLOCK)            # [G * nb, Mp, KB]
+    o = torch.bmm(pb, vals.reshape(-1, KEY_BLOCK, D)).view(-1, nb, Mp, D)                    # [G, nb, Mp, D]
+    o = o.cumsum(1)[:, -1, :M].div_(total[:, :M])                                            # blocks in key order
+    return o.view(b, Hkv, T, g, D).transpose(1, 2).reshape(b, T, H, D).to(q.dtype)
 
 
-class _Part:
-    """Batch entries b0:b1 attending in one SDPA call: their cache rows (None: first, first+1, ...), the
-    keys to read S, and the mask (None when every row has S keys)."""
-
-    def __init__(self, b0, b1, rows, lens, Tq, Tn, causal, device):
-        self.b0, self.b1 = b0, b1
-        lens = lens[b0:b1]
-        self.S = max(lens) + Tn
-        contiguous = rows[b0:b1] == list(range(rows[b0], rows[b0] + b1 - b0))
-        self.first, self.rows = rows[b0], None if contiguous else torch.tensor(rows[b0:b1], device=device)
-        self.is_causal, self.mask = False, None
-        if lens.count(lens[0]) == len(lens):   # one mask for all rows, or SDPA's own causal kernel for a first chunk
-            self.is_causal = causal and Tq > 1 and self.S == Tq
-            if causal and Tq > 1 and not self.is_causal:
-                self.mask = _bottom_right_mask(Tq, self.S, device)
-            return
-        total = torch.tensor(lens, device=device) + Tn                                   # keys per row [b]
-        j = torch.arange(self.S, device=device)
-        mask = j[None, None, :] < total[:, None, None]                                  # [b, 1, S]
-        if causal and Tq > 1:  # with one query, "before the end" is already the causal limit
-            i = torch.arange(Tq, device=device)
-            mask = mask & (j[None, None, :] <= (total - Tq)[:, None, None] + i[None, :, None])  # [b, Tq, S]
-        self.mask = mask.unsqueeze(1)
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """[b, S, Hkv, D] -> [b * Hkv, S, D], a view where the memory allows (the CPU cache keeps each head's keys
+    together), else a copy."""
+    b, S, Hkv, D = t.shape
+    t = t.transpose(1, 2)
+    try:
+        return t.view(b * Hkv, S, D)
+    except RuntimeError:
+        return t.reshape(b * Hkv, S, D)
 
 
-def _split(lens: list[int]) -> list[tuple[int, int]]:
+def _whole_blocks(t: torch.Tensor, S: int) -> torch.Tensor:
+    """t [b, n, ...] cut or zero-padded to S entries along dim 1."""
+    n = t.shape[1]
+    return t[:, :S] if n >= S else F.pad(t, (0, 0) * (t.dim() - 2) + (0, S - n))
+
+
+def _blocks(n: int) -> int:
+    return -(-n // KEY_BLOCK) * KEY_BLOCK
+
+
+# --- the cache call site ------------------------------------------------------------------------------
+# Rows attending in one call are padded to their longest; a batch splits where that would add more than
+# this many (row, key) pairs: on a 2-core CPU a further call costs about what reading ~256 padded keys of
+# one row costs. (Decoding 8 GRPO groups of prompts of 176-562 tokens: 1.2-1.9x faster than one call.)
+SPLIT_PADDING = 2048
+
+
+def split_rows(lens: list[int]) -> list[tuple[int, int]]:
     """Consecutive runs of batch entries, each ended where adding the next row would pad the run's rows to a
     common length with more than SPLIT_PADDING (row, key) pairs in all."""
     runs, b0, hi, total = [], 0, lens[0], lens[0]
@@ -200,35 +208,115 @@ def _split(lens: list[int]) -> list[tuple[int, int]]:
     return runs + [(b0, len(lens))]
 
 
-class _Plan:
-    """What kvcache_attention_torch derives from the rows and their lengths: the same for every layer of a
-    forward pass, so it is computed once (the last plan is kept, with the tensors it was made from)."""
+class CachePlan:
+    """What every layer of one `forward_cached` call shares: the rows [B] and their cached lengths [B] (device
+    tensors, all the FlashAttention kernels need), and for the PyTorch kernel, computed on first use, where
+    each row's T new keys go and which rows attend together."""
 
-    def __init__(self, cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device):
-        row_list = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(B))
-        if cache_seqlens is None or isinstance(cache_seqlens, int):
-            self.lens = [cache_seqlens or 0] * B
+    def __init__(self, seqlens: torch.Tensor, rows: torch.Tensor, T: int):
+        self.seqlens, self.rows, self.T, self._runs = seqlens, rows, T, None
+
+    def runs(self):
+        """-> (rows as a list, lengths as a list, [(b0, b1, keys S, last [b, T])])."""
+        if self._runs is None:
+            rows, lens, dev = self.rows.tolist(), self.seqlens.tolist(), self.rows.device
+            steps = torch.arange(self.T, device=dev)
+            self._runs = rows, lens, [(b0, b1, _blocks(max(lens[b0:b1]) + self.T),
+                                       torch.tensor(lens[b0:b1], device=dev)[:, None] + steps)
+                                      for b0, b1 in split_rows(lens)]
+        return self._runs
+
+
+def kvcache_attention_blocks(q, k_cache, v_cache, k, v, plan: CachePlan):
+    """The cache call site on block_attention: k/v [B, T, Hkv, D] are written at each row's length, then
+    runs of rows attend (consecutive cache rows read as a view, others gathered). q [B, T, H, D]."""
+    rows, lens, runs = plan.runs()
+    B, T = q.shape[:2]
+    first = rows[0]
+    if rows == list(range(first, first + B)) and lens.count(lens[0]) == B:
+        k_cache[first:first + B, lens[0]:lens[0] + T] = k
+        v_cache[first:first + B, lens[0]:lens[0] + T] = v
+    else:
+        cols = plan.seqlens.long()[:, None] + torch.arange(T, device=q.device)                # [B, T]
+        k_cache[plan.rows.long()[:, None], cols] = k
+        v_cache[plan.rows.long()[:, None], cols] = v
+    out = q.new_empty(q.shape) if len(runs) > 1 else None
+    for b0, b1, S, last in runs:
+        if rows[b0:b1] == list(range(rows[b0], rows[b1 - 1] + 1)):
+            keys, vals = k_cache[rows[b0]:rows[b1 - 1] + 1], v_cache[rows[b0]:rows[b1 - 1] + 1]
         else:
-            self.lens = cache_seqlens.tolist()
-        self.first, self.S = row_list[0], max(self.lens) + Tn
-        self.uniform = row_list == list(range(self.first, self.first + B)) and self.lens.count(self.lens[0]) == B
-        if not self.uniform:   # where each row's new keys go
-            self.rows = torch.tensor(row_list, device=device)
-            self.cols = torch.tensor(self.lens, device=device)[:, None] + torch.arange(Tn, device=device)  # [B, Tn]
-        self.parts = [_Part(b0, b1, row_list, self.lens, Tq, Tn, causal, device) for b0, b1 in _split(self.lens)]
+            idx = plan.rows[b0:b1].long()
+            keys, vals = k_cache[idx, :S], v_cache[idx, :S]
+        o = block_attention(q[b0:b1], _whole_blocks(keys, S), _whole_blocks(vals, S), last)
+        if out is None:
+            return o
+        out[b0:b1] = o
+    return out
 
 
-_last_plan: list = [None, None]   # [key (holding the tensors it names), plan]
+# --- the packed call site, batch invariant ----------------------------------------------------------------
+def varlen_attention_blocks(q, k, v, cu_q: list[int], cu_k: list[int]) -> torch.Tensor:
+    """Packed sequences (flash-attn's varlen layout: q [Nq, H, D], k/v [Nk, Hkv, D], bottom-right causal)
+    through block_attention, the same bits per query as decoding: sequences of similar key counts padded
+    into one batch (as the cache's rows attend together), gathered by index (its gradient: one index_add)."""
+    n = [cu_q[s + 1] - cu_q[s] for s in range(len(cu_q) - 1)]
+    m = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
+    order = sorted((s for s in range(len(n)) if n[s]), key=lambda s: m[s])
+    q_, k_, v_ = (F.pad(t, (0, 0, 0, 0, 0, 1)) for t in (q, k, v))   # a zero row (the last) pads the batches
+    out, dev = torch.empty_like(q), q.device
+    for b0, b1 in split_rows([m[s] for s in order]) if order else []:
+        run = order[b0:b1]
+        T, S = max(n[s] for s in run), _blocks(max(m[s] for s in run))
+        at = lambda starts, counts, width, pad: torch.tensor(
+            [[starts[s] + i if i < counts[s] else pad for i in range(width)] for s in run], device=dev)  # [b, width]
+        iq, ik = at(cu_q, n, T, q.shape[0]), at(cu_k, m, S, k.shape[0])
+        last = at([x - y for x, y in zip(m, n)], n, T, S - 1)                                    # key index
+        gather = lambda t, idx: t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
+        o = _BlockAttention.apply(gather(q_, iq), gather(k_, ik), gather(v_, ik), last)          # [b, T, H, D]
+        real = iq.flatten() < q.shape[0]
+        out = out.index_copy(0, iq.flatten()[real], o.flatten(0, 1)[real])
+    return out
 
 
-def _plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device) -> _Plan:
-    version = lambda t: t._version if isinstance(t, torch.Tensor) else t
-    key = (cache_seqlens, version(cache_seqlens), cache_batch_idx, version(cache_batch_idx), B, Tq, Tn, causal)
-    same = lambda a, b: a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
-    old = _last_plan[0]
-    if old is None or not all(same(a, b) for a, b in zip(old, key)):
-        _last_plan[:] = [key, _Plan(cache_seqlens, cache_batch_idx, B, Tq, Tn, causal, device)]
-    return _last_plan[1]
+class _BlockAttention(torch.autograd.Function):
+    """block_attention with a gradient, for the trainer's packed forward. Backward recomputes the softmax
+    and takes the textbook gradient (no bits to match there), chunk by chunk of queries."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, last):
+        ctx.save_for_backward(q, k, v, last)
+        return block_attention(q, k, v, last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, last = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _block_attention_grad(q, k, v, last, grad)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _block_attention_grad(q, k, v, last, grad):
+    """Gradients of block_attention's output w.r.t. q, k, v (float32): with P = softmax(q k^T * scale), masked,
+    and O = P v: dv = P^T dO, dS = P (dO v^T - rowsum(dO O)), dq = dS k * scale, dk = dS^T q * scale."""
+    b, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    g, scale = H // Hkv, D ** -0.5
+    fold = lambda t: t.float().view(b, t.shape[1], Hkv, g, D).transpose(1, 2).reshape(b * Hkv, -1, D)
+    keys, vals = _heads(k.float()), _heads(v.float())                                          # [G, S, D]
+    dq, dk, dv = torch.empty(b * Hkv, T * g, D, device=q.device), torch.zeros_like(keys), torch.zeros_like(vals)
+    for t0 in range(0, T, QUERY_CHUNK):
+        t1 = min(t0 + QUERY_CHUNK, T)
+        qc, gc = fold(q[:, t0:t1]), fold(grad[:, t0:t1])                                       # [G, Mc, D]
+        lc = last[:, None, t0:t1, None].expand(b, Hkv, t1 - t0, g).reshape(b * Hkv, -1, 1)
+        s = torch.bmm(qc, keys.transpose(1, 2)).mul_(scale)                                    # [G, Mc, S]
+        p = s.masked_fill_(torch.arange(S, device=q.device) > lc, float("-inf")).softmax(-1)
+        dv.add_(torch.bmm(p.transpose(1, 2), gc))
+        delta = (gc * torch.bmm(p, vals)).sum(-1, keepdim=True)                                 # [G, Mc, 1]
+        ds = p.mul_(torch.bmm(gc, vals.transpose(1, 2)).sub_(delta)).mul_(scale)
+        dq[:, t0 * g:t1 * g] = torch.bmm(ds, keys)
+        dk.add_(torch.bmm(ds.transpose(1, 2), qc))
+    unfold = lambda t, n, heads: t.view(b, Hkv, n, heads, D).transpose(1, 2).reshape(b, n, Hkv * heads, D)
+    return unfold(dq, T, g), unfold(dk, S, 1), unfold(dv, S, 1)
 
 
 def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:
@@ -266,12 +354,16 @@ def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=None, max_seqlen_k=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=None, max_seqlen_k=None,
+                     invariant=False):
     """Attention over packed sequences, the training/scoring call site: sequence b's queries are
     q[cu_seqlens[b]:cu_seqlens[b+1]], its keys k[cu_seqlens_k[b]:cu_seqlens_k[b+1]] (default: the same
-    tokens); with more keys than queries the queries are the last ones (bottom-right causal)."""
+    tokens); with more keys than queries the queries are the last ones (bottom-right causal). invariant:
+    the batch-invariant kernel decoding uses (block_attention), on any device."""
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    if invariant and causal:
+        return varlen_attention_blocks(q, k, v, cu_seqlens.tolist(), cu_k.tolist())
     name = backend(q) if q.dtype == k.dtype == v.dtype else "sdpa"
     if name == "flash-attn":
         return _flash_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=causal)
@@ -290,20 +382,17 @@ def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
     return torch.float32 if low else dtype
 
 
-def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
-    """Append k/v to the cache rows and attend causally, the decoding/chunked-prefill call site."""
+def kvcache_attention(q, k_cache, v_cache, k, v, plan: CachePlan, invariant=False):
+    """Append k/v to the cache rows and attend causally, the decoding/chunked-prefill call site: FlashAttention
+    on a GPU, else (and whenever invariant) the batch-invariant block kernel."""
     k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
-    if q.dtype != k_cache.dtype and not q.is_cuda:   # a float32 cache under a bfloat16 model (cache_dtype)
-        return kvcache_attention_torch(q.to(k_cache.dtype), k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                       cache_batch_idx=cache_batch_idx, causal=True).to(q.dtype)
-    name = backend(q) if q.dtype == k_cache.dtype else "sdpa"
+    name = backend(q) if q.dtype == k_cache.dtype and not invariant else "sdpa"
     if name == "flash-attn":
-        return _flash_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                              cache_batch_idx=cache_batch_idx, causal=True)
+        return _flash_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=plan.seqlens,
+                              cache_batch_idx=plan.rows, causal=True)
     if name == "torch-varlen" and TORCH_VARLEN_PAGED:
-        return kvcache_attention_paged(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, _torch_varlen)
-    return kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                   cache_batch_idx=cache_batch_idx, causal=True)
+        return kvcache_attention_paged(q, k_cache, v_cache, k, v, plan.seqlens, plan.rows, _torch_varlen)
+    return kvcache_attention_blocks(q, k_cache, v_cache, k, v, plan)
 
 
 def kvcache_attention_paged(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, varlen_fn):

@@ -6,12 +6,15 @@ Each sequence owns one row of a preallocated `KVCache` and moves through explici
     DECODE  --a token sampled--> DECODE | IN_TOOL (a ```python block closed) | FINISHED (EOS, stop, length)
     IN_TOOL --output block spliced in--> PREFILL (only the output block is prefilled, then decoding resumes)
 
-`Engine.step()` is one tick: admit waiting sequences (a prompt a sibling already cached, as the n responses
-of a GRPO group share theirs, is copied instead of prefilled), take finished tool calls, prefill every
-PREFILL row in one batch under a token budget (longer inputs in chunks), decode one token for every DECODE
-row, and retire finished rows. The tool protocol (tool_protocol.py) runs code on a thread pool, so the
-other sequences keep decoding while one waits for its tool. Token-in/token-out: sampled tokens are kept as
-ids; text is decoded for stop checks and display only.
+`Engine.step()` is one tick of a logical clock: admit waiting sequences (a prompt a sibling already cached, as
+the n responses of a GRPO group share theirs, is copied instead of prefilled), take back the tool calls
+whose turn has come, prefill every PREFILL row in one batch under a token budget (longer inputs in chunks),
+decode one token for every DECODE row, and retire finished rows. A code block that closes at tick t runs on
+the tool protocol's thread pool while the other sequences decode, and its sequence takes the result back at
+tick t + tool_lag, waiting for it then if need be (or earlier, when nothing else can run): never "whenever
+the run is done", so which rows decode and prefill together depends on the tokens alone, not on how fast
+the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled tokens are kept as ids;
+text is decoded for stop checks and display only.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import torch
 
 from minitir.attention import cache_dtype, cache_length, flash_available
 from minitir.model import KVCache, Transformer
-from minitir.ops import packed_weights
 from minitir.sampling import sample
 from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG, ToolOutput, ToolProtocol  # noqa: F401 - the tool API
 
@@ -39,6 +41,7 @@ class Completion:
     num_tool_calls: int = 0
     num_tool_errors: int = 0
     num_tool_failures: int = 0 # calls the tool itself failed (ToolOutput.failed): the response is not the policy's alone
+    num_tool_timeouts: int = 0 # calls that ran into their wall-clock limit (ToolOutput.timeout)
     policy_text: str = ""      # the model's own text: the policy tokens alone, tool output left out
 
 
@@ -58,6 +61,7 @@ class GenerationConfig:
     max_len: int | None = None # tokens per row (prompt + response); default: longest prompt + max_new_tokens
     prefill_tokens: int = 4096 # token budget of one prefill batch
     tool_workers: int = 8
+    tool_lag: int = 4          # ticks the other rows decode while a row's code runs; then the row takes its result
     reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
     ignore_eos: bool = False   # generate max_new_tokens whatever is sampled (benchmarks)
     cuda_graphs: bool = True   # on CUDA with a FlashAttention kernel: replay the decode step as a CUDA graph
@@ -87,8 +91,10 @@ class Sequence:
     tool_calls: int = 0
     tool_errors: int = 0
     tool_failures: int = 0
+    tool_timeouts: int = 0
     finish: str | None = None
     future: object = None    # the running tool call
+    due: int = 0             # the tick at which the engine takes its result
     donor: "Sequence | None" = None   # an active sequence with the same prompt, whose cached prompt this one copies
 
     def end(self, reason: str):
@@ -97,14 +103,14 @@ class Sequence:
     def completion(self, tok) -> Completion:
         return Completion(tokens=self.tokens, logprobs=self.logprobs, policy_mask=self.mask, finish_reason=self.finish,
                           text=tok.decode(self.tokens), num_tool_calls=self.tool_calls, num_tool_errors=self.tool_errors,
-                          num_tool_failures=self.tool_failures,
+                          num_tool_failures=self.tool_failures, num_tool_timeouts=self.tool_timeouts,
                           policy_text=tok.decode([t for t, m in zip(self.tokens, self.mask) if m]))
 
 
-def _graphs_supported(device: torch.device, dtype: torch.dtype) -> bool:
+def _graphs_supported(model: Transformer, device: torch.device, dtype: torch.dtype) -> bool:
     """CUDA graphs need a decode step without host syncs: a FlashAttention kernel, flash-attn's or torch's
-    (the PyTorch stand-in reads lengths on the host)."""
-    return flash_available(torch.empty(0, dtype=dtype, device=device))
+    (block_attention, the batch-invariant kernel, reads lengths on the host)."""
+    return not getattr(model, "batch_invariant", False) and flash_available(torch.empty(0, dtype=dtype, device=device))
 
 
 class DecodeGraphs:
@@ -195,10 +201,10 @@ class Engine:
         self.progress(len(self.seqs) - len(self.waiting))   # prompts that ended before generating
         self._allocate(min(c.max_batch, len(prompts)))
         self.tools = ToolProtocol(self.tok, self.tool, c) if self.tool is not None and c.max_tool_calls > 0 else None
+        self.clock = 0
         try:
-            with packed_weights():  # CPU: weights in oneDNN's layout
-                while self.waiting or self.active:
-                    self.step()
+            while self.waiting or self.active:
+                self.step()
         finally:
             if self.tools is not None:
                 self.tools.close()
@@ -215,7 +221,7 @@ class Engine:
         # under autocast the attention inputs are in the autocast dtype, and so must the cache be (CPUs: cache_dtype)
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.model.dtype
         dtype = cache_dtype(dtype, dev)
-        graphs = self.cfg.cuda_graphs and not self.graphs_failed and _graphs_supported(dev, dtype)
+        graphs = self.cfg.cuda_graphs and not self.graphs_failed and _graphs_supported(self.model, dev, dtype)
         length = cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev))
         kept = self.cache
         if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.rows < rows or \
@@ -243,19 +249,29 @@ class Engine:
     def step(self):
         """One tick of the engine: schedule, run, post-process."""
         self._admit()
-        parked = [s for s in self.active if s.status is Status.IN_TOOL]
-        if self.tools is not None and parked:   # wait only when no sequence could make progress meanwhile
-            for s, out in self.tools.finished(parked, block=len(parked) == len(self.active)):
-                self._splice(s, out)
+        self._take_tool_results()
         self._prefill([s for s in self.active if s.status is Status.PREFILL and s.donor is None])
         self._copy_prompts([s for s in self.active if s.donor is not None])
         self._decode([s for s in self.active if s.status is Status.DECODE])
+        self.clock += 1
         done = [s for s in self.active if s.status is Status.FINISHED]
         for s in done:
             self.active.remove(s)
             self.free.append(s.row)
         if done:
             self.progress(len(done))
+
+    def _take_tool_results(self):
+        """Splice in the results of the tool calls due at this tick, waiting for any still running. When every
+        active row waits for a tool, the clock jumps to the earliest due tick (nothing else could run)."""
+        parked = [s for s in self.active if s.status is Status.IN_TOOL]
+        if not parked:
+            return
+        if len(parked) == len(self.active):
+            self.clock = max(self.clock, min(s.due for s in parked))
+        for s in sorted((s for s in parked if s.due <= self.clock), key=lambda s: (s.due, s.idx)):
+            out, s.future = self.tools.result(s.future), None
+            self._splice(s, out)
 
     def _admit(self):
         """Waiting sequences into free rows. A prompt a sibling is caching or has cached is copied from its
@@ -343,12 +359,14 @@ class Engine:
             watch = self.tools is not None and s.tool_calls < c.max_tool_calls
             tail = (self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
                     if c.stop or watch else "")
+            code = self.tools.code(s.tokens[s.segment_start:], tail) if watch else None
             if any(st in tail for st in c.stop):
                 s.end("stop")
             elif len(s.tokens) >= c.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
                 s.end("length")
-            elif watch and self.tools.watch(s, tail):
-                s.status = Status.IN_TOOL
+            elif code is not None:   # the block is handled: the next segment starts after it
+                s.tool_calls, s.segment_start, s.status = s.tool_calls + 1, len(s.tokens), Status.IN_TOOL
+                s.future, s.due = self.tools.submit(code), self.clock + c.tool_lag + 1   # after tool_lag more ticks
 
     def _splice(self, s: Sequence, out: ToolOutput):
         """A tool's output into the sequence as an output block (policy mask 0, log-prob 0); its tokens are
@@ -356,7 +374,8 @@ class Engine:
         c = self.cfg
         s.tool_errors += out.error
         s.tool_failures += out.failed
-        toks = self.tools.output_tokens(s, out, min(c.max_new_tokens - len(s.tokens),
+        s.tool_timeouts += out.timeout
+        toks = self.tools.output_tokens(s.tokens[-1:], out, min(c.max_new_tokens - len(s.tokens),
                                                     self.max_len - len(s.prompt) - len(s.tokens)))
         s.tokens += toks
         s.logprobs += [0.0] * len(toks)

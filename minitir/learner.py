@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from minitir import batching, distributed, lora, rl
+from minitir import batching, distributed, lora, ops, rl
 from minitir.checkpoint import base_name, load_pretrained
 from minitir.config import compute_dtype
 from minitir.logprobs import token_logprobs, token_loss
@@ -56,12 +56,13 @@ class Learner:
         self.model, self.tok = model, tokenizer
         if cfg.lora_rank:
             lora.add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), seed=cfg.seed)
-        self.model.checkpointing = cfg.checkpointing
+        self.model.checkpointing, self.model.batch_invariant = cfg.checkpointing, cfg.batch_invariant
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 and not cfg.lora_rank else None
         self.critic = Critic(model) if cfg.algo == "ppo" else None
         self.gen_model, self.gen_version, self.version = None, -1, 0
         if dist.enabled or self.autocast_on or cfg.lora_rank:
             self.gen_model = lora.merged_copy(model).requires_grad_(False)
+            self.gen_model.batch_invariant = cfg.batch_invariant
             if self.autocast_on:
                 self.gen_model.to(torch.bfloat16)
 
@@ -129,7 +130,7 @@ class Learner:
         p = batching.pack(samples or batching.placeholder(self.tok.eos_token_id or 0), self.device)
         with self.autocast():
             hidden = model.hidden_packed(p.ids, p.cu_seqlens, p.continues)             # [N, D]
-        return hidden[p.pred], p.targets, p.seq_index
+        return hidden.index_select(0, p.pred), p.targets, p.seq_index   # its gradient: in order (not by thread)
 
     def logprobs(self, model: nn.Module, samples: list[Sample], with_entropy: bool = False):
         """-> per policy token: log-probs [M], entropy [M] or None, sequence index [M]."""
@@ -222,12 +223,12 @@ class Learner:
             stats = stats + self._policy_backward(mb, w, drift)
             if self.critic is not None:
                 value_loss += self._critic_backward(mb, w)
-        gn = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        gn = self._clip_grad_norm(self.model, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.version += 1
         if self.critic_opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+            self._clip_grad_norm(self.critic, cfg.grad_clip)
             self.critic_opt.step()
         out = {**vars(stats.all_reduce(d.all_reduce)), "grad_norm": float(gn)}
         if not cfg.kl_coef:
@@ -237,6 +238,19 @@ class Learner:
         if self.critic is not None:
             out["value_loss"] = d.sum(value_loss)
         return out
+
+    def _clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_ -> the norm before clipping. On one process the squares are summed by
+        ops.tree_sum and the tensors' sums in order, so the norm (and a clipped step's weights) is the same
+        bits on any thread count; sharded (FSDP), torch's, which reduces across ranks."""
+        if self.dist.enabled:
+            return float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)))
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        total = math.sqrt(sum(float(ops.tree_sum(g.detach().float().pow(2))) for g in grads))
+        coef = min(max_norm / (total + 1e-6), 1.0)
+        for g in grads:
+            g.mul_(coef)
+        return total
 
     def _policy_backward(self, mb: list[Sample], w: torch.Tensor, drift: "Drift | None") -> rl.ObjectiveStats:
         """The objective over one micro-batch's policy tokens, its gradient taken chunk by chunk inside the

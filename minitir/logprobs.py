@@ -19,15 +19,18 @@ def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _scaled_logits(h, w, temperature, out):
-    """h [C, D], w [V, D] -> z [C, V] = (h w^T) / temperature, at least float32, written into `out` [>=C, V]
-    when the dtypes allow: one buffer per call instead of a fresh vocabulary-sized tensor per chunk
-    (on CPU every fresh allocation of that size is page-faulted in again)."""
-    if h.dtype == out.dtype and not torch.is_autocast_enabled(h.device.type):
-        z = torch.mm(h, w.t(), out=out[:h.shape[0]])
-    else:
-        z = (h @ w.t()).to(out.dtype)
-    return z if temperature == 1.0 else z.div_(temperature)
+def _log_softmax(h, w, temperature):
+    """h [C, D], w [V, D] -> log softmax((h w^T) / temperature) [C, V] float32, the product through
+    ops._products in the compute dtype: the very numbers the sampler turned into this token's log-prob."""
+    return ops.log_softmax(ops._product(h, w, None), temperature)
+
+
+def _row_dot(a, b):
+    """Row-wise dot products of [C, V] tensors -> [C]. torch splits a lone row's reduction over threads (so
+    its bits would depend on the thread count): one row is reduced as two."""
+    if a.shape[0] == 1:
+        return torch.linalg.vecdot(torch.cat([a, a]), torch.cat([b, b]))[:1]
+    return torch.linalg.vecdot(a, b)
 
 
 def _grad_logits(p, logp_full, ent, g_logp, g_ent, targets, temperature):
@@ -66,19 +69,16 @@ def _grad_buffers(hidden, weight, need_h, need_w):
 
 class _TokenLogprobs(torch.autograd.Function):
     """Chunked log-probs (and entropy). With loss_fn, also the loss sum_chunks loss_fn(logp, H, rows), whose
-    gradient is taken per chunk in forward while the chunk's logits are at hand: backward then only
+    gradient is taken per chunk in forward while the chunk's log-softmax is at hand: backward then only
     scales it, instead of recomputing the logits (one of the head's four vocabulary-sized products)."""
 
     @staticmethod
     @ops.amp_forward
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, loss_fn):
-        n, V = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         acc = _acc(hidden)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
-        lse_all = torch.empty(n, dtype=acc, device=hidden.device)
-        buf = torch.empty(min(chunk_size, n), V, dtype=acc, device=hidden.device)
-        ebuf = torch.empty_like(buf) if with_entropy else None
         fused = loss_fn is not None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if fused:
@@ -86,19 +86,11 @@ class _TokenLogprobs(torch.autograd.Function):
             g_hidden, g_weight, weight_t = _grad_buffers(hidden, weight, need_h, need_w)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _scaled_logits(hidden[s:e], weight, temperature, buf)                  # [C, V]
-            zt = z.gather(-1, targets[s:e, None]).squeeze(-1)                         # [C]
-            m = z.amax(-1, keepdim=True)                                              # [C, 1]
-            d = z.sub_(m)                                                             # z - max, in place
-            ex = torch.exp(d, out=ebuf[:e - s]) if with_entropy else d.exp_()        # [C, V]
-            se = ex.sum(-1)                                                           # [C]
-            lse = m.squeeze(-1) + se.log()
-            logp[s:e] = zt - lse
-            lse_all[s:e] = lse
+            logp_full = _log_softmax(hidden[s:e], weight, temperature)                   # [C, V]
+            logp[s:e] = logp_full.gather(-1, targets[s:e, None]).squeeze(-1)
+            p = logp_full.exp() if with_entropy or fused else None                         # softmax [C, V]
             if with_entropy:
-                # H = lse - E_p[z] = log(se) - E_p[z - max]; row-wise dot products via bmm (no [C, V] temporary)
-                ed = torch.bmm(ex.unsqueeze(1), d.unsqueeze(2)).view(-1)
-                ent[s:e] = se.log() - ed / se
+                ent[s:e] = -_row_dot(p, logp_full)
             if not fused:
                 continue
             # the chunk's loss and its gradient w.r.t. logp [C] and H [C], through loss_fn's own autograd graph
@@ -114,17 +106,15 @@ class _TokenLogprobs(torch.autograd.Function):
             grads = torch.autograd.grad(chunk_loss, [lp] if en is None else [lp, en], allow_unused=True)
             g_lp = torch.zeros_like(lp) if grads[0] is None else grads[0]
             g_en = grads[1] if len(grads) > 1 else None   # None too when loss_fn does not use H
-            p = ex.div_(se[:, None])                                                  # softmax [C, V]
-            logp_full = d.sub_(se.log()[:, None]) if g_en is not None else None       # log softmax, over d
-            gz = _grad_logits(p, logp_full, ent[s:e] if g_en is not None else None, g_lp, g_en, targets[s:e],
-                              temperature)
+            gz = _grad_logits(p, logp_full if g_en is not None else None, ent[s:e] if g_en is not None else None,
+                              g_lp, g_en, targets[s:e], temperature)
             _head_grads(gz, hidden[s:e], weight, weight_t, g_hidden[s:e] if need_h else None, g_weight)
         ctx.fused, ctx.weight_dtype = fused, weight.dtype
         if fused:
             ctx.save_for_backward(g_hidden, g_weight)
             ctx.mark_non_differentiable(logp, *([ent] if with_entropy else []))
         else:
-            ctx.save_for_backward(hidden, weight, targets, lse_all, ent if with_entropy else lse_all)
+            ctx.save_for_backward(hidden, weight, targets, ent if with_entropy else logp)
             ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return logp, (ent if with_entropy else torch.empty(0, device=hidden.device)), loss
 
@@ -140,19 +130,16 @@ class _TokenLogprobs(torch.autograd.Function):
             gh = None if g_hidden is None else g_hidden.mul_(g_loss.to(g_hidden.dtype))
             gw = None if g_weight is None else g_weight.mul_(g_loss).to(ctx.weight_dtype)
             return gh, gw, None, None, None, None, None
-        hidden, weight, targets, lse_all, ent = ctx.saved_tensors
+        hidden, weight, targets, ent = ctx.saved_tensors
         T, n = ctx.temperature, hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_hidden, g_weight, weight_t = _grad_buffers(hidden, weight, need_h, need_w)
         with_ent = ctx.with_entropy and g_ent is not None
-        buf = torch.empty(min(ctx.chunk_size, n), weight.shape[0], dtype=_acc(hidden), device=hidden.device)
-        pbuf = torch.empty_like(buf) if with_ent else None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
-            logp_full = _scaled_logits(hidden[s:e], weight, T, buf).sub_(lse_all[s:e, None])   # [C, V], in place
-            p = torch.exp(logp_full, out=pbuf[:e - s]) if with_ent else logp_full.exp_()
-            gz = _grad_logits(p, logp_full if with_ent else None, ent[s:e] if with_ent else None, g_logp[s:e],
-                              g_ent[s:e] if with_ent else None, targets[s:e], T)
+            logp_full = _log_softmax(hidden[s:e], weight, T)                                # [C, V], recomputed
+            gz = _grad_logits(logp_full.exp(), logp_full if with_ent else None, ent[s:e] if with_ent else None,
+                              g_logp[s:e], g_ent[s:e] if with_ent else None, targets[s:e], T)
             _head_grads(gz, hidden[s:e], weight, weight_t, g_hidden[s:e] if need_h else None, g_weight)
         return g_hidden, (g_weight.to(weight.dtype) if need_w else None), None, None, None, None, None
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from minitir.attention import KERNEL_OPS, kvcache_attention, varlen_attention
-from minitir.ops import linear, mlp, norm_linears
+from minitir.attention import KERNEL_OPS, CachePlan, kvcache_attention, varlen_attention
+from minitir.ops import compute_dtype, linear, mlp, norm_linears
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -83,7 +83,7 @@ class RMSNorm(nn.Module):
         # statistics in float32, as the reference implementations do, whatever the activation dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight.to(x.dtype) * h.to(x.dtype)   # the weight in x's dtype, as the decode copy holds it
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -112,20 +112,22 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b and cfg.model_type == "llama")
 
-    def forward(self, x, norm, cos, sin, attend, selective=False):
+    def forward(self, x, norm, cos, sin, attend, selective=False, invariant=False):
         """norm(x) [..., T, hidden] -> attention output; attend(q, k, v) gets [..., T, heads, head_dim] after RoPE.
         selective (checkpointing): q/k/v are not stored: norm, projections and RoPE rerun in backward; the
-        attention kernel's output and logsumexp are kept, so the kernel itself runs once."""
-        if selective:
-            out = checkpoint(self._core, x, norm, cos, sin, attend, use_reentrant=False,
+        attention kernel's output and logsumexp are kept, so the kernel itself runs once. invariant: batch-
+        invariant products on CUDA too (ops._products); the block kernel keeps q/k/v itself (its recompute
+        under selective checkpointing is not replayable op for op), so its layer is not checkpointed."""
+        if selective and not invariant:
+            out = checkpoint(self._core, x, norm, cos, sin, attend, invariant, use_reentrant=False,
                              context_fn=lambda: create_selective_checkpoint_contexts(KERNEL_OPS))
         else:
-            out = self._core(x, norm, cos, sin, attend)
-        return linear(out, self.o_proj.weight, self.o_proj.bias)
+            out = self._core(x, norm, cos, sin, attend, invariant)
+        return linear(out, self.o_proj.weight, self.o_proj.bias, self.o_proj, invariant)
 
-    def _core(self, x, norm, cos, sin, attend):
+    def _core(self, x, norm, cos, sin, attend, invariant):
         shape = x.shape[:-1]
-        q, k, v = norm_linears(x, norm, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = norm_linears(x, norm, (self.q_proj, self.k_proj, self.v_proj), invariant)
         q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
         return attend(q, k, v.view(*shape, self.n_kv, self.head_dim)).reshape(*shape, -1)
@@ -139,9 +141,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
-    def forward(self, x, norm, selective=False):
+    def forward(self, x, norm, selective=False, invariant=False):
         """selective (checkpointing): gate/up are recomputed in backward instead of stored."""
-        return mlp(x, norm, self.gate_proj, self.up_proj, self.down_proj, recompute=selective)
+        return mlp(x, norm, self.gate_proj, self.up_proj, self.down_proj, selective, invariant)
 
 
 class Block(nn.Module):
@@ -152,9 +154,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend, selective=False):
-        x = x + self.self_attn(x, self.input_layernorm, cos, sin, attend, selective)
-        return x + self.mlp(x, self.post_attention_layernorm, selective)
+    def forward(self, x, cos, sin, attend, selective=False, invariant=False):
+        x = x + self.self_attn(x, self.input_layernorm, cos, sin, attend, selective, invariant)
+        return x + self.mlp(x, self.post_attention_layernorm, selective, invariant)
 
 
 class Decoder(nn.Module):
@@ -199,6 +201,11 @@ class Transformer(nn.Module):
         # and recomputes the rest in backward (the q/k/v and gate/up products) but never the o/down
         # products or the attention kernel; "full" stores only layer inputs and reruns each layer's forward
         self.checkpointing = "none"
+        # batch invariance: attention in the trainer's packed forward through the kernel decoding uses, and on
+        # CUDA every kernel batch invariant, so a sequence's logits are the same bits whichever path, batch or
+        # thread count computes them (the generator's log-probs then equal the trainer's); on CPUs the
+        # products and the cache's attention are batch invariant always (ops._products, attention.py)
+        self.batch_invariant = False
 
     @property
     def device(self):
@@ -221,15 +228,21 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    def _embed(self, ids):
+        """Token embeddings in the compute dtype: under autocast the residual stream is autocast's dtype, as in
+        the decode copy that generated the tokens (its weights are that dtype)."""
+        x = self.model.embed_tokens(ids)
+        return x.to(compute_dtype(x))
+
     def _layers(self, x, cos, sin, attend):
         if self.checkpointing not in ("none", "selective", "full"):
             raise ValueError(f"checkpointing must be 'none', 'selective' or 'full', not {self.checkpointing!r}")
         training = self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if training and self.checkpointing == "full":
-                x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attend, False, self.batch_invariant, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attend, training and self.checkpointing == "selective")
+                x = layer(x, cos, sin, attend, training and self.checkpointing == "selective", self.batch_invariant)
         return self.model.norm(x)
 
     def _rope(self, positions):
@@ -256,7 +269,7 @@ class Transformer(nn.Module):
             return o.transpose(1, 2)
 
         cos, sin = self._rope(positions)
-        return linear(self._layers(self.model.embed_tokens(input_ids), cos, sin, attend), self.lm_head.weight)
+        return linear(self._layers(self._embed(input_ids), cos, sin, attend), self.lm_head.weight, None, self.lm_head)
 
     # --- path 2: packed variable-length sequences -----------------------------------------------
     def hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -286,11 +299,11 @@ class Transformer(nn.Module):
         cos, sin = self._rope(positions)
 
         def attend(q, k, v):  # [N, H, D]
-            if keys is None:
-                return varlen_attention(q, k, v, cu, max_len, causal=True)
-            return varlen_attention(q, k[keys], v[keys], cu, max_len, causal=True, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+            if keys is not None:   # index_select: its gradient adds up in index order (k[keys]'s, by thread)
+                k, v = k.index_select(0, keys), v.index_select(0, keys)
+            return varlen_attention(q, k, v, cu, max_len, True, cu_k, max_k, invariant=self.batch_invariant)
 
-        return self._layers(self.model.embed_tokens(input_ids), cos, sin, attend)
+        return self._layers(self._embed(input_ids), cos, sin, attend)
 
     # --- path 3: KV-cached decoding and chunked prefill -----------------------------------------
     @torch.no_grad()
@@ -314,17 +327,16 @@ class Transformer(nn.Module):
                              f"but the cache holds {cache.max_len}")
         positions = start[:, None].long() + torch.arange(T, device=input_ids.device)
         cos, sin = self._rope(positions)
-        x = self.model.embed_tokens(input_ids)
+        x, plan, inv = self._embed(input_ids), CachePlan(start, rows, T), self.batch_invariant   # plan: every layer's
         for i, layer in enumerate(self.model.layers):
             def attend(q, k, v, i=i):  # [B, T, H, D]
-                return kvcache_attention(q, cache.k[i], cache.v[i], k, v, start, rows)
-            x = layer(x, cos, sin, attend)
+                return kvcache_attention(q, cache.k[i], cache.v[i], k, v, plan, inv)
+            x = layer(x, cos, sin, attend, False, inv)
         x = self.model.norm(x)
         cache.seqlens[rows] = start + n_new
-        if all_logits:
-            return linear(x, self.lm_head.weight)
-        last = (n_new.long() - 1).clamp(min=0)
-        return linear(x[torch.arange(B, device=x.device), last], self.lm_head.weight)
+        if not all_logits:
+            x = x[torch.arange(B, device=x.device), (n_new.long() - 1).clamp(min=0)]
+        return linear(x, self.lm_head.weight, None, self.lm_head, inv)
 
 
 def init_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:

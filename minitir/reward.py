@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,8 +144,17 @@ def _compare(pred: str, gold: str, timeout_s: int) -> bool:
         return False
 
 
+def _timed_compare(pred: str, gold: str, timeout_s: int) -> tuple[bool, bool]:
+    """-> (the verdict, whether the check ran for its whole time limit: where math-verify's wall-clock
+    timeout decides, so a rerun may see another verdict)."""
+    t = time.monotonic()
+    verdict = _compare(pred, gold, timeout_s)
+    return verdict, time.monotonic() - t >= timeout_s
+
+
 def _worker_main(timeout_s: int):
-    """The worker process: one JSON line in (a list of [pred, gold]), one JSON line out (a list of bools)."""
+    """The worker process: one JSON line in (a list of [pred, gold]), one JSON line out ([verdicts, number of
+    checks that ran into the time limit])."""
     import logging
     logging.disable(logging.WARNING)  # math-verify logs every timeout
     out = sys.stdout
@@ -158,7 +168,8 @@ def _worker_main(timeout_s: int):
         _compare(p, g, timeout_s)  # fill lazy imports and caches before the first real check
     for line in sys.stdin:
         pairs = json.loads(line)
-        out.write(json.dumps([_compare(p, g, timeout_s) for p, g in pairs]) + "\n")
+        checks = [_timed_compare(p, g, timeout_s) for p, g in pairs]
+        out.write(json.dumps([[v for v, _ in checks], sum(t for _, t in checks)]) + "\n")
         out.flush()
 
 
@@ -174,7 +185,8 @@ class _Worker:
         self.log = tempfile.TemporaryFile()   # its stderr, read back if it fails to start
         self.proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "--worker", str(timeout_s)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, encoding="utf-8", start_new_session=True)
+                                     text=True, encoding="utf-8", start_new_session=True,
+                                     env={**os.environ, "PYTHONHASHSEED": "0"})   # one hash seed in every worker
         self.ready = False
 
     def wait_ready(self, limit_s: float = 120.0):
@@ -193,8 +205,9 @@ class _Worker:
                              f"(pip install -r requirements.txt)")
         self.ready = True
 
-    def ask(self, pairs: list[tuple[str, str]], limit_s: float) -> list[bool] | None:
-        """The worker's answers, or None when it died or ran past limit_s (it is then killed)."""
+    def ask(self, pairs: list[tuple[str, str]], limit_s: float) -> tuple[list[bool], int] | None:
+        """The worker's answers and how many ran into the time limit, or None when it died or ran past limit_s
+        (it is then killed)."""
         try:
             self.proc.stdin.write(json.dumps(pairs) + "\n")
             self.proc.stdin.flush()
@@ -205,7 +218,8 @@ class _Worker:
             out = json.loads(line) if line else None
         except ValueError:
             out = None
-        return out if isinstance(out, list) and len(out) == len(pairs) else None
+        ok = isinstance(out, list) and len(out) == 2 and isinstance(out[0], list) and len(out[0]) == len(pairs)
+        return (out[0], int(out[1])) if ok else None
 
     def kill(self):
         if self.proc.poll() is None:
@@ -238,6 +252,8 @@ class Grader:
         self.timeout_s = max(1, int(round(timeout_s)))
         self._idle: queue.Queue = queue.Queue()
         self.errors = 0                    # checks given up on (reported as None / GradeError)
+        self.timeouts = 0                  # checks that ran into math-verify's wall-clock limit (counted as False)
+        self._count = threading.Lock()
         started = [_Worker(self.timeout_s) for _ in range(workers)]  # they start in parallel
         for w in started:
             try:
@@ -277,7 +293,9 @@ class Grader:
                 self._idle.put(w)
             return None
         self._idle.put(w)
-        return out
+        with self._count:
+            self.timeouts += out[1]
+        return out[0]
 
     def math_equal(self, pred: str | None, gold: str) -> bool:
         """Raises GradeError when the check could not be made."""

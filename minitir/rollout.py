@@ -130,14 +130,15 @@ def sample_row(s: Sample) -> dict:
     c = s.completion
     return {"reward": s.reward, "correct": s.correct, "graded": s.graded, "format_ok": s.format_ok,
             "calls": c.num_tool_calls, "errors": c.num_tool_errors, "tool_failed": c.num_tool_failures > 0,
+            "timeouts": c.num_tool_timeouts,
             "policy_len": sum(c.policy_mask),
             "len": len(c.tokens), "truncated": c.finish_reason == "length"}
 
 
 def rollout_metrics(rows: list[dict]) -> dict:
     """The quantities whose growth with training the paper reports. Accuracy is over the graded responses;
-    the others are counted: tool_failures (the sandbox failed under a code block) and grade_errors (the
-    grader could not check the answer)."""
+    the others are counted: tool_failures (the sandbox failed under a code block), tool_timeouts (code that
+    ran into its time limit) and grade_errors (the grader could not check the answer)."""
     n = max(len(rows), 1)
     graded = [r for r in rows if r["graded"]]
     calls = sum(r["calls"] for r in rows)
@@ -145,6 +146,7 @@ def rollout_metrics(rows: list[dict]) -> dict:
         "reward": sum(r["reward"] for r in graded) / max(len(graded), 1),
         "accuracy": sum(r["correct"] for r in graded) / max(len(graded), 1),
         "tool_failures": sum(r["tool_failed"] for r in rows),
+        "tool_timeouts": sum(r["timeouts"] for r in rows),   # wall-clock limits: where a rerun may differ
         "grade_errors": sum(not r["graded"] and not r["tool_failed"] for r in rows),
         "code_ratio": sum(r["calls"] > 0 for r in rows) / n,
         "tool_calls_per_response": calls / n,

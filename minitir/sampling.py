@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from minitir.ops import log_softmax
+
 
 def sample(logits: torch.Tensor, generators: list, temperature: float, top_k: int = 0,
            top_p: float = 1.0) -> tuple[list[int], list[float]]:
@@ -14,8 +16,7 @@ def sample(logits: torch.Tensor, generators: list, temperature: float, top_k: in
     renormalised when either truncates. Without truncation this is the policy's own softmax(logits / T),
     which the trainer recomputes; with it, a kept token's sampling probability is higher than the
     policy's. Greedy: log p under softmax(logits) (evaluation only; the choice itself is certain)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)         # [B, V]
+    logp = log_softmax(logits, temperature if temperature > 0 else 1.0)                          # [B, V]
     if temperature <= 0:
         ids = logits.argmax(-1)
     else:

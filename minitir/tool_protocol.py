@@ -1,7 +1,9 @@
-"""The ZeroTIR tool protocol, in one place: detect a closed ```python block in what a sequence just wrote,
-run its code on a thread pool while the other sequences keep decoding, and splice the result back as an
-```output block whose tokens are prefilled into the same cache row (the engine resumes from there: nothing
-before it is recomputed). Tool tokens carry policy_mask 0 and log-prob 0.
+"""The ZeroTIR tool protocol, in one place: find a closed ```python block in what a sequence just wrote,
+run its code on a thread pool while the other sequences keep decoding, and turn the result into an
+```output block's tokens, which the engine prefills into the same cache row (it resumes from there: nothing
+before it is recomputed). Tool tokens carry policy_mask 0 and log-prob 0. The protocol returns code, futures
+and tokens; the engine alone changes its sequences, and takes a result back at a step fixed by when the block
+closed (generate.py), so which rows decode together never depends on how fast the code ran.
 
 The block's layout and the overflow rule are the paper's (math_tir_process_single_request.py):
 "\\n```output\\n" + result + "\\n```\\n\\n\\n", and a block over the token limit replaced by a fixed message.
@@ -9,7 +11,7 @@ The block's layout and the overflow rule are the paper's (math_tir_process_singl
 from __future__ import annotations
 
 import re
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
@@ -22,6 +24,7 @@ class ToolOutput:
     text: str
     error: bool = False    # the code failed (its error is what the model sees)
     failed: bool = False   # the tool itself failed (a sandbox that could not run the code, a tool that raised)
+    timeout: bool = False  # the code ran into its wall-clock limit: where a rerun may see another result
 
 
 def to_tool_output(r) -> ToolOutput:
@@ -34,7 +37,7 @@ def to_tool_output(r) -> ToolOutput:
     if isinstance(r, str):
         return ToolOutput(r)
     failed = bool(getattr(r, "failed", False))
-    return ToolOutput(r.text, bool(getattr(r, "error", False)) or failed, failed)
+    return ToolOutput(r.text, bool(getattr(r, "error", False)) or failed, failed, getattr(r, "status", "") == "timeout")
 
 
 class ToolProtocol:
@@ -43,42 +46,32 @@ class ToolProtocol:
         self.run = tool.run if hasattr(tool, "run") else tool
         self.pool = ThreadPoolExecutor(cfg.tool_workers)
 
-    def watch(self, s, tail: str) -> bool:
-        """After a sampled token: if the text since the last tool output closes a ```python block, submit its
-        code and park the sequence. tail: the decoded end of the sequence (the engine decodes it anyway)."""
-        if s.tool_calls >= self.cfg.max_tool_calls or "```" not in tail:
-            return False
-        blocks = list(CODE_BLOCK.finditer(self.tok.decode(s.tokens[s.segment_start:])))
-        if not blocks:
-            return False
-        s.tool_calls += 1
-        s.future = self.pool.submit(self.run, blocks[-1].group(1))
-        s.segment_start = len(s.tokens)   # this block is handled; the next segment starts after it
-        return True
+    def code(self, segment: list[int], tail: str) -> str | None:
+        """The code of the last ```python block closed in `segment` (the tokens since the last output block),
+        or None. tail: the decoded end of the sequence (the engine decodes it anyway), a cheap first check."""
+        if "```" not in tail:
+            return None
+        blocks = CODE_BLOCK.findall(self.tok.decode(segment))
+        return blocks[-1] if blocks else None
 
-    def finished(self, parked: list, block: bool) -> list:
-        """-> [(sequence, ToolOutput)] for the parked sequences whose code has run; with block, waits for at
-        least one (when nothing else could make progress). A tool that raised is a failed tool call."""
-        if block and parked:
-            wait([s.future for s in parked], return_when=FIRST_COMPLETED)
-        done = []
-        for s in parked:
-            if s.future.done():
-                try:
-                    out = to_tool_output(s.future.result())
-                except Exception as e:  # a broken tool must not take the batch down
-                    out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True, failed=True)
-                s.future = None
-                done.append((s, out))
-        return done
+    def submit(self, code: str) -> Future:
+        return self.pool.submit(self.run, code)
 
-    def output_tokens(self, s, out: ToolOutput, room: int) -> list[int]:
-        """The output block's tokens (the leading newline only when the model's text does not end with one).
-        A block over max_tool_output_tokens is replaced by the paper's message (tool_output_overflow="replace")
+    @staticmethod
+    def result(future: Future) -> ToolOutput:
+        """The run's output, waiting for it if need be; a tool that raised is a failed tool call."""
+        try:
+            return to_tool_output(future.result())
+        except Exception as e:  # a broken tool must not take the batch down
+            return ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True, failed=True)
+
+    def output_tokens(self, last: list[int], out: ToolOutput, room: int) -> list[int]:
+        """The output block's tokens (the leading newline only when the model's last token `last` does not end
+        with one). A block over max_tool_output_tokens is replaced by the paper's message (tool_output_overflow="replace")
         or cut ("truncate"); then the block is cut to the `room` left in the response."""
         c = self.cfg
         enc = lambda x: self.tok.encode(x, add_special_tokens=False)
-        head = ("" if self.tok.decode(s.tokens[-1:]).endswith("\n") else "\n") + "```output\n"
+        head = ("" if self.tok.decode(last).endswith("\n") else "\n") + "```output\n"
         toks = enc(head + out.text.rstrip("\n") + OUTPUT_TAIL)
         if len(toks) > c.max_tool_output_tokens:
             if c.tool_output_overflow == "replace":

@@ -12,6 +12,7 @@ weights are normalised over the global mini-batch, and distributed.py keeps the 
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -34,7 +35,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, problems: list[Problem] | None = None,
                  eval_problems: list[Problem] | None = None, tool=None, reward_fn=None, resume: str = ""):
         self.cfg = cfg
+        if cfg.batch_invariant:   # CUDA: cuBLAS without split-K workspaces (set before its first handle)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dist, self.device = distributed.init(cfg.device)   # under torchrun: this process's rank and device
+        if cfg.batch_invariant and self.device.type == "cuda":   # and deterministic kernels where torch has them
+            torch.use_deterministic_algorithms(True, warn_only=True)
         validate(cfg, self.device)
         torch.manual_seed(cfg.seed)
         self.template, self.step, self.carry, self.shown = get_template(cfg.prompt), 0, [], ""
@@ -70,6 +75,7 @@ class Trainer:
         """rollouts -> rewards -> advantages -> update -> metrics, one optimizer step per mini-batch."""
         cfg, d = self.cfg, self.dist
         clock, tools_before = {"generate": 0.0, "grade": 0.0, "train": 0.0}, self.tool.seconds if self.tool else 0.0
+        grade_timeouts = self.grader.timeouts
         batch, sampled, stats = self.collect(clock)                   # graded, baselined, filtered, carried in
         m = {"step": self.step + 1, **stats, **rollout_metrics(sum(d.gather([sample_row(s) for s in sampled]), []))}
         if self.step == 0:   # once per run: training problems skipped for their prompt's length
@@ -87,6 +93,7 @@ class Trainer:
         m["tokens_per_s"] = d.sum(sum(len(s.completion.tokens) for s in sampled)) / max(d.max(clock["generate"]), 1e-9)
         if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
             m.update(self.evaluate())
+        m["grade_timeouts"] = self.grader.timeouts - grade_timeouts   # math-verify's wall-clock limit, this step
         self.log.metrics(m)
         self.shown = self.log.samples(sampled, self.step, cfg.log_samples) or self.shown
         if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:

@@ -1,6 +1,7 @@
-"""The flash-attn call sites: the PyTorch stand-ins take flash-attn's exact signatures and match a naive
-attention loop, including bottom-right causal alignment and in-place cache updates. On a machine with CUDA
-and flash-attn the same checks run on flash-attn's kernels too (bfloat16, looser tolerance)."""
+"""The attention kernels behind the two call sites match a naive attention loop, including bottom-right causal
+alignment and in-place cache updates: the batch-invariant block kernel (every CPU path), the PyTorch stand-ins
+with flash-attn's and torch varlen_attn's exact signatures, and on a machine with CUDA (and flash-attn) the
+same checks on the GPU kernels (bfloat16, looser tolerance)."""
 import inspect
 import math
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from minitir import attention
-from minitir.attention import (kvcache_attention_paged, kvcache_attention_torch, varlen_attention_torch,
-                               varlen_attn_torch)
+from minitir.attention import (CachePlan, kvcache_attention_blocks, kvcache_attention_paged, varlen_attention_blocks,
+                               varlen_attention_torch, varlen_attn_torch)
 
 # parameter names of flash-attn 2.x's Python API, in order (flash_attn/flash_attn_interface.py)
 FLASH_VARLEN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
@@ -21,7 +22,7 @@ FLASH_KVCACHE_PARAMS = ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rota
 
 FLASH = attention._flash_kvcache is not None and torch.cuda.is_available()
 TORCH_VARLEN = attention._torch_varlen is not None and attention.TORCH_VARLEN_PAGED and torch.cuda.is_available()
-IMPLS = ["torch", "paged",
+IMPLS = ["blocks", "torch", "paged",
          pytest.param("flash", marks=pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn")),
          pytest.param("torch-varlen", marks=pytest.mark.skipif(not TORCH_VARLEN, reason="needs CUDA and torch's "
                                                                  "varlen_attn with seqused_k/block_table"))]
@@ -39,10 +40,25 @@ def through_varlen(fn):
     return varlen, kvcache
 
 
+def blocks_varlen(q, k, v, cq, ck, mq, mk, causal):
+    """The batch-invariant kernel is causal only: the non-causal case goes to SDPA, as varlen_attention does."""
+    if causal:
+        return varlen_attention_blocks(q, k, v, cq.tolist(), ck.tolist())
+    return varlen_attention_torch(q, k, v, cq, ck, mq, mk, causal=False)
+
+
+def blocks_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, causal):
+    """flash_attn_with_kvcache's call as the block kernel serves it."""
+    assert causal
+    return kvcache_attention_blocks(q, k_cache, v_cache, k, v, CachePlan(cache_seqlens, cache_batch_idx, q.shape[1]))
+
+
 def impl_of(name):
     """-> (varlen kernel, kvcache kernel, device, dtype, tolerance against the float32 naive loop)."""
+    if name == "blocks":
+        return blocks_varlen, blocks_kvcache, "cpu", torch.float32, 1e-5
     if name == "torch":
-        return varlen_attention_torch, kvcache_attention_torch, "cpu", torch.float32, 1e-5
+        return varlen_attention_torch, blocks_kvcache, "cpu", torch.float32, 1e-5
     if name == "paged":   # the stand-in of torch's varlen_attn behind the torch-varlen call sites
         return (*through_varlen(varlen_attn_torch), "cpu", torch.float32, 1e-5)
     if name == "torch-varlen":
@@ -68,7 +84,6 @@ def naive(q, k, v, causal):
 
 def test_signatures_match_flash_attn_and_torch():
     assert list(inspect.signature(varlen_attention_torch).parameters) == FLASH_VARLEN_PARAMS
-    assert list(inspect.signature(kvcache_attention_torch).parameters) == FLASH_KVCACHE_PARAMS
     try:   # torch's varlen_attn, whose conventions the stand-in follows (minitir imports it only with a GPU)
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:   # pragma: no cover - older torch
@@ -132,12 +147,14 @@ def test_kvcache_updates_in_place_and_matches_naive(rows, lens, T, impl):
     assert torch.equal(k_cache[others], before_k[others])             # other rows untouched
 
 
-def test_split_pads_at_most_split_padding():
-    """Hand-computed: a run ends where padding its rows to a common length would cost more than 256 keys."""
-    assert attention._split([10, 10, 10, 10]) == [(0, 4)]
-    assert attention._split([0] * 8 + [63] * 8) == [(0, 8), (8, 16)]        # 8 x 63 = 504 padded keys: split
-    assert attention._split([0] * 4 + [63] * 4) == [(0, 8)]                 # 4 x 63 = 252: one call
-    assert attention._split([100, 300, 100]) == [(0, 2), (2, 3)]            # 200 padded, then 400
+def test_split_pads_at_most_split_padding(monkeypatch):
+    """Hand-computed: a run ends where padding its rows to a common length would cost more than SPLIT_PADDING
+    (row, key) pairs (256 here)."""
+    monkeypatch.setattr(attention, "SPLIT_PADDING", 256)
+    assert attention.split_rows([10, 10, 10, 10]) == [(0, 4)]
+    assert attention.split_rows([0] * 8 + [63] * 8) == [(0, 8), (8, 16)]        # 8 x 63 = 504 padded keys: split
+    assert attention.split_rows([0] * 4 + [63] * 4) == [(0, 8)]                 # 4 x 63 = 252: one call
+    assert attention.split_rows([100, 300, 100]) == [(0, 2), (2, 3)]            # 200 padded, then 400
 
 
 @pytest.mark.parametrize("split", [0, 10 ** 9])   # every length change splits / one padded call
@@ -151,14 +168,35 @@ def test_kvcache_split_into_calls_matches_naive(monkeypatch, split, T):
     k_cache, v_cache = (torch.randn(7, 16, 2, 8, generator=g) for _ in range(2))
     q = torch.randn(len(rows), T, 4, 8, generator=g)
     k, v = (torch.randn(len(rows), T, 2, 8, generator=g) for _ in range(2))
-    plan_calls = len(attention._split(lens))
-    assert plan_calls == (1 if split else 4)
-    out = kvcache_attention_torch(q, k_cache, v_cache, k=k, v=v, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
-                                  cache_batch_idx=torch.tensor(rows, dtype=torch.int32), causal=True)
+    plan = CachePlan(torch.tensor(lens, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), T)
+    assert len(plan.runs()[2]) == (1 if split else 4)
+    out = kvcache_attention_blocks(q, k_cache, v_cache, k, v, plan)
     for b, (r, s) in enumerate(zip(rows, lens)):
         assert torch.equal(k_cache[r, s:s + T], k[b]) and torch.equal(v_cache[r, s:s + T], v[b])
         ref = naive(q[b], k_cache[r, :s + T], v_cache[r, :s + T], causal=True)
         assert (out[b] - ref).abs().max() < 1e-5
+
+
+def test_block_kernels_gradient_is_the_attention_gradient():
+    """The trainer's batch-invariant forward carries the textbook gradient: as SDPA's to float rounding, for
+    packed sequences with more keys than queries (a continued prompt), one-query sequences and GQA."""
+    g = torch.Generator().manual_seed(0)
+    lq = [40, 1, 33, 200, 7]
+    lk = [n + 17 * (i % 2) for i, n in enumerate(lq)]
+    cq, ck = ([0] + torch.tensor(x).cumsum(0).tolist() for x in (lq, lk))
+    leaves = [torch.randn(sum(n), h, 16, generator=g).requires_grad_() for n, h in ((lq, 4), (lk, 2), (lk, 2))]
+    grad = torch.randn(sum(lq), 4, 16, generator=g)
+    got, want = [], []
+    for out, run in ((got, lambda q, k, v: varlen_attention_blocks(q, k, v, cq, ck)),
+                     (want, lambda q, k, v: varlen_attention_torch(q, k, v, torch.tensor(cq, dtype=torch.int32),
+                                                                   torch.tensor(ck, dtype=torch.int32), max(lq),
+                                                                   max(lk), causal=True))):
+        for t in leaves:
+            t.grad = None
+        run(*leaves).backward(grad)
+        out += [t.grad.clone() for t in leaves]
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-5
 
 
 def test_call_sites_dispatch_to_flash_functions(monkeypatch):
@@ -174,10 +212,10 @@ def test_call_sites_dispatch_to_flash_functions(monkeypatch):
         assert a[3].dtype == torch.int32 and a[4].dtype == torch.int32
         return varlen_attention_torch(*a, **kw)
 
-    def fake_kv(*a, **kw):
+    def fake_kv(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, causal):
         calls["kv"] += 1
-        assert kw["cache_seqlens"].dtype == torch.int32 and kw["cache_batch_idx"].dtype == torch.int32
-        return kvcache_attention_torch(*a, **kw)
+        assert cache_seqlens.dtype == torch.int32 and cache_batch_idx.dtype == torch.int32
+        return blocks_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, causal)
 
     with tempfile.TemporaryDirectory() as d:
         make_hf_model("qwen2-gqa-untied").save_pretrained(d)

@@ -1,4 +1,4 @@
-import threading
+import random
 import time
 from types import SimpleNamespace
 
@@ -277,10 +277,11 @@ class ScriptedModel:
         self.scripts, self.k, self.script_of = scripts, {}, {}
         self.config = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=1, eos_token_id=eos,
                                       vocab_size=49152)
-        self.dtype, self.device, self.steps = torch.float32, torch.device("cpu"), 0
+        self.dtype, self.device, self.steps, self.calls = torch.float32, torch.device("cpu"), 0, []
 
     def forward_cached(self, ids, cache, rows, n_new=None, all_logits=False):
         n = n_new.tolist() if n_new is not None else [ids.shape[1]] * ids.shape[0]
+        self.calls.append((tuple(rows.tolist()), max(n)))
         out = torch.zeros(ids.shape[0], self.config.vocab_size)
         for b, r in enumerate(rows.tolist()):
             if int(cache.seqlens[r]) == 0 and (ids[b, :n[b]] == ids[b, 0]).all():  # a new prompt (not a re-prefill)
@@ -323,25 +324,42 @@ def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
     assert sum(1 - mk for mk in a.policy_mask) <= 2 * 22
 
 
-def test_slow_tool_does_not_block_other_sequences(tok):
-    scripts = {1: enc(tok, "```python\nslow()\n```\nok"), 2: enc(tok, " word" * 60)}
+def _schedule(tok, tool, lag=4):
+    """Generate 4 rows, 3 with code blocks, through a ScriptedModel: -> (completions, the rows of every forward
+    call, in order)."""
+    code = "```python\nprint(1)\n```\n"
+    scripts = {1: enc(tok, "a" + code + "b" * 3), 2: enc(tok, " word" * 12), 3: enc(tok, code + "c" + code + "d"),
+               4: enc(tok, "e e" + code)}
     model = ScriptedModel(scripts, tok.eos_token_id)
-    progressed = threading.Event()
+    outs = generate(model, tok, [[1], [2], [3], [4]], max_new_tokens=60, temperature=0, tool=tool, max_tool_calls=2,
+                    tool_lag=lag)
+    return outs, model.calls
 
-    def tool(code):
-        start = model.steps
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if model.steps >= start + 25:  # the other sequence kept decoding meanwhile
-                progressed.set()
-                break
-            time.sleep(0.001)
-        return ToolOutput("done")
 
-    outs = generate(model, tok, [[1], [2]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1)
-    assert progressed.is_set()
-    assert outs[0].num_tool_calls == 1 and outs[0].text.endswith("ok<|im_end|>")
-    assert outs[1].finish_reason == "stop"
+def test_tool_results_rejoin_at_a_fixed_tick_however_long_the_code_runs(tok):
+    """The schedule (which rows each forward pass holds) is a function of the tokens alone: an instant tool,
+    one that sleeps a random time, and one slower than the whole generation give the same forward passes."""
+    rng = random.Random(0)
+    fast, fast_calls = _schedule(tok, lambda c: ToolOutput("1"))
+    for sleep in (lambda: rng.uniform(0, 0.03), lambda: 0.2):
+        outs, calls = _schedule(tok, lambda c: (time.sleep(sleep()), ToolOutput("1"))[1])
+        assert calls == fast_calls
+        assert [o.tokens for o in outs] == [o.tokens for o in fast]
+
+
+def test_other_rows_decode_tool_lag_tokens_while_code_runs_then_the_engine_waits(tok):
+    """Row 0's block closes at some forward pass; the next tool_lag passes decode row 1 alone (while the slow
+    code runs), and the pass after them prefills row 0's output block: the engine waited for it there."""
+    scripts = {1: enc(tok, "a```python\nprint(1)\n```\nb"), 2: enc(tok, " word" * 30)}
+    for lag in (1, 4):
+        model = ScriptedModel(scripts, tok.eos_token_id)
+        generate(model, tok, [[1], [2]], max_new_tokens=60, temperature=0, max_tool_calls=1, tool_lag=lag,
+                 tool=lambda c: (time.sleep(0.05), ToolOutput("1"))[1])
+        rows = [r for r, _ in model.calls]
+        closed = rows.index((1,)) - 1          # the last pass holding row 0 before its code runs
+        assert rows[closed] == (0, 1)
+        assert rows[closed + 1:closed + 1 + lag] == [(1,)] * lag
+        assert rows[closed + 1 + lag] == (0,) and model.calls[closed + 1 + lag][1] > 1
 
 
 def test_failing_tool_is_reported_not_raised(tok):
@@ -423,7 +441,7 @@ def test_decode_graph_buffers_pad_batches_into_a_scratch_row(tmp_path, tok, monk
     prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4], [3] * 9]
     kw = dict(max_new_tokens=15, temperature=0.8, seed=1, max_batch=5, prefill_tokens=8, ignore_eos=True)
     plain = generate(m, tok, prompts, **kw)
-    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+    monkeypatch.setattr(G, "_graphs_supported", lambda model, device, dtype: True)
     steps, call = [], G.DecodeGraphs.__call__
 
     def spy(self, ids, rows):
@@ -473,7 +491,7 @@ def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_
     frees them. Off CUDA the graphs run their buffers eagerly, so the reuse is checked, not the capture."""
     import minitir.generate as G
     _, m = tiny("llama-gqa-tied", tmp_path)
-    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+    monkeypatch.setattr(G, "_graphs_supported", lambda model, device, dtype: True)
     prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4]]
     calls = [dict(max_new_tokens=12, temperature=0.8, seed=1, max_batch=4),
              dict(max_new_tokens=6, temperature=0.0, max_batch=4),
@@ -494,12 +512,13 @@ def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_
     engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=4, cuda_graphs=False))
     assert not replays and engine.captures == 1                  # graphs kept, not used when a call says no
     longest = max(map(len, prompts))
-    longer = G.GenerationConfig(max_new_tokens=30, temperature=0.8, seed=3, max_batch=2)   # past the cache's length
+    longer = G.GenerationConfig(max_new_tokens=60, temperature=0.8, seed=3, max_batch=2)   # past the cache's length
     out = engine.generate(prompts, longer)
-    assert engine.captures == 2 and engine.cache.max_len == longest + 30 and engine.rows == 4   # grown, rows kept
+    grown = attention.cache_length(longest + 60, torch.empty(0))                              # whole key blocks
+    assert engine.captures == 2 and engine.cache.max_len == grown == 128 and engine.rows == 4   # grown, rows kept
     assert [o.tokens for o in out] == [o.tokens for o in G.Engine(m, tok).generate(prompts, longer)]
     engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=6))   # more rows than the cache has
-    assert engine.captures == 3 and engine.rows == 6 and engine.cache.max_len == longest + 30
+    assert engine.captures == 3 and engine.rows == 6 and engine.cache.max_len == grown
     engine.release()
     assert engine.cache is None and engine.graphs is None
 
@@ -508,7 +527,7 @@ def test_a_failed_capture_of_any_kind_falls_back_once_with_a_warning(tmp_path, t
     import minitir.generate as G
     _, m = tiny("llama-gqa-tied", tmp_path)
     want = generate(m, tok, PROMPTS, max_new_tokens=8, temperature=0)
-    monkeypatch.setattr(G, "_graphs_supported", lambda device, dtype: True)
+    monkeypatch.setattr(G, "_graphs_supported", lambda model, device, dtype: True)
 
     def broken(self, *a, **kw):
         raise ValueError("no capture here")
@@ -602,3 +621,19 @@ def test_cuda_graph_decode_on_gpu(tmp_path, monkeypatch):
             logp = torch.log_softmax(m(torch.tensor([seq], device="cuda"))[0].float() / 0.8, -1)
         for i, (t, lp) in enumerate(zip(o.tokens, o.logprobs)):
             assert abs(lp - float(logp[len(p) + i - 1, t])) <= 0.1, (p, i)
+
+
+@pytest.mark.skipif(not __import__("minitir.ops", fromlist=["_BF16"])._BF16, reason="no native bfloat16 products")
+def test_a_model_converted_between_generations_decodes_with_its_new_weights(tmp_path, tok):
+    """model.to(dtype) keeps the parameters' identity but gives them new data: the packed weights kept on the
+    modules follow (a stale float32 packing served to a bfloat16 model failed in oneDNN), both ways."""
+    import copy
+    _, m = tiny("llama-gqa-tied", tmp_path)
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=4)
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        generate(m, tok, PROMPTS, **kw)                     # packs the weights as they are now
+        m.to(dtype)
+        got = generate(m, tok, PROMPTS, **kw)
+        want = generate(copy.deepcopy(m), tok, PROMPTS, **kw)   # a fresh copy: no packing kept
+        assert [o.tokens for o in got] == [o.tokens for o in want]
+        assert [o.logprobs for o in got] == [o.logprobs for o in want]

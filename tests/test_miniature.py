@@ -131,11 +131,11 @@ def test_pretraining_learns_the_corpus():
 
 def test_tool_use_emerges_in_miniature(tmp_path):
     """What `python train.py` runs (configs/miniature.json, the shipped base model that can but rarely does
-    use code), 18 steps: under the paper's prompt and strict 0/1 reward, code use, accuracy and response
+    use code), 22 steps: under the paper's prompt and strict 0/1 reward, code use, accuracy and response
     length on the training batches rise together."""
     import train
     t0 = time.time()
-    cfg, _ = train.parse(["--steps", "18", "--eval-size", "0", "--run-dir", str(tmp_path), "--run-name", "mini",
+    cfg, _ = train.parse(["--steps", "22", "--eval-size", "0", "--run-dir", str(tmp_path), "--run-name", "mini",
                           "--no-tensorboard", "--save-every", "0", "--log-samples", "2"])
     t = Trainer(cfg)
     try:

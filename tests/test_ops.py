@@ -34,30 +34,70 @@ def test_linear_values_and_gradients_equal_f_linear(monkeypatch, onednn, bias):
         assert (ops.linear(x, w, b) - y_ref).abs().max() < 1e-5
 
 
-def test_packed_weights_group_products_and_follow_in_place_updates():
+def test_packed_weights_group_products_live_on_their_module_and_follow_every_change():
+    """Decoding's products (no autograd, few rows, an owner) use weights packed once and kept on the owning
+    module; an in-place update, a new dtype either way or new data packs again (never a stale copy)."""
     lins = [torch.nn.Linear(24, n, bias=True) for n in (16, 8, 8)]  # q/k/v-like: one input, three outputs
     x = torch.randn(4, 24)
-    with torch.no_grad(), ops.packed_weights():
-        ys = ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
+
+    def check(dtype=torch.float32, tol=1e-5):
+        with torch.no_grad():
+            ys = ops._products(x.to(dtype), [m.weight for m in lins], [m.bias for m in lins], owner=lins[0])
         for y, m in zip(ys, lins):
-            assert (y - F.linear(x, m.weight, m.bias)).abs().max() < 1e-5
-        lins[1].weight.mul_(2.0)  # an optimizer step inside the block must not leave a stale packed copy
+            assert y.dtype == dtype and (y.float() - F.linear(x, m.weight.float(), m.bias.float())).abs().max() < tol
+        return lins[0].__dict__.get("_onednn_packed")
+
+    first = check()
+    assert (first is not None) == ops._ONEDNN
+    assert check() is first                                   # kept for the next call
+    with torch.no_grad():
+        lins[1].weight.mul_(2.0)   # an optimizer step between calls
         lins[2].bias.add_(1.0)
-        ys = ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
-        for y, m in zip(ys, lins):
-            assert (y - F.linear(x, m.weight, m.bias)).abs().max() < 1e-5
-        if ops._ONEDNN:
-            assert id(lins[0].weight) in ops._PACKED   # re-packed in place of the stale entry, not beside it
-            before = len(ops._PACKED)
-    if ops._ONEDNN:   # the copies stay for the next block while the weights live, and go with them
-        with torch.no_grad(), ops.packed_weights():
-            ops._products(x, [m.weight for m in lins], [m.bias for m in lins])
-        assert len(ops._PACKED) == before
-        key = id(lins[0].weight)
-        del lins, m
-        import gc
-        gc.collect()
-        assert key not in ops._PACKED
+    assert check() is not first or not ops._ONEDNN
+    if ops._BF16:
+        for m in lins:
+            m.to(torch.bfloat16)   # the parameters keep their identity; their data and dtype change
+        assert check(torch.bfloat16, 0.1).weight.dtype == torch.bfloat16
+        for m in lins:
+            m.to(torch.float32)
+        assert check().weight.dtype == torch.float32
+    with torch.no_grad():
+        lins[0].weight.data = torch.randn(16, 24)   # new storage
+    check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_product_is_the_same_bits_whatever_shares_it(dtype):
+    """Batch invariance of every product path (packed, unpacked, under autocast from float32 weights): the
+    first rows' results do not change with the number of rows (1-1,030: kernels switch algorithm below 4
+    rows) or of threads."""
+    if dtype == torch.bfloat16 and not ops._BF16:
+        pytest.skip("this CPU has no native bfloat16 products")
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 80, bias=False)
+    x = torch.randn(1030, 96, generator=g).to(dtype)
+    low = lin.weight.detach().to(dtype)
+    paths = {"unpacked": lambda t: ops._products(t, [low], [None])[0],
+             "packed": lambda t: ops._products(t, [low], [None], owner=lin)[0],
+             "autocast": lambda t: _under_autocast(dtype, lambda: ops._products(t, [lin.weight], [None])[0])}
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            ref = paths["unpacked"](x[:1])
+            for name, f in paths.items():
+                if name == "autocast" and dtype == torch.float32:
+                    continue
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    for M in (1, 2, 3, 4, 5, 17, 256, 1030):
+                        assert torch.equal(f(x[:M])[:1], ref), (name, n_threads, M)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _under_autocast(dtype, f):
+    with torch.autocast("cpu", dtype=dtype):
+        return f()
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -97,9 +137,9 @@ def test_bfloat16_decoding_uses_packed_onednn_weights():
     (the products that make bfloat16 worth it there), with F.linear's values."""
     lins = [torch.nn.Linear(24, n, bias=False).to(torch.bfloat16) for n in (16, 8)]
     x = torch.randn(4, 24, dtype=torch.bfloat16)
-    with torch.no_grad(), ops.packed_weights():
-        ys = ops._products(x, [m.weight for m in lins], [None, None])
-    assert id(lins[0].weight) in ops._PACKED and ops._PACKED[id(lins[0].weight)][3].dtype == torch.bfloat16
+    with torch.no_grad():
+        ys = ops._products(x, [m.weight for m in lins], [None, None], owner=lins[0])
+    assert lins[0]._onednn_packed.weight.dtype == torch.bfloat16
     for y, m in zip(ys, lins):
         assert y.dtype == torch.bfloat16
         assert (y.float() - F.linear(x, m.weight).float()).abs().max() < 2e-2

@@ -262,6 +262,18 @@ def test_run_many_in_order_with_two_workers(sb):
     check_clean(sb)
 
 
+def test_a_set_prints_in_one_order_on_every_worker(sb):
+    """A deterministic program gives one output on every worker and in every run: one hash seed (0) for all
+    (strings hash randomly per interpreter otherwise, and a set's order follows the hashes)."""
+    import subprocess
+    import sys
+    code = "print({'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta'})"
+    outs = {r.stdout for r in sb.run_many([code] * 16)}
+    seed0 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "0"}).stdout
+    assert outs == {seed0}
+
+
 def test_thread_safety_and_futures(sb):
     futs = [sb.submit(f"print({i})") for i in range(20)]
     assert [f.result().stdout for f in futs] == [f"{i}\n" for i in range(20)]

@@ -63,7 +63,8 @@ def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_
             rules = landlock.ruleset(iso.landlock, server.read, server.write + [run.inside])
         os.environ.clear()
         os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=run.inside, TMPDIR=run.inside,
-                          LANG="C.UTF-8", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+                          LANG="C.UTF-8", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+                          PYTHONHASHSEED="0")
         tempfile.tempdir = run.inside
         sys.path = [p for p in sys.path if p and os.path.isabs(p)]  # no cwd-relative imports of host files
         with os.fdopen(req_r, "rb") as f:
