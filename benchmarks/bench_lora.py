@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minitir import load_pretrained, lora  # noqa: E402
-from minitir.ops import linear, packed_weights  # noqa: E402
+from minitir.ops import linear  # noqa: E402
 
 
 def per_step_ms(fn, repeat: int) -> float:
@@ -44,13 +44,16 @@ def main():
         with torch.no_grad():
             for m in mods:
                 m.lora_B.normal_(0, 0.01)
-            merged = [m.weight.clone() for m in mods]
+            # the merged weights as a decode copy holds them: parameters of their own linears (packed on first use)
+            merged = [torch.nn.Linear(1, 1, bias=False) for _ in mods]
+            for lin, m in zip(merged, mods):
+                lin.weight = torch.nn.Parameter(m.weight.clone(), requires_grad=False)
             x = {m.base.weight.shape[1]: torch.randn(a.rows, m.base.weight.shape[1]) for m in mods}
-            with packed_weights():
-                t_merged = per_step_ms(lambda: [linear(x[w.shape[1]], w) for w in merged], a.repeat)
-                t_applied = per_step_ms(lambda: [linear(x[m.base.weight.shape[1]], m.base.weight)
-                                                 + m.scale * ((x[m.base.weight.shape[1]] @ m.lora_A.t()) @ m.lora_B.t())
-                                                 for m in mods], a.repeat)
+            t_merged = per_step_ms(lambda: [linear(x[lin.weight.shape[1]], lin.weight, None, lin) for lin in merged],
+                                   a.repeat)
+            t_applied = per_step_ms(lambda: [linear(x[m.base.weight.shape[1]], m.base.weight, None, m.base)
+                                             + m.scale * ((x[m.base.weight.shape[1]] @ m.lora_A.t()) @ m.lora_B.t())
+                                             for m in mods], a.repeat)
             copy = lora.merged_copy(model)
             params = dict(copy.named_parameters(remove_duplicate=False))
             t_merge = per_step_ms(lambda: [params[n].copy_(w) for n, w in lora.merged_weights(model)], 5)

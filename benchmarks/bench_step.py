@@ -3,7 +3,7 @@ tokens, the zero_tir prompt with its sandbox), split into generate / tools / gra
 is installed (not a requirement of minitir), TRL's GRPOTrainer on the same problems in the same order, with
 the same sampling, group shape, token budget, optimizer and checkpointing (full), in the same run.
 
-    python benchmarks/bench_step.py [--steps 3]      (extra flags go to train.py, e.g. --max-new-tokens 64)
+    python benchmarks/bench_step.py [--steps 3] [--no-trl]   (other flags go to train.py, e.g. --no-batch-invariant)
 
 The first step of each is a warm-up and left out of the averages. TRL generates through transformers'
 generate without a tool and without stop strings, so its responses run to the token limit; a second minitir
@@ -85,6 +85,8 @@ def trl_rows(cfg, bf16: bool):
 
 def main():
     args = sys.argv[1:]
+    use_trl = "--no-trl" not in args and importlib.util.find_spec("trl") is not None
+    args = [a for a in args if a != "--no-trl"]
     steps = 3
     if "--steps" in args:
         steps = int(args[args.index("--steps") + 1])
@@ -92,13 +94,12 @@ def main():
         cfg, _ = train.parse(["--config", "smollm2-cpu", "--steps", str(steps), "--run-dir", d, "--run-name", "bench", "--eval-size", "0",
                               "--no-tensorboard"] + [a for a in args if a != "--steps" and a != str(steps)])
         rows = minitir_rows(cfg)
-        has_trl = importlib.util.find_spec("trl") is not None
         dtype = compute_dtype(cfg.dtype, torch.device("cpu"))
         same = {x: minitir_rows(dataclasses.replace(cfg, run_name=f"bench-as-trl-{x}", dtype=x), like_trl=True)
-                for x in dict.fromkeys((dtype, "float32"))} if has_trl else {}
+                for x in dict.fromkeys((dtype, "float32"))} if use_trl else {}
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
           f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads, "
-          f"{dtype}")
+          f"{dtype}, batch invariant: {cfg.batch_invariant}")
     print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
     print("|---|---|---|---|---|---|---|---|")
     for m in rows:
@@ -106,8 +107,8 @@ def main():
         print(f"| {m['step']} | {m['time/generate_s']:.1f} | {m['time/tools_s']:.2f} | {m['time/grade_s']:.2f} | "
               f"{m['time/train_s']:.1f} | {total:.1f} | {m['tokens_per_s']:.1f} | {m['response_length_all']:.0f} |")
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("time")}))
-    if importlib.util.find_spec("trl") is None:
-        print("\ntrl is not installed: no TRL row (pip install trl to measure it)")
+    if not use_trl:
+        print("\nno TRL row (--no-trl, or trl is not installed: pip install trl to measure it)")
         return
     theirs = {"float32": trl_rows(cfg, bf16=False)}
     try:

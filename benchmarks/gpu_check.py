@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,7 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out "
                                                "(tests,parity,decode,engine,train,invariance)")
     a = ap.parse_args(argv)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read once, when cuBLAS starts: the invariance section needs it
     cuda = torch.cuda.is_available()
     if not cuda and not a.dry:
         raise SystemExit("gpu_check.py: no CUDA device here; run with --dry to check the script on CPU")

@@ -5,9 +5,11 @@ Backends, chosen per call from the tensors (`backend`), the choice printed once:
   torch-varlen  on CUDA otherwise, when torch ships FlashAttention as torch.nn.attention.varlen.varlen_attn
                 (torch >= 2.10): packed training with backward, and cache decoding through its paged mode, the
                 cache being one page per row (seqused_k, block_table; num_splits=1 for batch invariance)
-  sdpa          everywhere else: pure-PyTorch versions of both call sites with flash-attn's exact signatures
-                (SDPA inside), and a stand-in for varlen_attn with its exact signature
-So every CPU test of the model exercises the very calls a GPU makes, and only the kernel behind differs.
+  sdpa          everywhere else: SDPA behind flash-attn's varlen signature (the packed call site), and a
+                stand-in for varlen_attn with its exact signature (the paged cache), so CPU tests exercise the
+                calls a GPU makes
+The KV cache is read by `block_attention` on CPUs (always) and wherever the model is batch invariant, and the
+trainer's packed forward uses it too then (`PackedPlan`): one kernel, the same bits on every path.
 
 Layouts (flash-attn's): q/k/v are [tokens, heads, head_dim] for varlen and [batch, seq, heads, head_dim]
 for the cache; a cache is [cache_batch, max_seq, kv_heads, head_dim]. Causal masks are aligned to the
@@ -62,7 +64,7 @@ def backend(t: torch.Tensor) -> str:
     if t.is_cuda and name not in _announced:
         _announced.add(name)
         print(f"minitir: attention on {t.device} in {t.dtype}: {name}" + (
-            " (cache decoding through SDPA: this torch's varlen_attn has no paged cache)"
+            " (cache decoding through the block kernel: this torch's varlen_attn has no paged cache)"
             if name == "torch-varlen" and not TORCH_VARLEN_PAGED else ""), file=sys.stderr)
     return name
 
@@ -189,8 +191,9 @@ def _blocks(n: int) -> int:
 
 # --- the cache call site ------------------------------------------------------------------------------
 # Rows attending in one call are padded to their longest; a batch splits where that would add more than
-# this many (row, key) pairs: on a 2-core CPU a further call costs about what reading ~256 padded keys of
-# one row costs. (Decoding 8 GRPO groups of prompts of 176-562 tokens: 1.2-1.9x faster than one call.)
+# this many (row, key) pairs: one more call of the block kernel (~20 small ops) costs about what reading
+# ~2,000 padded keys of one row costs on a 2-core CPU (SmolLM2 decoding 16 rows of 200-600 cached tokens:
+# 256 -> 131 ms per step, 2,048 -> 112 ms, 8,192 -> 112 ms).
 SPLIT_PADDING = 2048
 
 
@@ -255,26 +258,36 @@ def kvcache_attention_blocks(q, k_cache, v_cache, k, v, plan: CachePlan):
 
 
 # --- the packed call site, batch invariant ----------------------------------------------------------------
-def varlen_attention_blocks(q, k, v, cu_q: list[int], cu_k: list[int]) -> torch.Tensor:
-    """Packed sequences (flash-attn's varlen layout: q [Nq, H, D], k/v [Nk, Hkv, D], bottom-right causal)
-    through block_attention, the same bits per query as decoding: sequences of similar key counts padded
-    into one batch (as the cache's rows attend together), gathered by index (its gradient: one index_add)."""
-    n = [cu_q[s + 1] - cu_q[s] for s in range(len(cu_q) - 1)]
-    m = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
-    order = sorted((s for s in range(len(n)) if n[s]), key=lambda s: m[s])
+class PackedPlan:
+    """What every layer of one packed forward shares for the block kernel: the sequences (flash-attn's varlen
+    layout) batched by key count, as the cache's rows attend together, and per batch the gather indices of
+    queries [b, T] and keys [b, S] (padding points at a zero row past the end) and each query's last key."""
+
+    def __init__(self, cu_q: list[int], cu_k: list[int], device):
+        self.nq, self.nk, self.runs = cu_q[-1], cu_k[-1], []
+        n = [cu_q[s + 1] - cu_q[s] for s in range(len(cu_q) - 1)]
+        m = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
+        order = sorted((s for s in range(len(n)) if n[s]), key=lambda s: m[s])
+        for b0, b1 in split_rows([m[s] for s in order]) if order else []:
+            run = order[b0:b1]
+            T, S = max(n[s] for s in run), _blocks(max(m[s] for s in run))
+            at = lambda starts, counts, width, pad: torch.tensor(
+                [[starts[s] + i if i < counts[s] else pad for i in range(width)] for s in run], device=device)
+            iq = at(cu_q, n, T, self.nq)
+            real = iq.flatten() < self.nq
+            self.runs.append((iq, at(cu_k, m, S, self.nk), at([y - x for x, y in zip(n, m)], n, T, S - 1), real,
+                              iq.flatten()[real]))
+
+
+def varlen_attention_blocks(q, k, v, plan: PackedPlan) -> torch.Tensor:
+    """Packed sequences (q [Nq, H, D], k/v [Nk, Hkv, D], bottom-right causal) through block_attention, the
+    same bits per query as decoding, batch by batch of plan; gathered by index (its gradient: one index_add)."""
     q_, k_, v_ = (F.pad(t, (0, 0, 0, 0, 0, 1)) for t in (q, k, v))   # a zero row (the last) pads the batches
-    out, dev = torch.empty_like(q), q.device
-    for b0, b1 in split_rows([m[s] for s in order]) if order else []:
-        run = order[b0:b1]
-        T, S = max(n[s] for s in run), _blocks(max(m[s] for s in run))
-        at = lambda starts, counts, width, pad: torch.tensor(
-            [[starts[s] + i if i < counts[s] else pad for i in range(width)] for s in run], device=dev)  # [b, width]
-        iq, ik = at(cu_q, n, T, q.shape[0]), at(cu_k, m, S, k.shape[0])
-        last = at([x - y for x, y in zip(m, n)], n, T, S - 1)                                    # key index
+    out = torch.empty_like(q)
+    for iq, ik, last, real, rows in plan.runs:
         gather = lambda t, idx: t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
         o = _BlockAttention.apply(gather(q_, iq), gather(k_, ik), gather(v_, ik), last)          # [b, T, H, D]
-        real = iq.flatten() < q.shape[0]
-        out = out.index_copy(0, iq.flatten()[real], o.flatten(0, 1)[real])
+        out = out.index_copy(0, rows, o.flatten(0, 1)[real])
     return out
 
 
@@ -355,15 +368,15 @@ def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=None, max_seqlen_k=None,
-                     invariant=False):
+                     plan: PackedPlan | None = None):
     """Attention over packed sequences, the training/scoring call site: sequence b's queries are
     q[cu_seqlens[b]:cu_seqlens[b+1]], its keys k[cu_seqlens_k[b]:cu_seqlens_k[b+1]] (default: the same
-    tokens); with more keys than queries the queries are the last ones (bottom-right causal). invariant:
+    tokens); with more keys than queries the queries are the last ones (bottom-right causal). With a plan:
     the batch-invariant kernel decoding uses (block_attention), on any device."""
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
-    if invariant and causal:
-        return varlen_attention_blocks(q, k, v, cu_seqlens.tolist(), cu_k.tolist())
+    if plan is not None and causal:
+        return varlen_attention_blocks(q, k, v, plan)
     name = backend(q) if q.dtype == k.dtype == v.dtype else "sdpa"
     if name == "flash-attn":
         return _flash_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=causal)
@@ -375,9 +388,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=
 
 def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The KV cache's dtype for a model computing in `dtype`: its own, except bfloat16/float16 on a CPU,
-    where the cache is float32. torch's CPU attention kernel in bfloat16 takes ~4-8x its float32 time at
-    decoding's one-query shapes (16 rows x 9 heads on 600 cached keys: 8.0 ms vs 1.7 ms; the same products
-    written out take 2.2 ms, reading the strided cache); casting each step's new keys is cheap."""
+    where the cache is float32: block_attention computes in float32, and a float32 cache holding the
+    bfloat16 keys' exact values casts each new key once instead of every cached key at every step."""
     low = dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu"
     return torch.float32 if low else dtype
 

@@ -26,9 +26,10 @@ class TrainConfig:
                                         # float32; auto: bfloat16 on CUDA and on CPUs with native bfloat16 products
     device: Literal["auto", "cpu", "cuda"] = "auto"           # auto: CUDA when there is a GPU
     checkpointing: Literal["none", "selective", "full"] = "selective"   # activation checkpointing in training
-    batch_invariant: bool = True        # the trainer's packed forward attends with the decoder's kernel (and on CUDA
-                                        # every kernel is batch invariant): a token's log-prob is the same bits in
-                                        # the generator and the trainer, whatever batch or thread count computed it
+    batch_invariant: bool = True        # the trainer's packed forward attends with the decoder's block kernel (on
+                                        # CUDA also fixed-shape products, no FlashAttention, no CUDA graphs): a token's
+                                        # log-prob is the same bits in generator and trainer, whatever batch or thread
+                                        # count computed it (docs/usage.md: same seed, same run)
     lora_rank: int = 0                  # LoRA adapters of this rank on --lora-targets, the rest frozen (0: full
                                         # fine-tuning); use a learning rate about 10x full fine-tuning's
     lora_alpha: float = 32.0            # the adapters' update is scaled by lora_alpha / lora_rank

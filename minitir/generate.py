@@ -10,10 +10,10 @@ Each sequence owns one row of a preallocated `KVCache` and moves through explici
 the n responses of a GRPO group share theirs, is copied instead of prefilled), take back the tool calls
 whose turn has come, prefill every PREFILL row in one batch under a token budget (longer inputs in chunks),
 decode one token for every DECODE row, and retire finished rows. A code block that closes at tick t runs on
-the tool protocol's thread pool while the other sequences decode, and its sequence takes the result back at
-tick t + tool_lag, waiting for it then if need be (or earlier, when nothing else can run): never "whenever
-the run is done", so which rows decode and prefill together depends on the tokens alone, not on how fast
-the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled tokens are kept as ids;
+the tool protocol's thread pool while the other sequences decode tool_lag more tokens; its sequence takes
+the result back at tick t + tool_lag + 1, waiting for it then if need be (or earlier, when nothing else can
+run): never "whenever the run is done", so which rows decode and prefill together depends on the tokens
+alone, not on how fast the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled tokens are kept as ids;
 text is decoded for stop checks and display only.
 """
 from __future__ import annotations
@@ -359,12 +359,12 @@ class Engine:
             watch = self.tools is not None and s.tool_calls < c.max_tool_calls
             tail = (self.tok.decode(s.tokens[max(s.segment_start, len(s.tokens) - self.window):])
                     if c.stop or watch else "")
-            code = self.tools.code(s.tokens[s.segment_start:], tail) if watch else None
             if any(st in tail for st in c.stop):
                 s.end("stop")
             elif len(s.tokens) >= c.max_new_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
                 s.end("length")
-            elif code is not None:   # the block is handled: the next segment starts after it
+            elif watch and (code := self.tools.code(s.tokens[s.segment_start:], tail)) is not None:
+                # the block is handled: the next segment starts after it
                 s.tool_calls, s.segment_start, s.status = s.tool_calls + 1, len(s.tokens), Status.IN_TOOL
                 s.future, s.due = self.tools.submit(code), self.clock + c.tool_lag + 1   # after tool_lag more ticks
 

@@ -137,7 +137,7 @@ class Learner:
         h, targets, seq = self._states(model, samples)
         with self.autocast():
             logp, ent = token_logprobs(h, model.lm_head.weight, targets, temperature=self.cfg.temperature,
-                                       with_entropy=with_entropy)
+                                       with_entropy=with_entropy, invariant=self.cfg.batch_invariant)
         return logp, ent, seq
 
     def values(self, samples: list[Sample]):
@@ -274,8 +274,8 @@ class Learner:
             return loss
 
         with self.autocast():
-            loss, logp, _ = token_loss(h, self.model.lm_head.weight, targets, objective,
-                                       temperature=cfg.temperature, with_entropy=True)
+            loss, logp, _ = token_loss(h, self.model.lm_head.weight, targets, objective, temperature=cfg.temperature,
+                                       with_entropy=True, invariant=cfg.batch_invariant)
         (loss * self.dist.world).backward()
         if drift is not None:
             carried = torch.tensor([s.carried for s in mb for _ in range(sum(s.loss_mask))], dtype=torch.bool)

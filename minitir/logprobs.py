@@ -19,10 +19,10 @@ def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _log_softmax(h, w, temperature):
+def _log_softmax(h, w, temperature, invariant):
     """h [C, D], w [V, D] -> log softmax((h w^T) / temperature) [C, V] float32, the product through
     ops._products in the compute dtype: the very numbers the sampler turned into this token's log-prob."""
-    return ops.log_softmax(ops._product(h, w, None), temperature)
+    return ops.log_softmax(ops._product(h, w, None, invariant=invariant), temperature)
 
 
 def _row_dot(a, b):
@@ -74,7 +74,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @ops.amp_forward
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, loss_fn):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, loss_fn, invariant):
         n = hidden.shape[0]
         acc = _acc(hidden)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -86,7 +86,7 @@ class _TokenLogprobs(torch.autograd.Function):
             g_hidden, g_weight, weight_t = _grad_buffers(hidden, weight, need_h, need_w)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logp_full = _log_softmax(hidden[s:e], weight, temperature)                   # [C, V]
+            logp_full = _log_softmax(hidden[s:e], weight, temperature, invariant)        # [C, V]
             logp[s:e] = logp_full.gather(-1, targets[s:e, None]).squeeze(-1)
             p = logp_full.exp() if with_entropy or fused else None                         # softmax [C, V]
             if with_entropy:
@@ -115,7 +115,7 @@ class _TokenLogprobs(torch.autograd.Function):
             ctx.mark_non_differentiable(logp, *([ent] if with_entropy else []))
         else:
             ctx.save_for_backward(hidden, weight, targets, ent if with_entropy else logp)
-            ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+            ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.invariant = temperature, chunk_size, with_entropy, invariant
         return logp, (ent if with_entropy else torch.empty(0, device=hidden.device)), loss
 
     @staticmethod
@@ -129,7 +129,7 @@ class _TokenLogprobs(torch.autograd.Function):
             g_hidden, g_weight = ctx.saved_tensors
             gh = None if g_hidden is None else g_hidden.mul_(g_loss.to(g_hidden.dtype))
             gw = None if g_weight is None else g_weight.mul_(g_loss).to(ctx.weight_dtype)
-            return gh, gw, None, None, None, None, None
+            return gh, gw, None, None, None, None, None, None
         hidden, weight, targets, ent = ctx.saved_tensors
         T, n = ctx.temperature, hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -137,26 +137,29 @@ class _TokenLogprobs(torch.autograd.Function):
         with_ent = ctx.with_entropy and g_ent is not None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
-            logp_full = _log_softmax(hidden[s:e], weight, T)                                # [C, V], recomputed
+            logp_full = _log_softmax(hidden[s:e], weight, T, ctx.invariant)                 # [C, V], recomputed
             gz = _grad_logits(logp_full.exp(), logp_full if with_ent else None, ent[s:e] if with_ent else None,
                               g_logp[s:e], g_ent[s:e] if with_ent else None, targets[s:e], T)
             _head_grads(gz, hidden[s:e], weight, weight_t, g_hidden[s:e] if need_h else None, g_weight)
-        return g_hidden, (g_weight.to(weight.dtype) if need_w else None), None, None, None, None, None
+        return g_hidden, (g_weight.to(weight.dtype) if need_w else None), None, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
+                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                   invariant: bool = False):
     """hidden [N, D] (final-norm states), weight [V, D] (lm_head), targets [N] ->
-    log p(target) [N] float32 under softmax(logits / temperature), and entropy [N] if asked (else None)."""
+    log p(target) [N] float32 under softmax(logits / temperature), and entropy [N] if asked (else None).
+    invariant: the head's product batch invariant on CUDA too (ops._products), as the decoder's."""
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
     logp, ent, _ = _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
-                                        bool(with_entropy), None)
+                                        bool(with_entropy), None, invariant)
     return logp, (ent if with_entropy else None)
 
 
 def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn, *,
-               temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
+               temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+               invariant: bool = False):
     """A loss over per-token log-probs, fused into the chunked head. -> (loss [], logp [N], entropy [N] or None).
 
     loss_fn(logp [C], entropy [C] or None, rows: slice) -> scalar is called once per chunk of rows `rows`
@@ -166,7 +169,7 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
     logp, ent, loss = _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
-                                           bool(with_entropy), loss_fn)
+                                           bool(with_entropy), loss_fn, invariant)
     return loss, logp, (ent if with_entropy else None)
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from minitir.attention import KERNEL_OPS, CachePlan, kvcache_attention, varlen_attention
+from minitir.attention import KERNEL_OPS, CachePlan, PackedPlan, kvcache_attention, varlen_attention
 from minitir.ops import compute_dtype, linear, mlp, norm_linears
 
 SUPPORTED = ("llama", "qwen2")
@@ -297,11 +297,12 @@ class Transformer(nn.Module):
             positions = positions + torch.repeat_interleave(before, lengths.long())
             keys = torch.tensor([i for x in keys for i in x], device=dev)                        # [N_k]
         cos, sin = self._rope(positions)
+        plan = PackedPlan(cu.tolist(), (cu if cu_k is None else cu_k).tolist(), dev) if self.batch_invariant else None
 
         def attend(q, k, v):  # [N, H, D]
             if keys is not None:   # index_select: its gradient adds up in index order (k[keys]'s, by thread)
                 k, v = k.index_select(0, keys), v.index_select(0, keys)
-            return varlen_attention(q, k, v, cu, max_len, True, cu_k, max_k, invariant=self.batch_invariant)
+            return varlen_attention(q, k, v, cu, max_len, True, cu_k, max_k, plan)
 
         return self._layers(self._embed(input_ids), cos, sin, attend)
 

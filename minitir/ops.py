@@ -98,10 +98,11 @@ def _products(x, ws, bs, owner=None, invariant=False) -> tuple[torch.Tensor, ...
 
     Batch invariant: a row's result must not depend on how many rows share the product. The CPU's kernels
     (MKL, oneDNN) compute 1-3 rows by another algorithm (a GEMV) than 4 or more, so rows are padded to whole
-    tiles of ROW_TILE: every row then computes the same bits from 1 to 2,048 rows, 1 to 4 threads, float32
-    and bfloat16 (tests/test_ops.py). cuBLAS picks its kernel by the whole shape, so with `invariant` every
-    CUDA call has one shape: CUDA_ROW_TILE rows. Linears sharing x (q/k/v, gate/up) run as one product when
-    their weights are packed (`owner`: the module keeping the packed copy, see _packed)."""
+    tiles of ROW_TILE: every row then computed the same bits for 1 to 2,048 rows on 1 to 4 threads, float32
+    and bfloat16 (tests/test_ops.py keeps 1-1,030 rows, 1-2 threads). cuBLAS picks its kernel by the whole
+    shape, so with `invariant` every CUDA call has one shape: CUDA_ROW_TILE rows. Linears sharing x (q/k/v,
+    gate/up) run as one product when their weights are packed (`owner`: the module whose parameters they
+    are and which keeps the packed copy, see _packed; a computed weight, LoRA's, is never packed)."""
     dt, shape = compute_dtype(x), x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dt)
     M = x2.shape[0]
@@ -110,7 +111,8 @@ def _products(x, ws, bs, owner=None, invariant=False) -> tuple[torch.Tensor, ...
         x2 = F.pad(x2, (0, 0, 0, tile - M % tile))
     cast = [w.to(dt) for w in ws], [None if b is None else b.to(dt) for b in bs]
     if _onednn_ok(x2, cast[0][0]):
-        if owner is not None and M <= PACK_ROWS and not torch.is_grad_enabled() and len({b is None for b in bs}) == 1:
+        if owner is not None and M <= PACK_ROWS and not torch.is_grad_enabled() and len({b is None for b in bs}) == 1 \
+                and all(isinstance(w, torch.nn.Parameter) for w in ws):
             w, b = _packed(owner, ws, bs, dt)
             y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")[:M].view(*shape, -1)
             return y.split([w.shape[0] for w in ws], -1) if len(ws) > 1 else (y,)

@@ -35,7 +35,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, problems: list[Problem] | None = None,
                  eval_problems: list[Problem] | None = None, tool=None, reward_fn=None, resume: str = ""):
         self.cfg = cfg
-        if cfg.batch_invariant:   # CUDA: cuBLAS without split-K workspaces (set before its first handle)
+        if cfg.batch_invariant:   # CUDA: cuBLAS's deterministic workspaces (read when cuBLAS starts: before the model)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dist, self.device = distributed.init(cfg.device)   # under torchrun: this process's rank and device
         if cfg.batch_invariant and self.device.type == "cuda":   # and deterministic kernels where torch has them
@@ -91,9 +91,9 @@ class Trainer:
         m.update({f"time/{k}_s": v for k, v in clock.items()})       # rank 0's
         m["time/tools_s"] = (self.tool.seconds - tools_before) if self.tool else 0.0
         m["tokens_per_s"] = d.sum(sum(len(s.completion.tokens) for s in sampled)) / max(d.max(clock["generate"]), 1e-9)
+        m["grade_timeouts"] = int(d.sum(self.grader.timeouts - grade_timeouts))   # math-verify's wall-clock limit
         if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
             m.update(self.evaluate())
-        m["grade_timeouts"] = self.grader.timeouts - grade_timeouts   # math-verify's wall-clock limit, this step
         self.log.metrics(m)
         self.shown = self.log.samples(sampled, self.step, cfg.log_samples) or self.shown
         if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
@@ -321,6 +321,8 @@ class Trainer:
         self.log.truncate(self.step)
 
     def close(self):
+        if self.cfg.batch_invariant and self.device.type == "cuda":
+            torch.use_deterministic_algorithms(False)
         if self.engine is not None:
             self.engine.release()
         self.grader.close()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minitir import attention
-from minitir.attention import (CachePlan, kvcache_attention_blocks, kvcache_attention_paged, varlen_attention_blocks,
+from minitir.attention import (CachePlan, PackedPlan, kvcache_attention_blocks, kvcache_attention_paged, varlen_attention_blocks,
                                varlen_attention_torch, varlen_attn_torch)
 
 # parameter names of flash-attn 2.x's Python API, in order (flash_attn/flash_attn_interface.py)
@@ -43,7 +43,7 @@ def through_varlen(fn):
 def blocks_varlen(q, k, v, cq, ck, mq, mk, causal):
     """The batch-invariant kernel is causal only: the non-causal case goes to SDPA, as varlen_attention does."""
     if causal:
-        return varlen_attention_blocks(q, k, v, cq.tolist(), ck.tolist())
+        return varlen_attention_blocks(q, k, v, PackedPlan(cq.tolist(), ck.tolist(), q.device))
     return varlen_attention_torch(q, k, v, cq, ck, mq, mk, causal=False)
 
 
@@ -187,7 +187,7 @@ def test_block_kernels_gradient_is_the_attention_gradient():
     leaves = [torch.randn(sum(n), h, 16, generator=g).requires_grad_() for n, h in ((lq, 4), (lk, 2), (lk, 2))]
     grad = torch.randn(sum(lq), 4, 16, generator=g)
     got, want = [], []
-    for out, run in ((got, lambda q, k, v: varlen_attention_blocks(q, k, v, cq, ck)),
+    for out, run in ((got, lambda q, k, v: varlen_attention_blocks(q, k, v, PackedPlan(cq, ck, q.device))),
                      (want, lambda q, k, v: varlen_attention_torch(q, k, v, torch.tensor(cq, dtype=torch.int32),
                                                                    torch.tensor(ck, dtype=torch.int32), max(lq),
                                                                    max(lk), causal=True))):

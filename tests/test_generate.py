@@ -378,15 +378,20 @@ def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
     model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter"), 2: enc(tok, "```python\n1/0\n```\nafter")},
                           tok.eos_token_id)
     results = {0: ExecResult("error", stderr="ZeroDivisionError: division by zero"),
-               1: ExecResult("sandbox_error", stderr="sandbox worker died")}
+               1: ExecResult("sandbox_error", stderr="sandbox worker died"), 2: ExecResult("timeout")}
     calls = []
 
     def tool(code):
         calls.append(code)
         return results[len(calls) - 1]
 
-    outs = generate(model, tok, [[1], [2]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1, max_batch=1)
-    assert [o.num_tool_errors for o in outs] == [1, 1] and [o.num_tool_failures for o in outs] == [0, 1]
+    outs = generate(model, tok, [[1], [2], [1]], max_new_tokens=100, temperature=0, tool=tool, max_tool_calls=1,
+                    max_batch=1)
+    assert [o.num_tool_errors for o in outs] == [1, 1, 1] and [o.num_tool_failures for o in outs] == [0, 1, 0]
+    assert [o.num_tool_timeouts for o in outs] == [0, 0, 1]   # a wall-clock limit: counted, as a rerun may differ
+    from minitir.rollout import Sample, rollout_metrics, sample_row
+    rows = [sample_row(Sample(prompt_ids=[1], completion=o, gold="")) for o in outs]
+    assert rollout_metrics(rows)["tool_timeouts"] == 1
 
 
 def test_reprefill_baseline_gives_same_tokens(tok):

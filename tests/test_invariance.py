@@ -15,7 +15,6 @@ from tests.conftest import make_hf_model
 
 OTHERS = [5, 17, 63, 2, 31, 70, 9]   # the other rows' lengths
 N = 40                               # the sequence followed
-_REF = {}
 
 
 def _models(tmp_path, dtype):
@@ -61,26 +60,26 @@ def _trainer_logprobs(trainer, x, others, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_one_sequences_logits_are_the_same_bits_on_every_path(tmp_path, dtype, threads):
+def test_one_sequences_logits_are_the_same_bits_on_every_path_and_thread_count(tmp_path, dtype):
     if dtype == torch.bfloat16 and not ops._BF16:
         pytest.skip("this CPU has no native bfloat16 products")
     g = torch.Generator().manual_seed(0)
     trainer, gen = _models(tmp_path, dtype)
     x = torch.randint(0, 97, (N,), generator=g)
     others = [torch.randint(0, 97, (n,), generator=g) for n in OTHERS]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    before, ref = torch.get_num_threads(), None
     try:
-        paths = _generator_paths(gen, x, others)
-        trained = _trainer_logprobs(trainer, x, others, dtype)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            paths = _generator_paths(gen, x, others)
+            trained = _trainer_logprobs(trainer, x, others, dtype)
+            ref = paths["prefill alone"] if ref is None else ref
+            for name, logits in paths.items():
+                assert logits.dtype == dtype and torch.equal(logits, ref), (name, threads)
+            sampled = ops.log_softmax(ref[:-1]).gather(-1, x[1:, None]).squeeze(-1)   # what the sampler records
+            assert torch.equal(trained, sampled), threads
     finally:
         torch.set_num_threads(before)
-    ref = _REF.setdefault(dtype, paths["prefill alone"])        # the first thread count's, for the others
-    for name, logits in paths.items():
-        assert logits.dtype == dtype and torch.equal(logits, ref), name
-    sampled = ops.log_softmax(ref[:-1]).gather(-1, x[1:, None]).squeeze(-1)   # what the sampler records
-    assert torch.equal(trained, sampled)
 
 
 def test_without_batch_invariance_the_paths_differ(tmp_path):

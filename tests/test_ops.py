@@ -143,3 +143,47 @@ def test_bfloat16_decoding_uses_packed_onednn_weights():
     for y, m in zip(ys, lins):
         assert y.dtype == torch.bfloat16
         assert (y.float() - F.linear(x, m.weight).float()).abs().max() < 2e-2
+
+
+def _threads(n, f):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return f()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_float32_silu_is_the_same_bits_wherever_a_value_falls():
+    """F.silu's float32 kernel rounds its vectorised loop and its scalar tail differently (a strided view runs
+    the scalar loop): ops.silu gives one value per input, close to F.silu's."""
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * 6
+    assert torch.equal(ops.silu(x)[::2], ops.silu(x[::2]))
+    assert not torch.equal(F.silu(x)[::2], F.silu(x[::2]))     # what it avoids
+    assert torch.allclose(ops.silu(x), F.silu(x), rtol=1e-6, atol=1e-7)
+
+
+def test_reductions_are_the_same_bits_on_any_thread_count():
+    """tree_sum (the gradient norm's) and the trainer's row dot products (entropy, one row included) do not
+    depend on how many threads share them; torch's own sum of one long vector does."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3_000_017, generator=g)
+    sums = [_threads(n, lambda: ops.tree_sum(x)) for n in (1, 2, 3)]
+    assert sums[0] == sums[1] == sums[2] and abs(float(sums[0]) - float(x.double().sum())) < 1e-2
+    from minitir.logprobs import _row_dot
+    a, b = torch.rand(1, 151_936, generator=g), torch.randn(1, 151_936, generator=g)
+    dots = [_threads(n, lambda: _row_dot(a, b)) for n in (1, 2, 3)]
+    assert torch.equal(dots[0], dots[1]) and torch.equal(dots[0], dots[2])
+
+
+def test_a_computed_weight_is_never_packed():
+    """Only a module's own parameters are packed: a weight computed on each call (LoRA's W0 + BA) would match a
+    stale packing once it lands at a freed address; its products must follow every change."""
+    from minitir.lora import LoRALinear
+    lin = LoRALinear(torch.nn.Linear(24, 16, bias=False), rank=2, alpha=4.0)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        for step in range(3):
+            lin.lora_B.add_(0.1)
+            y = ops._products(x, [lin.weight], [None], owner=lin)[0]
+            assert torch.allclose(y, F.linear(x, lin.weight), atol=1e-6) and "_onednn_packed" not in lin.__dict__

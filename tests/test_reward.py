@@ -211,3 +211,11 @@ def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(reward.GradeError, match="failed to start"):
         Grader(workers=2)
+
+
+def test_a_check_that_runs_into_its_time_limit_is_counted(monkeypatch):
+    """math-verify's limit is wall-clock: a check that ran for it is counted (grade_timeouts), a fast one not."""
+    from minitir import reward
+    monkeypatch.setattr(reward, "_compare", lambda p, g, t: (time.sleep(t if p == "slow" else 0), False)[1])
+    assert reward._timed_compare("slow", "1", 0.05) == (False, True)
+    assert reward._timed_compare("fast", "1", 0.05) == (False, False)

@@ -785,11 +785,16 @@ def product_tool(sleep):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_two_runs_with_a_randomly_slow_tool_are_the_same_run(tmp_path, dtype):
     """The same seed gives the same run (metrics, every rollout's bytes, the weights) when the tool answers
-    after a random time: a sequence takes its result at a tick fixed by its tokens (generate.py), never when
-    the result happens to be done; and the generator's log-probs equal the trainer's bit for bit."""
-    rng = random.Random(0)
-    runs = [_run(tmp_path, f"run{i}", dtype=dtype, tool=product_tool(lambda: rng.uniform(0, 0.02)))
-            for i in range(2)]
+    after a random time and the runs use 1 and 2 threads: a sequence takes its result at a tick fixed by its
+    tokens (generate.py), never when the result happens to be done; every kernel is batch and thread
+    invariant; and the generator's log-probs equal the trainer's bit for bit."""
+    rng, before, runs = random.Random(0), torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(_run(tmp_path, f"run{threads}", dtype=dtype, tool=product_tool(lambda: rng.uniform(0, 0.02))))
+    finally:
+        torch.set_num_threads(before)
     (m0, s0, w0), (m1, s1, w1) = runs
     assert any(r["code_ratio"] > 0 for r in m0)
     assert m0 == m1 and s0 == s1 and all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -809,3 +814,30 @@ def test_without_batch_invariance_the_generator_and_trainer_differ_a_little(tmp_
     """--no-batch-invariant trains through SDPA's kernels: the gap is small, non-zero, and measured."""
     metrics, _, _ = _run(tmp_path, "sdpa", dtype="bfloat16", batch_invariant=False, tool=product_tool(lambda: 0.0))
     assert 0 < metrics[0]["logprob_gap_mean"] < 0.1
+
+
+def test_gradient_clipping_is_torchs_summed_in_a_fixed_order():
+    """The norm and the clipped gradients are torch.nn.utils.clip_grad_norm_'s (to rounding), and their bits do
+    not depend on the thread count (torch's norm of a large tensor does)."""
+    from minitir.learner import Learner
+    learner = SimpleNamespace(dist=SimpleNamespace(enabled=False))
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, 200, generator=g), torch.randn(77, generator=g), torch.randn(1000, 64, generator=g)]
+
+    def clipped(threads, fn):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            module = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(x)) for x in grads])
+            for p, x in zip(module, grads):
+                p.grad = x.clone()
+            return float(fn(module, 1.0)), [p.grad for p in module]
+        finally:
+            torch.set_num_threads(before)
+
+    ours = [clipped(n, lambda m, c: Learner._clip_grad_norm(learner, m, c)) for n in (1, 2, 3)]
+    norm, want = clipped(2, lambda m, c: torch.nn.utils.clip_grad_norm_(m.parameters(), c))
+    assert abs(ours[0][0] - norm) < 1e-4 * norm and norm > 1.0    # it clipped
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours[0][1], want))
+    for n, grads_n in ours[1:]:
+        assert n == ours[0][0] and all(torch.equal(a, b) for a, b in zip(grads_n, ours[0][1]))
