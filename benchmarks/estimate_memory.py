@@ -14,9 +14,10 @@ What each term is (P parameters, N ranks):
   KV cache      bfloat16 keys and values for min(max_batch, this rank's responses) rows of
                 max_prompt_tokens + max_new_tokens
   activations   what the checkpointing mode keeps per micro-batch of micro_batch_tokens: selective = layer
-                input, attention output and middle residual; full = layer input (+ one layer recomputed),
-                4 bytes per value with one process (float32 residual stream under autocast), 2 under FSDP's
-                bfloat16 parameters. LoRA adds the adapted weights W0 + (alpha/r) B A the products keep for
+                input, attention output and middle residual, and with batch invariance (the default) the
+                block attention kernel's q, k and v (its layer is not checkpointed); full = layer input (+ one
+                layer recomputed); 2 bytes per value (the residual stream is bfloat16 under autocast, as in the
+                decode copy). LoRA adds the adapted weights W0 + (alpha/r) B A the products keep for
                 backward, in bfloat16: every layer's o, gate, up and down (selective) or one layer's (full)
   log-probs     1024-token chunks of float32 logits over the vocabulary (logits, softmax, gradient)
 The KV cache and the training terms are not alive at the same time (the cache is freed after decoding),
@@ -60,12 +61,14 @@ def estimate(m: dict, cfg: dict, gpus: int) -> dict:
     responses = cfg["prompts_per_step"] * cfg["n_samples"] // gpus
     rows = min(cfg["max_batch"], responses)
     kv = rows * (cfg["max_prompt_tokens"] + cfg["max_new_tokens"]) * L * 2 * m["kv_heads"] * m["head_dim"] * 2
-    T, b = cfg["micro_batch_tokens"], (4 if gpus == 1 else 2)
+    T, b = cfg["micro_batch_tokens"], 2
     if cfg["checkpointing"] == "full":
         acts = L * T * D * b + T * (6 * D + 3 * m["intermediate"]) * b + (2 * layer if r else 0)
     else:  # selective (q/k/v are recomputed: the adapted o, gate, up and down weights are kept)
         kept = m["heads"] * m["head_dim"] * D + 3 * D * m["intermediate"]
         acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b + (2 * kept * L if r else 0)
+        if cfg.get("batch_invariant", True):   # the block kernel's q, k, v
+            acts += L * T * (m["heads"] + 2 * m["kv_heads"]) * m["head_dim"] * b
     logprobs = 3 * 1024 * m["vocab"] * 4
     train = gathered + acts + logprobs
     peak = state + decode_copy + max(kv, train)

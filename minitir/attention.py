@@ -268,8 +268,7 @@ class PackedPlan:
         n = [cu_q[s + 1] - cu_q[s] for s in range(len(cu_q) - 1)]
         m = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
         order = sorted((s for s in range(len(n)) if n[s]), key=lambda s: m[s])
-        for b0, b1 in split_rows([m[s] for s in order]) if order else []:
-            run = order[b0:b1]
+        for run in _packed_runs(order, n, m):
             T, S = max(n[s] for s in run), _blocks(max(m[s] for s in run))
             at = lambda starts, counts, width, pad: torch.tensor(
                 [[starts[s] + i if i < counts[s] else pad for i in range(width)] for s in run], device=device)
@@ -277,6 +276,24 @@ class PackedPlan:
             real = iq.flatten() < self.nq
             self.runs.append((iq, at(cu_k, m, S, self.nk), at([y - x for x, y in zip(n, m)], n, T, S - 1), real,
                               iq.flatten()[real]))
+
+
+PACKED_PADDING = 1 << 18   # (query, key) pairs of padding a packed batch may add before it splits
+
+
+def _packed_runs(order: list[int], n: list[int], m: list[int]) -> list[list[int]]:
+    """The sequences `order` (by key count) cut into batches, each ended where padding its sequences to the
+    batch's most queries and keys would add more than PACKED_PADDING (query, key) pairs (about what one more
+    call of the kernel costs on a 2-core CPU)."""
+    runs, cur, T, S, real = [], [], 0, 0, 0
+    for s in order:
+        t, k = max(T, n[s]), max(S, m[s])
+        if cur and (len(cur) + 1) * t * k - (real + n[s] * m[s]) > PACKED_PADDING:
+            runs.append(cur)
+            cur, t, k, real = [], n[s], m[s], 0
+        cur.append(s)
+        T, S, real = t, k, real + n[s] * m[s]
+    return runs + ([cur] if cur else [])
 
 
 def varlen_attention_blocks(q, k, v, plan: PackedPlan) -> torch.Tensor:
@@ -297,35 +314,41 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, last):
-        ctx.save_for_backward(q, k, v, last)
-        return block_attention(q, k, v, last)
+        out = block_attention(q, k, v, last)
+        ctx.save_for_backward(q, k, v, last, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, last = ctx.saved_tensors
+        q, k, v, last, out = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _block_attention_grad(q, k, v, last, grad)
+            dq, dk, dv = _block_attention_grad(q, k, v, last, out, grad)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def _block_attention_grad(q, k, v, last, grad):
-    """Gradients of block_attention's output w.r.t. q, k, v (float32): with P = softmax(q k^T * scale), masked,
-    and O = P v: dv = P^T dO, dS = P (dO v^T - rowsum(dO O)), dq = dS k * scale, dk = dS^T q * scale."""
+def _block_attention_grad(q, k, v, last, out, grad):
+    """Gradients of block_attention's output w.r.t. q, k, v: with P = softmax(q k^T * scale), masked, and
+    O = P v: dv = P^T dO, dS = P (dO v^T - rowsum(dO O)), dq = dS k * scale, dk = dS^T q * scale. The scores
+    and softmax in float32; the four gradient products in the inputs' dtype (bfloat16 under autocast, as a
+    FlashAttention backward runs them), accumulated in float32."""
     b, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    g, scale = H // Hkv, D ** -0.5
-    fold = lambda t: t.float().view(b, t.shape[1], Hkv, g, D).transpose(1, 2).reshape(b * Hkv, -1, D)
-    keys, vals = _heads(k.float()), _heads(v.float())                                          # [G, S, D]
-    dq, dk, dv = torch.empty(b * Hkv, T * g, D, device=q.device), torch.zeros_like(keys), torch.zeros_like(vals)
+    g, scale, dt = H // Hkv, D ** -0.5, q.dtype
+    fold = lambda t: t.view(b, t.shape[1], Hkv, g, D).transpose(1, 2).reshape(b * Hkv, -1, D)
+    keys, vals = _heads(k), _heads(v)                                                          # [G, S, D]
+    keys32 = keys.float()
+    dq = torch.empty(b * Hkv, T * g, D, device=q.device)
+    dk, dv = torch.zeros(keys.shape, device=q.device), torch.zeros(vals.shape, device=q.device)
     for t0 in range(0, T, QUERY_CHUNK):
         t1 = min(t0 + QUERY_CHUNK, T)
-        qc, gc = fold(q[:, t0:t1]), fold(grad[:, t0:t1])                                       # [G, Mc, D]
+        qc, gc = fold(q[:, t0:t1]), fold(grad[:, t0:t1].to(dt))                                # [G, Mc, D]
         lc = last[:, None, t0:t1, None].expand(b, Hkv, t1 - t0, g).reshape(b * Hkv, -1, 1)
-        s = torch.bmm(qc, keys.transpose(1, 2)).mul_(scale)                                    # [G, Mc, S]
+        s = torch.bmm(qc.float(), keys32.transpose(1, 2)).mul_(scale)                          # [G, Mc, S]
         p = s.masked_fill_(torch.arange(S, device=q.device) > lc, float("-inf")).softmax(-1)
-        dv.add_(torch.bmm(p.transpose(1, 2), gc))
-        delta = (gc * torch.bmm(p, vals)).sum(-1, keepdim=True)                                 # [G, Mc, 1]
-        ds = p.mul_(torch.bmm(gc, vals.transpose(1, 2)).sub_(delta)).mul_(scale)
+        delta = (gc.float() * fold(out[:, t0:t1]).float()).sum(-1, keepdim=True)               # [G, Mc, 1]
+        pd = p.to(dt)
+        dv.add_(torch.bmm(pd.transpose(1, 2), gc))
+        ds = p.mul_(torch.bmm(gc, vals.transpose(1, 2)).float().sub_(delta)).mul_(scale).to(dt)
         dq[:, t0 * g:t1 * g] = torch.bmm(ds, keys)
         dk.add_(torch.bmm(ds.transpose(1, 2), qc))
     unfold = lambda t, n, heads: t.view(b, Hkv, n, heads, D).transpose(1, 2).reshape(b, n, Hkv * heads, D)

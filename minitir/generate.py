@@ -13,8 +13,8 @@ decode one token for every DECODE row, and retire finished rows. A code block th
 the tool protocol's thread pool while the other sequences decode tool_lag more tokens; its sequence takes
 the result back at tick t + tool_lag + 1, waiting for it then if need be (or earlier, when nothing else can
 run): never "whenever the run is done", so which rows decode and prefill together depends on the tokens
-alone, not on how fast the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled tokens are kept as ids;
-text is decoded for stop checks and display only.
+alone, not on how fast the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled
+tokens are kept as ids; text is decoded for stop checks and display only.
 """
 from __future__ import annotations
 

@@ -115,7 +115,8 @@ class _TokenLogprobs(torch.autograd.Function):
             ctx.mark_non_differentiable(logp, *([ent] if with_entropy else []))
         else:
             ctx.save_for_backward(hidden, weight, targets, ent if with_entropy else logp)
-            ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.invariant = temperature, chunk_size, with_entropy, invariant
+            ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+            ctx.invariant = invariant
         return logp, (ent if with_entropy else torch.empty(0, device=hidden.device)), loss
 
     @staticmethod

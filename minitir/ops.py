@@ -313,8 +313,8 @@ def mlp(x: torch.Tensor, norm, gate, up, down, recompute: bool = False, invarian
 
 
 def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits [N, V] -> log softmax(logits / temperature) [N, V] in float32 (or float64): the one log-softmax of the sampler
-    (sampling.sample) and the trainer (logprobs), so a sampled token's log-prob is the same bits in both.
+    """logits [N, V] -> log softmax(logits / temperature) [N, V] in float32 (or float64): the one log-softmax of
+    the sampler (sampling.sample) and the trainer (logprobs), so a sampled token's log-prob is the same bits in both.
     torch's log_softmax reduces each row on its own (any number of rows and threads give the same row)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.log_softmax(z if temperature == 1.0 else z / temperature, -1)

@@ -67,8 +67,9 @@ class ToolProtocol:
 
     def output_tokens(self, last: list[int], out: ToolOutput, room: int) -> list[int]:
         """The output block's tokens (the leading newline only when the model's last token `last` does not end
-        with one). A block over max_tool_output_tokens is replaced by the paper's message (tool_output_overflow="replace")
-        or cut ("truncate"); then the block is cut to the `room` left in the response."""
+        with one). A block over max_tool_output_tokens is replaced by the paper's message
+        (tool_output_overflow="replace") or cut ("truncate"); then the block is cut to the `room` left in the
+        response."""
         c = self.cfg
         enc = lambda x: self.tok.encode(x, add_special_tokens=False)
         head = ("" if self.tok.decode(last).endswith("\n") else "\n") + "```output\n"
