@@ -156,7 +156,7 @@ def _block_attention(q, k, v, last, scale):
     last = last.to(q.device)[:, None, :, None].expand(b, Hkv, T, g).reshape(b * Hkv, M, 1)   # [G, M, 1]
     if Mp != M:   # padded queries see every key: no row of -inf
         qf, last = F.pad(qf, (0, 0, 0, Mp - M)), F.pad(last, (0, 0, 0, Mp - M), value=S - 1)
-    keys, vals = (_heads(t.float()) for t in (k, v))                                        # [G, S, D]
+    keys, vals = (_heads(t, torch.float32) for t in (k, v))                                 # [G, S, D]
     s = torch.bmm(qf, keys.transpose(1, 2)).mul_(scale or D ** -0.5)                        # [G, Mp, S]
     s.masked_fill_(torch.arange(S, device=q.device) > last, float("-inf"))
     p = s.sub_(s.amax(-1, keepdim=True)).exp_()                                             # masked keys: 0
@@ -168,15 +168,17 @@ def _block_attention(q, k, v, last, scale):
     return o.view(b, Hkv, T, g, D).transpose(1, 2).reshape(b, T, H, D).to(q.dtype)
 
 
-def _heads(t: torch.Tensor) -> torch.Tensor:
-    """[b, S, Hkv, D] -> [b * Hkv, S, D], a view where the memory allows (the CPU cache keeps each head's keys
-    together), else a copy."""
+def _heads(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[b, S, Hkv, D] -> [b * Hkv, S, D] in dtype (default: t's): a view where the memory allows (the CPU
+    cache keeps each head's keys together), else one copy that also casts."""
     b, S, Hkv, D = t.shape
-    t = t.transpose(1, 2)
-    try:
-        return t.view(b * Hkv, S, D)
-    except RuntimeError:
-        return t.reshape(b * Hkv, S, D)
+    dtype, t = dtype or t.dtype, t.transpose(1, 2)
+    if dtype == t.dtype:
+        try:
+            return t.view(b * Hkv, S, D)
+        except RuntimeError:
+            pass
+    return torch.empty(b, Hkv, S, D, dtype=dtype, device=t.device).copy_(t).view(b * Hkv, S, D)
 
 
 def _whole_blocks(t: torch.Tensor, S: int) -> torch.Tensor:
@@ -335,8 +337,7 @@ def _block_attention_grad(q, k, v, last, out, grad):
     S, Hkv = k.shape[1], k.shape[2]
     g, scale, dt = H // Hkv, D ** -0.5, q.dtype
     fold = lambda t: t.view(b, t.shape[1], Hkv, g, D).transpose(1, 2).reshape(b * Hkv, -1, D)
-    keys, vals = _heads(k), _heads(v)                                                          # [G, S, D]
-    keys32 = keys.float()
+    keys, vals, keys32 = _heads(k), _heads(v), _heads(k, torch.float32)                        # [G, S, D]
     dq = torch.empty(b * Hkv, T * g, D, device=q.device)
     dk, dv = torch.zeros(keys.shape, device=q.device), torch.zeros(vals.shape, device=q.device)
     for t0 in range(0, T, QUERY_CHUNK):
