@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minitir import distributed, lora
-from minitir.checkpoint import load_model, save_pretrained
+from minitir.checkpoint import CheckpointError, load_model, save_pretrained
 from minitir.config import ConfigError
 
 
@@ -34,6 +36,14 @@ def open_run(cfg, dist, resume: str) -> tuple[Path, Path | None]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return run_dir, None
+
+
+def save_heldout(run_dir: Path, problems: list) -> Path:
+    """run_dir/heldout.jsonl: the run's held-out problems, for `eval.py --benchmarks heldout` (each seed's own)."""
+    path = run_dir / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "problem": p.question, "answer": p.answer}) + "\n"
+                            for p in problems))
+    return path
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -91,6 +101,7 @@ class RunLog:
         events are written anew from the metrics kept (its event files cannot be cut)."""
         if not self.main:
             return
+        repair_logs(self.run_dir)
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
@@ -105,6 +116,58 @@ class RunLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class Stopped(Exception):
+    """The run stopped at a signal, its work saved: `python train.py --resume RUN_DIR` goes on."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path, run_dir: Path):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of {steps}; checkpoint "
+                         f"{checkpoint}; go on with: python train.py --resume {run_dir}")
+
+
+class StopSignals:
+    """While entered (in the main thread): SIGTERM and SIGINT, what a cluster's time limit, preemption or
+    Ctrl-C send, are noted, not acted on, so the step under way finishes and the trainer saves before it
+    stops; a second signal acts at once (the default handlers are back)."""
+
+    def __init__(self):
+        self.signum, self._old = 0, {}
+
+    def _note(self, signum, frame):
+        self.signum = signum
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def repair_logs(run_dir: Path) -> list[dict]:
+    """Cut a partial last line (a crash mid-write) from metrics.jsonl and samples.jsonl -> the metrics rows.
+    A line that does not parse anywhere else is not a crash's: CheckpointError names it."""
+    rows = []
+    for path in (run_dir / "metrics.jsonl", run_dir / "samples.jsonl"):
+        if not path.exists():
+            continue
+        text = path.read_text()
+        lines, parsed = text.splitlines(), []
+        for n, line in enumerate(lines, 1):
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                if n < len(lines):
+                    raise CheckpointError(f"{path}:{n}: not a JSON line (only a last line can be cut short)") from None
+                path.write_text("".join(ln + "\n" for ln in lines[:-1]))
+        rows = parsed if path.name == "metrics.jsonl" else rows
+    return rows
 
 
 def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int) -> Path:
