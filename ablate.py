@@ -44,6 +44,7 @@ import train
 ROOT = Path(__file__).resolve().parent
 RESERVED = ("seed", "run_dir", "run_name", "resume")   # ablate.py sets these for each run
 STOP_WAIT_S = 300   # a stopped run's last step and checkpoint
+REQUEUES = 50       # a SLURM job may run out of time (and resume) this many times
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -59,7 +60,7 @@ class AblateConfig:
     restart: bool = False               # a run made with other settings is moved to OUT/aside and run again
                                         # (without: the command stops, naming it and the settings that differ)
     launcher: Literal["local", "slurm"] = "local"   # slurm: every run a job through submitit (OUT/jobs)
-    wait: bool = False                  # slurm: wait for the jobs, then summarise (else: ablate.py ... --summarise-only)
+    wait: bool = False                  # slurm: wait for the jobs, then summarise (else: --summarise-only later)
     summarise_only: bool = False        # run nothing: summarise the runs that finished, list the others
     slurm_partition: str = ""           # the partition ("": the cluster's default)
     slurm_gpus: int = 1                 # GPUs per run (more than 1: one node, train.py under torchrun)
@@ -70,6 +71,7 @@ class AblateConfig:
     slurm_account: str = ""             # --account
     slurm_qos: str = ""                 # --qos
     slurm_constraint: str = ""          # --constraint (e.g. a GPU type)
+    resubmit: bool = False              # slurm: submit runs whose earlier job (OUT/jobs.json) has not ended
     submitit_cluster: Literal["slurm", "local"] = "slurm"   # local: submitit's local executor, the same path
                                         # without a scheduler (to try it on one machine)
 
@@ -191,12 +193,12 @@ def differences(old: dict, want: dict) -> list[str]:
     return out
 
 
-def state(run_dir: Path, want: dict) -> str:
+def state(run_dir: Path, want: dict, repair: bool = True) -> str:
     """"done" (the run logged its last step with the held-out evaluation that ends every run), "resume" (an
     earlier step's complete checkpoint), "restart" (a run of this configuration with nothing to resume: its
     directory is moved aside, never removed), "new" (no directory). RunConflict for a directory that is not
     this configuration's run: made with other numbers-changing settings, or not a run at all. A partial last
-    line in its logs (a crash mid-write) is cut back first."""
+    line in its logs (a crash mid-write) is cut back first (repair=False: only read past)."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
     try:
@@ -208,7 +210,7 @@ def state(run_dir: Path, want: dict) -> str:
     if diff:
         raise RunConflict(f"{run_dir}: made with other settings ({'; '.join(diff)}); --restart moves it aside "
                           f"and runs it again")
-    rows = run_state.repair_logs(run_dir)
+    rows = run_state.repair_logs(run_dir, cut=repair)
     if rows and rows[-1]["step"] == want["steps"] and "eval/accuracy" in rows[-1]:
         return "done"
     steps = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/trainer_state.pt")]
@@ -269,7 +271,8 @@ def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str], dict, list[str]
             for slot in [s for s in range(n) if s not in running][:len(todo)]:
                 run_dir, cmd, want, _ = todo.pop(0)
                 log = open(logs / f"{run_dir.name}.log", "a")
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(envs[slot]))
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(envs[slot]),
+                                        start_new_session=True)   # signals reach it from stop() alone
                 running[slot] = (proc, log, run_dir, want, time.time())
             time.sleep(0.5)
             for slot, (proc, log, run_dir, want, start) in list(running.items()):
@@ -289,12 +292,12 @@ def run_all(cfg: AblateConfig, todo: list[tuple[Path, list[str], dict, list[str]
     return failures
 
 
-def unfinished(run_dir: Path, want: dict, code, log: Path) -> str | None:
+def unfinished(run_dir: Path, want: dict, code, log: Path, repair: bool = True) -> str | None:
     """None for a run that finished, else one line: how it ended and the last line of its log."""
     try:
-        if state(run_dir, want) == "done":
+        if state(run_dir, want, repair) == "done":
             return None
-        rows = run_state.repair_logs(run_dir)
+        rows = run_state.repair_logs(run_dir, cut=repair)
         how = f"exit {code}, logged step {rows[-1]['step'] if rows else 0} of {want['steps']}"
     except (RunConflict, CheckpointError) as e:
         how = f"exit {code}, {e}"
@@ -352,7 +355,8 @@ class RunJob:
             cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}"] + cmd[1:]
         with open(self.log, "a") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env({}))
-            code = self.proc.wait()
+            while (code := self.proc.poll()) is None:   # not wait(): checkpoint() runs in a signal handler of
+                time.sleep(1)                            # this thread and waits for the child itself
         why = unfinished(self.run_dir, self.want, code, self.log)
         if why:
             raise RuntimeError(why)
@@ -365,10 +369,25 @@ class RunJob:
         return submitit.helpers.DelayedSubmission(RunJob(self.run_dir, self.fresh, self.want, self.log, self.gpus))
 
 
+def in_flight(out: Path, todo: list) -> list[str]:
+    """Runs to do that OUT/jobs.json says were submitted and whose job has not ended (submitit writes a
+    result file when a job ends, whatever its end): queued, running, or killed without one."""
+    jobs = json.loads((out / "jobs.json").read_text()) if (out / "jobs.json").exists() else {}
+    return [f"{d.name} (job {jobs[str(d)]})" for d, *_ in todo
+            if str(d) in jobs and not list((out / "jobs" / jobs[str(d)]).glob("*_result.pkl"))]
+
+
 def submit(cfg: AblateConfig, todo: list, out: Path) -> list:
-    """Every run to do as a job (one GPU each, or a node's slurm_gpus under torchrun): -> the jobs."""
+    """Every run to do as a job (one GPU each, or a node's slurm_gpus under torchrun): -> the jobs. Stops
+    where a run's earlier job has not ended (a second job would write the same directory), unless
+    --resubmit."""
     import submitit
-    executor = submitit.AutoExecutor(folder=out / "jobs" / "%j", cluster=cfg.submitit_cluster)
+    busy = in_flight(out, todo)
+    if busy and not cfg.resubmit:
+        raise RunConflict(f"{len(busy)} runs have jobs that have not ended: {', '.join(busy[:4])}"
+                          f"{' ...' if len(busy) > 4 else ''}; wait for them, or cancel them and add --resubmit")
+    executor = submitit.AutoExecutor(folder=out / "jobs" / "%j", cluster=cfg.submitit_cluster,
+                                     slurm_max_num_timeout=REQUEUES)
     extra = {k: v for k, v in (("account", cfg.slurm_account), ("qos", cfg.slurm_qos),
                                ("constraint", cfg.slurm_constraint)) if v}
     executor.update_parameters(
@@ -376,11 +395,14 @@ def submit(cfg: AblateConfig, todo: list, out: Path) -> list:
         nodes=1, cpus_per_task=cfg.slurm_cpus, **({"mem_gb": cfg.slurm_mem_gb} if cfg.slurm_mem_gb else {}),
         slurm_partition=cfg.slurm_partition or None, slurm_signal_delay_s=cfg.slurm_signal_s,
         slurm_additional_parameters=extra)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # jobs import ablate
+    # the jobs unpickle RunJob: they import ablate, from this checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     jobs = [executor.submit(RunJob(run_dir, fresh, want, out / "logs" / f"{run_dir.name}.log", cfg.slurm_gpus))
             for run_dir, _, want, fresh in todo]
-    (out / "jobs.json").write_text(json.dumps({str(d): j.job_id for (d, *_), j in zip(todo, jobs)}, indent=2))
+    known = json.loads((out / "jobs.json").read_text()) if (out / "jobs.json").exists() else {}
+    (out / "jobs.json").write_text(json.dumps({**known, **{str(d): j.job_id for (d, *_), j in zip(todo, jobs)}},
+                                              indent=2))
     for (run_dir, *_), job in zip(todo, jobs):
         print(f"ablate: {run_dir.name}: job {job.job_id}", flush=True)
     return jobs
@@ -394,7 +416,7 @@ def wait_for(jobs: list, todo: list) -> list[str]:
             job.result()
             print(f"ablate: {run_dir.name}: done", flush=True)
         except Exception as e:   # noqa: BLE001 - a failed job is reported, not raised
-            lines = [ln for ln in str(e).splitlines() if run_dir.name + ":" in ln]
+            lines = [ln[ln.index(run_dir.name + ":"):] for ln in str(e).splitlines() if run_dir.name + ":" in ln]
             failures.append(lines[-1].strip() if lines else f"{run_dir.name}: job {job.job_id} failed: "
                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
     return failures
@@ -405,9 +427,9 @@ def ablate(argv: list[str]) -> dict:
     cfg, vs, _ = parse(argv)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
+    todo = plan(cfg, vs, out)
     for stale in ("ablation.json", "ablation.png"):   # a summary is only ever of this invocation's runs
         (out / stale).unlink(missing_ok=True)
-    todo = plan(cfg, vs, out)
     if cfg.launcher == "slurm" and todo:
         jobs = submit(cfg, todo, out)
         if not cfg.wait:
@@ -419,7 +441,8 @@ def ablate(argv: list[str]) -> dict:
         failures = run_all(cfg, todo) if todo else []
     if cfg.summarise_only:   # every run that is not done is unfinished
         failures = [why for v in vs for seed, d in v["runs"].items()
-                    if (why := unfinished(d, run_config(v, seed, d)[1], "-", out / "logs" / f"{d.name}.log"))]
+                    if (why := unfinished(d, run_config(v, seed, d)[1], "-", out / "logs" / f"{d.name}.log",
+                                          repair=False))]
     failed = {line.split(":", 1)[0] for line in failures}
     for v in vs:   # the summary covers the runs that finished
         v["runs"] = {seed: d for seed, d in v["runs"].items() if d.name not in failed}

@@ -128,21 +128,25 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """While entered (in the main thread): SIGTERM and SIGINT, what a cluster's time limit, preemption or
-    Ctrl-C send, are noted, not acted on, so the step under way finishes and the trainer saves before it
-    stops; a second signal acts at once (the default handlers are back)."""
+    """While entered (in the main thread): SIGTERM, SIGINT and SIGUSR2, what a cluster's time limit,
+    preemption, SLURM's warning before it or Ctrl-C send, are noted, not acted on, so the step under way
+    finishes and the trainer saves before it stops. Repeats are the same request (torchrun and the terminal
+    both pass on a Ctrl-C; a SLURM job's wrapper passes on its warning), except a Ctrl-C more than REPEAT_S
+    after the first: that one interrupts at once."""
+    REPEAT_S = 2.0
 
     def __init__(self):
-        self.signum, self._old = 0, {}
+        self.signum, self.first, self._old = 0, 0.0, {}
 
     def _note(self, signum, frame):
-        self.signum = signum
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        if not self.signum:
+            self.signum, self.first = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.first > self.REPEAT_S:
+            raise KeyboardInterrupt
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
         return self
 
     def __exit__(self, *exc):
@@ -150,22 +154,24 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def repair_logs(run_dir: Path) -> list[dict]:
-    """Cut a partial last line (a crash mid-write) from metrics.jsonl and samples.jsonl -> the metrics rows.
-    A line that does not parse anywhere else is not a crash's: CheckpointError names it."""
+def repair_logs(run_dir: Path, cut: bool = True) -> list[dict]:
+    """Cut a partial last line (a crash mid-write) from metrics.jsonl and samples.jsonl -> the metrics rows
+    (cut=False: only read, past such a line: the run may still be writing it). A line that does not parse
+    anywhere else is not a crash's: CheckpointError names it."""
     rows = []
     for path in (run_dir / "metrics.jsonl", run_dir / "samples.jsonl"):
         if not path.exists():
             continue
-        text = path.read_text()
-        lines, parsed = text.splitlines(), []
+        data = path.read_bytes()
+        lines, parsed = data.decode(errors="replace").splitlines(), []
         for n, line in enumerate(lines, 1):
             try:
                 parsed.append(json.loads(line))
             except ValueError:
                 if n < len(lines):
                     raise CheckpointError(f"{path}:{n}: not a JSON line (only a last line can be cut short)") from None
-                path.write_text("".join(ln + "\n" for ln in lines[:-1]))
+                if cut:   # in place, so a crash now loses nothing more
+                    os.truncate(path, data.rfind(b"\n") + 1)
         rows = parsed if path.name == "metrics.jsonl" else rows
     return rows
 

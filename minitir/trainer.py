@@ -304,9 +304,9 @@ class Trainer:
         return self.run_dir
 
     def _saved(self):
-        """This step's checkpoint, written now unless it was due anyway."""
+        """This step's checkpoint, written now unless it was due anyway (every rank agrees: saving is collective)."""
         done = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
-        return done if (done / "trainer_state.pt").exists() else self.save_checkpoint()
+        return self.save_checkpoint() if self.dist.max(int(not (done / "trainer_state.pt").exists())) else done
 
     def _one_step(self, bar):
         m = self.train_step()

@@ -17,9 +17,11 @@ def test_t_interval_by_hand_and_too_few_seeds():
     # [0.61, 0.72, 0.80, 0.93, 0.95]: mean 0.802, s = sqrt(0.08188 / 4) = 0.143073, t(0.975, 4) = 2.776
     ci = ablation.interval([0.61, 0.72, 0.80, 0.93, 0.95])
     half = 2.776 * 0.143073 / math.sqrt(5)
-    assert ci["mean"] == pytest.approx(0.802) and (ci["ci_low"], ci["ci_high"]) == pytest.approx((0.802 - half, 0.802 + half), abs=1e-5)
+    assert ci["mean"] == pytest.approx(0.802)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx((0.802 - half, 0.802 + half), abs=1e-5)
     assert ablation.interval([0.5, 0.5, 0.5])["ci_low"] == 0.5   # no spread, no width
-    assert ablation.interval([0.7, 0.9]) == {"mean": pytest.approx(0.8), "ci_low": None, "ci_high": None, "values": [0.7, 0.9]}
+    two = {"mean": pytest.approx(0.8), "ci_low": None, "ci_high": None, "values": [0.7, 0.9]}
+    assert ablation.interval([0.7, 0.9]) == two
     assert ablation.t975(200) == pytest.approx(1.972, abs=0.001)
 
 
@@ -68,7 +70,8 @@ def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     want = {**ablation.interval([1.1 / 3 - 0.3, 0.1, 1.2 / 3 - 1.1 / 3]), "pairs": 3}
     assert area.pop("values") == pytest.approx(want.pop("values")) and area == pytest.approx(want)
     code = b["diff_vs_first"]["eval/code_ratio"]   # [0, 0, -0.6]: s = 0.3464, so -0.2 +- 0.861
-    assert code["mean"] == pytest.approx(-0.2) and code["ci_high"] == pytest.approx(-0.2 + 4.303 * 0.34641 / math.sqrt(3), abs=1e-4)
+    assert code["mean"] == pytest.approx(-0.2)
+    assert code["ci_high"] == pytest.approx(-0.2 + 4.303 * 0.34641 / math.sqrt(3), abs=1e-4)
     # the first evaluation at or above 0.5; one that never gets there counts as the last step (10)
     assert a["steps_to"]["eval/accuracy>=0.5"]["mean"] == pytest.approx(25 / 3)      # 10, 5, 10
     assert b["steps_to"]["eval/accuracy>=0.5"]["mean"] == pytest.approx(20 / 3)      # 5, 5, 10
@@ -180,7 +183,8 @@ def test_failures_do_not_hide_the_runs_that_finished(tmp_path, capsys):
     """One of two variants fails (its data is missing): the summary and figure cover the finished one, say
     which did not finish and how its log ends, and the command still fails; a figure of one metric works."""
     data = tmp_path / "one.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(40)))
     argv = ["--out", str(tmp_path / "abl"), "--vary", f"data={data},{tmp_path / 'missing.jsonl'}", "--seeds", "1",
             "--prompt", "zero_rl", "--steps", "1", "--prompts-per-step", "2", "--n-samples", "2", "--max-new-tokens",
             "8", "--eval-size", "4", "--no-tensorboard", "--log-samples", "0", "--save-every", "0"]
@@ -253,7 +257,7 @@ def test_a_grid_as_slurm_jobs_through_submitits_local_executor(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "lr=0.0003-seed0: done" in out and "lr=0.003-seed0: done" in out and "too few seeds" in out
     assert len(json.loads((tmp_path / "abl" / "jobs.json").read_text())) == 2
-    assert [r["step"] for r in ablation.read_metrics(run_dir)] == [1, 2, 3]   # resumed after 1, not redone
+    assert [r["step"] for r in ablation.read_metrics(run_dir)] == [0, 1, 2, 3]   # resumed after 1, not redone
     assert not (tmp_path / "abl" / "aside").exists()
     assert ablate.ablate(argv + ["--summarise-only"]) == summary
 
@@ -264,3 +268,16 @@ def _raises(job):
     except RuntimeError as e:
         return e
     return None
+
+
+def test_a_run_whose_job_has_not_ended_is_not_submitted_twice(tmp_path):
+    out = tmp_path / "abl"
+    cfg, vs, _ = ablate.parse(["--out", str(out), "--seeds", "1", "--launcher", "slurm"])
+    todo = ablate.plan(cfg, vs, out)
+    out.mkdir(exist_ok=True)
+    (out / "jobs.json").write_text(json.dumps({str(todo[0][0]): "123"}))
+    with pytest.raises(ablate.RunConflict, match=r"base-seed0 \(job 123\); wait for them, or cancel them"):
+        ablate.submit(cfg, todo, out)
+    (out / "jobs" / "123").mkdir(parents=True)
+    (out / "jobs" / "123" / "123_0_result.pkl").write_bytes(b"")   # the job ended
+    assert ablate.in_flight(out, todo) == []

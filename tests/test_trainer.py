@@ -884,7 +884,8 @@ def test_a_stop_signal_saves_and_resume_gives_the_same_run(tmp_path):
 
 
 def test_stop_signals_are_noted_then_act():
-    """The first SIGINT or SIGTERM is noted (the step goes on); a second acts at once; leaving restores."""
+    """The first SIGINT, SIGTERM or SIGUSR2 is noted (the step goes on), repeats are the same request (torchrun
+    and the terminal both pass on a Ctrl-C), a later Ctrl-C interrupts at once; leaving restores."""
     import signal
     from minitir.run_state import StopSignals
     before = signal.getsignal(signal.SIGINT)
@@ -892,6 +893,10 @@ def test_stop_signals_are_noted_then_act():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         assert stop.signum == signal.SIGINT
+        for repeat in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            os.kill(os.getpid(), repeat)
+            time.sleep(0.01)
+        stop.REPEAT_S = 0.0   # as if two seconds had passed
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)

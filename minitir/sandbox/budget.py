@@ -3,8 +3,9 @@
 A limit per process does not hold for a run: six processes of 300 MB each fit a 512 MB address-space limit
 each. So a run's processes share one budget, enforced by the best means the machine offers:
 
-  cgroup    where the fork server can create control groups (root with a writable cgroup filesystem, a
-            delegated subtree, a container with its own cgroup namespace): two groups per worker, used by
+  cgroup    where the fork server can create control groups (root with a writable cgroup filesystem, or a
+            delegated v2 subtree whose memory and pids controllers it can enable: not one holding processes,
+            which v2 forbids, so a container's own root group falls back to the watcher): two groups per worker, used by
             runs in turn (the next run's process is forked while the current one runs, and must not share
             its budget), each with a memory limit (swap included: none), a process limit, and the kernel's
             count of OOM kills, which turns a run the kernel stopped into status "memory". cgroup v2
@@ -25,7 +26,7 @@ import stat
 TICK_S = 0.01
 DISK_BYTES = 256 * 2 ** 20     # the working directory's budget where no tmpfs bounds it (= isolation.WORK_SIZE)
 SMAPS_FIELDS = ("Private_Clean:", "Private_Dirty:", "Swap:", "Pss_Shmem:")
-STATUS_FIELDS = ("RssAnon:", "RssShmem:", "VmSwap:")
+STATUS_FIELDS = ("RssAnon:", "RssFile:", "RssShmem:", "VmSwap:")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +132,8 @@ class Groups:
                     pass
 
     def describe(self) -> str:
-        return f"cgroup {'v2' if self.v2 else 'v1'}"
+        swap = self.v2 or os.path.exists(os.path.join(self.slot_dirs(0)[0], "memory.memsw.limit_in_bytes"))
+        return f"cgroup {'v2' if self.v2 else 'v1'}" + ("" if swap else " (swap not bounded: no memsw accounting)")
 
 
 def _read(path: str) -> str:
@@ -147,20 +149,35 @@ def _write(path: str, text: str):
 # ---------------------------------------------------------------------------------------------
 # the watcher
 # ---------------------------------------------------------------------------------------------
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`: from /proc/PID/task/*/children where the kernel has them and the
+    fork server may read them, else by a scan of every process's parent (no permission needed)."""
+    try:
+        kids = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        return kids
+    except OSError:
+        pass
+    kids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(p))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
 def descendants(pid: int, skip: set[int]) -> list[int]:
-    """Every process below `pid` (through all its threads), but the subtrees rooted at `skip`."""
+    """Every process below `pid`, but the subtrees rooted at `skip`."""
     out, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        for tid in tids:
-            kids = _read_proc(p, f"task/{tid}/children")
-            kids = [k for k in map(int, (kids or "").split()) if k not in skip]
-            out += kids
-            todo += kids
+        kids = [k for k in children_of(todo.pop()) if k not in skip]
+        out += kids
+        todo += kids
     return out
 
 

@@ -30,8 +30,7 @@ PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
 SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 UID_BASE = 1_800_000_000   # far above the ranges /etc/subuid hands out (100000 and up)
 MAX_PROCESSES = 64   # per run (RLIMIT_NPROC): a fork bomb stops there instead of filling the host's memory
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 36, 1, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,11 +40,13 @@ def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w
     """Forked ahead of its request: enter its control groups, isolate, build its Landlock rules, wait for the
     request, drop privileges, enter Landlock and the seccomp filter, set the limits it asks for, run. Never
     returns. It keeps its privileges while it waits, so the uid sweep after the previous run cannot touch it."""
-    iso, uid = server.iso, server.uid
+    iso, uid, libc = server.iso, server.uid, ctypes.CDLL(None)
     try:
-        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)   # the watcher reads the memory of the run and its
-        if server.groups is not None:                          # shim (fork copies the fork server's 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a fork server killed takes its spare along
+        if server.groups is not None:
             server.groups.enter(slot)   # before the view: /sys is not in it
+        else:   # the watcher reads the memory of the run and its shim (fork copied the fork server's 0)
+            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -80,7 +81,9 @@ def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w
         if uid is None and iso.mode not in ("root", "user"):   # else the user's other tasks count too, now
             nproc += isolation.tasks_of(os.getuid()) - 1     # (this one is the run: counted in both)
         isolation.drop_privileges(uid)                # no capability, no_new_privs
-        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)   # a new uid made it 0 again
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a new uid cleared both
+        if server.groups is None:
+            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         if rules is not None:
             landlock.restrict(rules)
         if server.program is not None:
@@ -132,22 +135,23 @@ def _reap():
         pass
 
 
-def _children() -> list[int]:
-    try:  # one read, where the kernel has it
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        pass
-    me, kids = str(os.getpid()), []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        kids.append(int(pid))
-            except OSError:
-                continue
-    return kids
+def _end_run(shim: int):
+    """Kill the run under its shim and wait a second for the shim to end -> its wait status, or None."""
+    for pid in _children(shim):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(1000):
+        pid, status = os.waitpid(shim, os.WNOHANG)
+        if pid:
+            return status
+        time.sleep(0.001)
+    return None
+
+
+def _children(of: int | None = None) -> list[int]:
+    return budget.children_of(of or os.getpid())
 
 
 def _kill_children(keep: set[int]):
@@ -269,6 +273,8 @@ class ForkServer:
         bufs, dropped, status, stopped = _collect(spare, float(req["timeout_s"]), int(req["max_output_bytes"]), over)
         _reap()
         stopped = stopped or over()   # a run may end within a tick of passing its budget
+        if status is None and self.iso.mode in ("root", "user"):   # the run first (its PID namespace dies with
+            status = _end_run(spare.pid)                               # it), so its shim empties its IPC namespace
         if status is None or any(p != self.spare.pid for p in _children()):
             # something is still running: the child (deadline) or what it started, maybe daemonised
             try:
@@ -415,10 +421,11 @@ def main(as_user: int | None = None):
     base = tempfile.mkdtemp(prefix="minitir-sandbox-")   # runs' directories live under one private parent
     os.chmod(base, 0o711)
     _warm_up()                                           # single-threaded (one BLAS thread), so it may
-    iso, program = isolation.setup(base, as_user)        # come first: unshare needs a single thread
+    sources = isolation.become_user(base, as_user) if as_user is not None else None   # (come first: unshare
+    groups, why = budget.Groups.create(f"minitir-{os.getpid()}")                       # needs one thread)
+    iso, program = isolation.setup(base, sources, watched=groups is None)
     root = os.geteuid() == 0
     uid = UID_BASE + os.getpid() if root else None   # a uid of its own per worker
-    groups, why = budget.Groups.create(f"minitir-{os.getpid()}")
     iso.bounds = isolation.bounds(iso, groups.describe() if groups else "", MAX_PROCESSES)
     dirs = [d for s in (0, 1) for d in groups.slot_dirs(s)] if groups else []
     write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, "groups": dirs,

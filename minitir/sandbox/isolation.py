@@ -219,18 +219,24 @@ def _bind(src: str, dst: str, directory: bool, read_only: bool = True):
         _read_only(dst)
 
 
-def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | None]:
+def become_user(base: str, as_user: int) -> dict[str, str] | None:
+    """Root testing the unprivileged path: after this, nothing of root remains. -> where Python's directories
+    are staged for the user (None: read where they are)."""
+    try:
+        sources = stage_for_user(base, python_dirs(), as_user)
+    except OSError:   # mounts refused (a container): Python's directories are read where they are
+        sources = None
+    os.chown(base, as_user, as_user)
+    become(as_user)
+    return sources
+
+
+def setup(base: str, sources: dict[str, str] | None, watched: bool) -> tuple[Isolation, bytes | None]:
     """Once, in the fork server, single-threaded: namespaces and the view under `base` where the kernel
-    allows them; which Landlock ABI the runs get; the runs' seccomp program. -> (what isolates the runs and
-    what does not, the compiled seccomp program or None)."""
-    sources = None
-    if as_user is not None:   # root testing the unprivileged path: after this, nothing of root remains
-        try:
-            sources = stage_for_user(base, python_dirs(), as_user)
-        except OSError:   # mounts refused (a container): Python's directories are read where they are
-            sources = None
-        os.chown(base, as_user, as_user)
-        become(as_user)
+    allows them; which Landlock ABI the runs get; the runs' seccomp program (watched: no control group
+    bounds the runs, so the fork server's watcher does, which cannot see System V segments or a memfd
+    whose pages are not mapped: the filter refuses both). -> (what isolates the runs and what does not,
+    the compiled seccomp program or None)."""
     abi = landlock.abi()
     mode, problem = enter_namespaces()
     view, keep, problems = None, (), []
@@ -246,7 +252,7 @@ def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | Non
         mode = "landlock"
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
     root, shared = os.geteuid() == 0, mode in ("landlock", "none")   # shared: runs see the host's processes
-    program, unknown = seccomp.run_filter(user_files=shared and not root, ipc=shared)   # ... and as a user, its files
+    program, unknown = seccomp.run_filter(user_files=shared and not root, ipc=shared or watched, memfd=watched)
     if view is None and not abi:
         problems.append(f"{problem}, and no Landlock (Linux >= 5.13 with landlock among its LSMs): code sees "
                         f"every file this {'machine' if root else 'user'} can read")

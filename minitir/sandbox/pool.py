@@ -89,7 +89,7 @@ class _Worker:
         self.proc.wait()
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-        for d in self.groups:   # left by a fork server that was killed (empty now: its runs died with it)
+        for d in self.groups:   # left by a fork server that was killed (its spare and run die with it)
             try:
                 os.rmdir(d)
             except OSError:
@@ -134,9 +134,10 @@ class Sandbox:
                 f"sandbox: nothing isolates model-written code here ({iso.problem}); accept the risk with "
                 f"--sandbox-allow-unisolated (train.py, eval.py), Sandbox(allow_unisolated=True) or "
                 f"{ALLOW_UNISOLATED_ENV}=1 (sandbox.py)")
-        if iso.problem and iso.problem not in _warned:   # once per process and cause
-            _warned.add(iso.problem)
-            log.warning("sandbox: NOT ISOLATED: %s", iso.problem)
+        for problem in dict.fromkeys(i.problem for i in isos if i.problem):   # every worker's, once per process
+            if problem not in _warned:
+                _warned.add(problem)
+                log.warning("sandbox: NOT ISOLATED: %s", problem)
         self._threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in self._workers]
         for t in self._threads:
             t.start()
