@@ -4,7 +4,7 @@
     python eval.py --model Qwen2.5-1.5B --benchmarks math500 --paper            # the paper's eval settings
     python eval.py --model Qwen2.5-1.5B --benchmarks math500 --max-tool-calls 0,1,2,4,8,16   # the sweep
     python eval.py --model smollm2-135m --benchmarks math500 --prompt zero_rl                 # no tools
-    python eval.py --model runs/NAME/checkpoints/step-000040 --benchmarks miniature --max-tool-calls 0,1,2
+    python eval.py --model runs/NAME/checkpoints/step-000040 --benchmarks heldout --max-tool-calls 0,1,2
 
     torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16       # problems split over ranks
 
@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class EvalConfig:
     model: str                          # checkpoint dir, hub id, short name (Qwen2.5-1.5B) or smollm2-135m
-    benchmarks: str = "math500"         # comma-separated names (math500, aime24, amc23, ..., miniature) or files
+    benchmarks: str = "math500"         # comma-separated names (math500, aime24, amc23, ..., miniature: seed 0's
+                                        # held-out problems; heldout: --model's run's own) or files
     data_dir: str = str(ROOT / "data")  # where benchmark files are looked up (then the Hugging Face hub)
     n_samples: int = 1                  # responses per problem (avg@n, pass@k, maj@n)
     max_tool_calls: str = "2"           # one value, or a comma-separated sweep such as 0,1,2,4
@@ -99,6 +100,12 @@ def load_benchmarks(cfg: EvalConfig, say) -> dict:
     """Every benchmark, before the model loads: a missing file fails in a second."""
     benches = {}
     for name in [b for b in cfg.benchmarks.split(",") if b]:
+        if name == "heldout":   # the run's own held-out problems, saved next to its checkpoints
+            saved = Path(cfg.model).parent.parent / "heldout.jsonl"
+            if not saved.exists():
+                raise DatasetError(f"--benchmarks heldout: {saved} not found (--model must be RUN/checkpoints/step-N "
+                                   f"of a run that evaluated held-out problems)")
+            name = str(saved)
         problems, report = load_benchmark(name, cfg.data_dir, limit=cfg.limit)
         if report.skipped_no_answer:
             say(f"{name}: skipped {report.skipped_no_answer} records without a gold answer")

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from minitir import cli
+from minitir import cli, run_state
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.tasks import DatasetError
@@ -89,9 +89,15 @@ def train(argv: list[str]):
         print(f"run: {trainer.run_dir}  ({cfg.model}, {cfg.algo}, {cfg.steps} steps, "
               f"{cfg.prompts_per_step} prompts x {cfg.n_samples} responses per step{ranks})")
     try:
-        run_dir = trainer.train()
+        run_dir, stopped = trainer.train(), None
+    except run_state.Stopped as e:   # its work saved
+        stopped = e
     finally:
         trainer.close()
+    if stopped is not None:   # one line, and the signal's exit status
+        if main_rank:
+            print(f"train.py: {stopped}", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum)
     if not main_rank:
         return
     last = sorted((run_dir / "checkpoints").glob("step-*"))

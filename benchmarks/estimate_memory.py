@@ -67,8 +67,8 @@ def estimate(m: dict, cfg: dict, gpus: int) -> dict:
     else:  # selective (q/k/v are recomputed: the adapted o, gate, up and down weights are kept)
         kept = m["heads"] * m["head_dim"] * D + 3 * D * m["intermediate"]
         acts = L * T * 3 * D * b + T * (4 * D + 3 * m["intermediate"]) * b + (2 * kept * L if r else 0)
-        if cfg.get("batch_invariant", True):   # the block kernel's q, k, v
-            acts += L * T * (m["heads"] + 2 * m["kv_heads"]) * m["head_dim"] * b
+        if cfg.get("batch_invariant", True):   # the block kernel's q, k, v and output (k and v as gathered:
+            acts += L * T * (2 * m["heads"] + 2 * m["kv_heads"]) * m["head_dim"] * b   # at least T rows)
     logprobs = 3 * 1024 * m["vocab"] * 4
     train = gathered + acts + logprobs
     peak = state + decode_copy + max(kv, train)

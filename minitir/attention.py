@@ -280,13 +280,13 @@ class PackedPlan:
                               iq.flatten()[real]))
 
 
-PACKED_PADDING = 1 << 18   # (query, key) pairs of padding a packed batch may add before it splits
+PACKED_PADDING = 1 << 18   # (query, key) pairs of padding a packed batch may add before it splits: a packed
+# call works on many queries per row, so its fixed cost is worth far more padding than a decoding call's
 
 
 def _packed_runs(order: list[int], n: list[int], m: list[int]) -> list[list[int]]:
     """The sequences `order` (by key count) cut into batches, each ended where padding its sequences to the
-    batch's most queries and keys would add more than PACKED_PADDING (query, key) pairs (about what one more
-    call of the kernel costs on a 2-core CPU)."""
+    batch's most queries and keys would add more than PACKED_PADDING (query, key) pairs."""
     runs, cur, T, S, real = [], [], 0, 0, 0
     for s in order:
         t, k = max(T, n[s]), max(S, m[s])
@@ -300,13 +300,13 @@ def _packed_runs(order: list[int], n: list[int], m: list[int]) -> list[list[int]
 
 def varlen_attention_blocks(q, k, v, plan: PackedPlan) -> torch.Tensor:
     """Packed sequences (q [Nq, H, D], k/v [Nk, Hkv, D], bottom-right causal) through block_attention, the
-    same bits per query as decoding, batch by batch of plan; gathered by index (its gradient: one index_add)."""
+    same bits per query as decoding, batch by batch of plan; gathered by index (their gradients: index_adds)."""
     q_, k_, v_ = (F.pad(t, (0, 0, 0, 0, 0, 1)) for t in (q, k, v))   # a zero row (the last) pads the batches
     out = torch.empty_like(q)
     for iq, ik, last, real, rows in plan.runs:
         gather = lambda t, idx: t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
         o = _BlockAttention.apply(gather(q_, iq), gather(k_, ik), gather(v_, ik), last)          # [b, T, H, D]
-        out = out.index_copy(0, rows, o.flatten(0, 1)[real])
+        out.index_copy_(0, rows, o.flatten(0, 1)[real])
     return out
 
 
@@ -337,7 +337,8 @@ def _block_attention_grad(q, k, v, last, out, grad):
     S, Hkv = k.shape[1], k.shape[2]
     g, scale, dt = H // Hkv, D ** -0.5, q.dtype
     fold = lambda t: t.view(b, t.shape[1], Hkv, g, D).transpose(1, 2).reshape(b * Hkv, -1, D)
-    keys, vals, keys32 = _heads(k), _heads(v), _heads(k, torch.float32)                        # [G, S, D]
+    keys, vals = _heads(k), _heads(v)                                                          # [G, S, D]
+    keys32 = keys if keys.dtype == torch.float32 else _heads(k, torch.float32)
     dq = torch.empty(b * Hkv, T * g, D, device=q.device)
     dk, dv = torch.zeros(keys.shape, device=q.device), torch.zeros(vals.shape, device=q.device)
     for t0 in range(0, T, QUERY_CHUNK):

@@ -275,7 +275,7 @@ class _RecomputedMLP(torch.autograd.Function):
     def forward(ctx, x, norm_w, eps, invariant, Wg, bg, Wu, bu, Wd, bd):
         _, n, rstd = _norm(x, norm_w, eps)
         ctx.save_for_backward(x, rstd, norm_w, Wg, bg, Wu, bu, Wd)
-        ctx.has_b = (bg is not None, bu is not None, bd is not None)
+        ctx.has_b, ctx.invariant = (bg is not None, bu is not None, bd is not None), invariant
         g, u = _products(n, (Wg, Wu), (bg, bu), invariant=invariant)
         return _product(silu(g) * u, Wd, bd, invariant=invariant)
 
@@ -284,7 +284,7 @@ class _RecomputedMLP(torch.autograd.Function):
     def backward(ctx, gout):
         x, rstd, norm_w, Wg, bg, Wu, bu, Wd = ctx.saved_tensors
         n = norm_w.to(x.dtype) * (x.float() * rstd).to(x.dtype)          # recomputed [N, D]
-        g, u = _product(n, Wg, bg), _product(n, Wu, bu)
+        g, u = _products(n, (Wg, Wu), (bg, bu), invariant=ctx.invariant)   # as forward computed them
         g_g, g_u, g_Wd, g_bd = _swiglu_down_backward(g, u, Wd, gout, ctx.has_b[2])
         gx, g_norm_w, (g_Wg, g_bg, g_Wu, g_bu) = _norm_linears_backward(
             x, rstd, norm_w, (Wg, bg, Wu, bu), (g_g, g_u), ctx.has_b[:2])

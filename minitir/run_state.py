@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minitir import distributed, lora
-from minitir.checkpoint import load_model, save_pretrained
+from minitir.checkpoint import CheckpointError, load_model, save_pretrained
 from minitir.config import ConfigError
 
 
@@ -34,6 +36,14 @@ def open_run(cfg, dist, resume: str) -> tuple[Path, Path | None]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return run_dir, None
+
+
+def save_heldout(run_dir: Path, problems: list) -> Path:
+    """run_dir/heldout.jsonl: the run's held-out problems, for `eval.py --benchmarks heldout` (each seed's own)."""
+    path = run_dir / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "problem": p.question, "answer": p.answer}) + "\n"
+                            for p in problems))
+    return path
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -91,6 +101,7 @@ class RunLog:
         events are written anew from the metrics kept (its event files cannot be cut)."""
         if not self.main:
             return
+        repair_logs(self.run_dir)
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
@@ -105,6 +116,64 @@ class RunLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class Stopped(Exception):
+    """The run stopped at a signal, its work saved: `python train.py --resume RUN_DIR` goes on."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path, run_dir: Path):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of {steps}; checkpoint "
+                         f"{checkpoint}; go on with: python train.py --resume {run_dir}")
+
+
+class StopSignals:
+    """While entered (in the main thread): SIGTERM, SIGINT and SIGUSR2, what a cluster's time limit,
+    preemption, SLURM's warning before it or Ctrl-C send, are noted, not acted on, so the step under way
+    finishes and the trainer saves before it stops. Repeats are the same request (torchrun and the terminal
+    both pass on a Ctrl-C; a SLURM job's wrapper passes on its warning), except a Ctrl-C more than REPEAT_S
+    after the first: that one interrupts at once."""
+    REPEAT_S = 2.0
+
+    def __init__(self):
+        self.signum, self.first, self._old = 0, 0.0, {}
+
+    def _note(self, signum, frame):
+        if not self.signum:
+            self.signum, self.first = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.first > self.REPEAT_S:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def repair_logs(run_dir: Path, cut: bool = True) -> list[dict]:
+    """Cut a partial last line (a crash mid-write) from metrics.jsonl and samples.jsonl -> the metrics rows
+    (cut=False: only read, past such a line: the run may still be writing it). A line that does not parse
+    anywhere else is not a crash's: CheckpointError names it."""
+    rows = []
+    for path in (run_dir / "metrics.jsonl", run_dir / "samples.jsonl"):
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        lines, parsed = data.decode(errors="replace").splitlines(), []
+        for n, line in enumerate(lines, 1):
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                if n < len(lines):
+                    raise CheckpointError(f"{path}:{n}: not a JSON line (only a last line can be cut short)") from None
+                if cut:   # in place, so a crash now loses nothing more
+                    os.truncate(path, data.rfind(b"\n") + 1)
+        rows = parsed if path.name == "metrics.jsonl" else rows
+    return rows
 
 
 def save_checkpoint(run_dir: Path, learner, dist, trainer_state: dict, keep: int) -> Path:

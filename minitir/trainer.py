@@ -61,6 +61,8 @@ class Trainer:
         problems, self.prompts_too_long = within_prompt_budget(problems, self.tok, self.template,
                                                                cfg.max_prompt_tokens, say)
         self.data, self.eval_problems = ProblemStream(problems, cfg.seed), eval_problems or []
+        if self.dist.main and self.eval_problems:
+            run_state.save_heldout(self.run_dir, self.eval_problems)
         state = run_state.load_weights(self.learner, ckpt, self.device) if ckpt else None
         self.learner.shard()
         self.learner.build_optimizers()
@@ -279,19 +281,20 @@ class Trainer:
 
     def train(self):
         """Steps until cfg.steps, with a held-out evaluation first (step 0) when evaluations are due; at the
-        end, also when interrupted, the run's scaling figure and statistics (scaling.png, scaling.json)."""
+        end, also when interrupted, the run's scaling figure and statistics (scaling.png, scaling.json).
+        SIGTERM or SIGINT: the step under way finishes, a checkpoint is saved and run_state.Stopped raised
+        (under torchrun every rank stops after the same step)."""
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout,
                    disable=not self.dist.main)
         try:
-            if self.step == 0 and self.eval_problems and self.cfg.eval_every:
-                self.log.metrics({"step": 0, **self.evaluate()})
-            while self.step < self.cfg.steps:
-                m = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", code=f"{m['code_ratio']:.2f}",
-                                len=f"{m['response_length']:.0f}")
-                if self.cfg.print_every and self.dist.main and self.step % self.cfg.print_every == 0:
-                    bar.write(self.shown)
+            with run_state.StopSignals() as stop:
+                if self.step == 0 and self.eval_problems and self.cfg.eval_every:
+                    self.log.metrics({"step": 0, **self.evaluate()})
+                while self.step < self.cfg.steps:
+                    self._one_step(bar)
+                    if self.dist.max(stop.signum) and self.step < self.cfg.steps:
+                        raise run_state.Stopped(int(self.dist.max(stop.signum)), self.step, self.cfg.steps,
+                                                self._saved(), self.run_dir)
         finally:
             bar.close()
             self.log.close()
@@ -299,6 +302,19 @@ class Trainer:
                 from minitir.plot import write_scaling
                 print(f"scaling figure: {write_scaling(self.run_dir)[0]}")
         return self.run_dir
+
+    def _saved(self):
+        """This step's checkpoint, written now unless it was due anyway (every rank agrees: saving is collective)."""
+        done = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        return self.save_checkpoint() if self.dist.max(int(not (done / "trainer_state.pt").exists())) else done
+
+    def _one_step(self, bar):
+        m = self.train_step()
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", code=f"{m['code_ratio']:.2f}",
+                        len=f"{m['response_length']:.0f}")
+        if self.cfg.print_every and self.dist.main and self.step % self.cfg.print_every == 0:
+            bar.write(self.shown)
 
     def save_checkpoint(self):
         """The weights, the optimizer and the trainer's place: step, data order and every rank's carried samples

@@ -73,3 +73,29 @@ def test_the_default_response_budget_fits_the_models_context():
     assert evaluate_cli.default_budget(model, tok, cfg, benches) == 1024 - longest
     model.config.max_position_embeddings = 10**6
     assert evaluate_cli.default_budget(model, tok, cfg, benches) == 3072
+
+
+def test_each_seed_is_evaluated_on_its_own_held_out_problems(tmp_path):
+    """A run saves its held-out problems; `--benchmarks heldout` reads exactly them from --model's run (seed
+    1's differ from seed 0's, which `--benchmarks miniature` is), and says so where a run saved none."""
+    import eval as eval_py
+    from minitir import run_state
+    from minitir.config import TrainConfig
+    from minitir.tasks import DatasetError, load_benchmark, training_problems
+    quiet = lambda *a: None   # noqa: E731
+    held = {}
+    for seed in (0, 1):
+        cfg = TrainConfig(data="miniature", synthetic_size=4000, eval_size=64, seed=seed)
+        held[seed] = training_problems(cfg, quiet)[1]
+        (tmp_path / f"seed{seed}").mkdir()
+        run_state.save_heldout(tmp_path / f"seed{seed}", held[seed])
+        ecfg = eval_py.parse(["--model", str(tmp_path / f"seed{seed}" / "checkpoints" / "step-000040"),
+                              "--benchmarks", "heldout"])
+        got = eval_py.load_benchmarks(ecfg, quiet)["heldout"]
+        assert [(p.question, p.answer) for p in got] == [(p.question, p.answer) for p in held[seed]]
+    miniature = load_benchmark("miniature")[0]
+    assert [p.question for p in miniature] == [p.question for p in held[0]]
+    assert {p.question for p in held[1]} != {p.question for p in held[0]}
+    ecfg = eval_py.parse(["--model", str(tmp_path / "nowhere" / "checkpoints" / "step-1"), "--benchmarks", "heldout"])
+    with pytest.raises(DatasetError, match="heldout.jsonl not found"):
+        eval_py.load_benchmarks(ecfg, quiet)

@@ -274,6 +274,185 @@ def test_a_set_prints_in_one_order_on_every_worker(sb):
     assert outs == {seed0}
 
 
+# ------------------------------------------------------------------------------------------------
+# nothing shared between runs; one memory and disk budget per run, over all its processes
+# ------------------------------------------------------------------------------------------------
+SYSV = """import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+def made(what, ident):
+    print(what, 'refused' if ident < 0 else 'made', os.strerror(ctypes.get_errno()) if ident < 0 else '')
+    return ident
+shm = made('shm', libc.shmget({key}, 4096, 0o1666))
+if shm >= 0:
+    p = libc.shmat(shm, None, 0)
+    print('shm holds', ctypes.string_at(p, 6))
+    ctypes.memmove(p, b'secret', 6)
+msg = made('msg', libc.msgget({key}, 0o1666))
+if msg >= 0:
+    buf = ctypes.create_string_buffer(64)
+    got = libc.msgrcv(msg, buf, 56, 0, 0o4000)   # IPC_NOWAIT
+    print('msg holds', buf.raw[8:8 + max(got, 0)])
+    libc.msgsnd(msg, ctypes.c_char_p(b'\\1\\0\\0\\0\\0\\0\\0\\0secret'), 6, 0)
+made('sem', libc.semget({key}, 1, 0o1666))
+"""
+POSIX = """import ctypes, os
+from multiprocessing import shared_memory
+try:
+    m = shared_memory.SharedMemory('{name}', create=False)
+    print('shm holds', bytes(m.buf[:6]))
+except FileNotFoundError:
+    try:
+        m = shared_memory.SharedMemory('{name}', create=True, size=4096)
+        m.buf[:6] = b'secret'
+        print('shm made')
+    except OSError as e:
+        print('shm refused', type(e).__name__)
+rt = ctypes.CDLL('librt.so.1', use_errno=True)
+q = rt.mq_open(b'/{name}', 0o4000 | 0o100 | 2, 0o666, None)   # O_NONBLOCK | O_CREAT | O_RDWR
+if q < 0:
+    print('mq refused', os.strerror(ctypes.get_errno()))
+else:
+    buf = ctypes.create_string_buffer(8192)
+    got = rt.mq_receive(q, buf, 8192, None)
+    print('mq holds', buf.raw[:max(got, 0)])
+    rt.mq_send(q, b'secret', 6, 0)
+"""
+
+
+def _host_ipc_keys() -> set[int]:
+    keys = set()
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            keys |= {int(line.split()[0]) for line in list(f)[1:]}
+    return keys
+
+
+def test_ipc_objects_of_one_run_never_reach_the_next(sb):
+    """System V shared memory, message queues and semaphores, POSIX shared memory and message queues: a run
+    that makes one and writes "secret" to it, then the next runs: none finds it. With namespaces each run
+    has an IPC namespace of its own, emptied before it ends; without (a container), the calls that make or
+    attach them fail (seccomp) and /dev/shm is closed (Landlock). Nothing is left on the host."""
+    key, name = 0x5EC + os.getpid(), f"minitir-{uuid.uuid4().hex[:12]}"
+    before = _host_ipc_keys()
+    for code in (SYSV.format(key=key), POSIX.format(name=name)):
+        outs = [r.stdout for r in sb.run_many([code] * 4)]
+        assert all("secret" not in o for o in outs), outs
+        if CONTAINER:
+            assert all(o.count("refused") == o.count("\n") for o in outs), outs
+        elif code.startswith("import ctypes, os\nlibc"):   # System V: private, so allowed where a control
+            watched = not sb.worker_info[0]["groups"]        # group counts its memory (POSIX: no /dev/shm)
+            assert all(("refused" in o) == watched for o in outs), outs
+    assert _host_ipc_keys() <= before and key not in _host_ipc_keys()
+    assert not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/mqueue/{name}")
+    check_clean(sb)
+
+
+def test_remove_ipc_objects_empties_the_namespace():
+    """The shim's clean-up, in a child with an IPC namespace of its own: every object found and removed."""
+    import ctypes
+    from minitir.sandbox import isolation
+    if not ROOT or CONTAINER:
+        pytest.skip("needs unshare(CLONE_NEWIPC) as root")
+    pid = os.fork()
+    if pid == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.unshare(isolation.CLONE_NEWIPC) == 0
+        made = [libc.shmget(k, 4096, 0o1600) for k in (1, 2)] + [libc.msgget(3, 0o1600), libc.semget(4, 2, 0o1600)]
+        gone, again = isolation.remove_ipc_objects(), isolation.remove_ipc_objects()
+        os._exit(0 if ok and min(made) >= 0 and (gone, again) == (4, 0) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+SWARM = ("import os, time\nkids = []\nfor _ in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+         "        x = bytearray(100 * 2 ** 20)\n        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(5)\n"
+         "        os._exit(0)\n    kids.append(pid)\nfor k in kids:\n    os.waitpid(k, 0)\nprint('all done')")
+FORKS_WITHIN = ("import os, sympy\nx = sympy.symbols('x')\nkids = []\nfor i in range(12):\n    pid = os.fork()\n"
+                "    if pid == 0:\n        for n in range(20):\n            sympy.factor(x ** (n + 4) - 1)\n"
+                "        os._exit(0)\n    kids.append(pid)\nfor k in kids:\n    os.waitpid(k, 0)\nprint(len(kids))")
+DISK = ("import os\nfor i in range(24):\n    with open(f'f{i}', 'wb') as f:\n        f.write(b'x' * 15 * 2 ** 20)\n"
+        "print('wrote 360 MB')")
+
+
+def test_one_memory_budget_over_all_processes(sb):
+    """Six processes of 100 MB each against memory_mb=256 (each far below its own address-space limit): the
+    run ends with status "memory" within a second, and the next run is unaffected. Twelve processes that
+    compute with what the fork server preloaded stay within the budget (it counts what they add, not what
+    they share)."""
+    t = time.time()
+    r = sb.run(SWARM)
+    assert r.status == "memory" and "all done" not in r.stdout and time.time() - t < 3, r
+    assert "memory budget" in r.stderr and "MemoryError" in r.text
+    check_clean(sb)
+    r = sb.run(FORKS_WITHIN)
+    assert (r.status, r.stdout) == ("ok", "12\n"), r
+
+
+def test_one_disk_budget_per_run(sb):
+    """360 MB of files against a 256 MB budget: a tmpfs of that size refuses the writes (status "error",
+    "No space left"), or without one the watcher stops the run (status "disk"); where a control group counts
+    the files' pages as the run's memory (tmpfs, page cache) they may pass memory_mb first (status
+    "memory"). The directory is removed and the next run has its whole budget."""
+    r = sb.run(DISK)
+    assert "wrote" not in r.stdout
+    stopped = {("disk", False)} if CONTAINER else {("error", True)}   # or files in memory over its budget:
+    assert (r.status, "No space left on device" in r.stderr) in stopped | {("memory", False)}, r   # a cgroup counts them
+    check_clean(sb)
+    r = sb.run("with open('f', 'wb') as f:\n    f.write(b'x' * 15 * 2 ** 20)\nprint('ok')")
+    assert (r.status, r.stdout) == ("ok", "ok\n"), r
+
+
+def test_every_worker_says_what_bounds_a_run(sb):
+    """The report names what bounds each run as a whole: a control group where the fork server could make
+    one (here: as root), else the watcher; the disk by a tmpfs with a private view, else by the watcher."""
+    for w in sb.worker_info:
+        assert ("cgroup" in w["bounds"]) == bool(w["groups"]) and ("watcher summing" in w["bounds"]) != bool(w["groups"])
+        assert ("disk by a tmpfs" in w["bounds"]) == (not CONTAINER)
+    if ROOT and not CONTAINER and sb.isolation["mode"] == "root":
+        assert sb.isolation["groups"], sb.isolation["no_groups"]   # this project's machines: cgroup v1, as root
+    assert sb.isolation["bounds"] in sb.report
+
+
+def test_a_worker_whose_isolation_is_weaker_stops_the_sandbox(monkeypatch):
+    """Every worker's isolation is checked, not only the first's: one that is not contained refuses."""
+    from minitir.sandbox import pool
+    start = pool._Worker.start
+    calls = []
+
+    def start_weaker(self):
+        hello = start(self)
+        calls.append(1)
+        return {**hello, "view": None, "landlock": 0} if len(calls) == 2 else hello
+    monkeypatch.setattr(pool._Worker, "start", start_weaker)
+    with pytest.raises(SandboxUnavailable):
+        Sandbox(timeout_s=2, workers=2)
+
+
+def test_cgroup_v2_files(tmp_path):
+    """The v2 names of the budget (the machines here have v1): memory.max, no swap, pids.max, OOM kills
+    counted from memory.events; v1: memsw raised before memory, lowered after."""
+    from minitir.sandbox.budget import Groups
+    for v2 in (True, False):
+        base = tmp_path / ("v2" if v2 else "v1")
+        g = Groups([str(base / "g-slot")] if v2 else [str(base / "m-slot"), str(base / "p-slot")], v2)
+        for d in g.slot_dirs(1):
+            os.makedirs(d)
+        mem = Path(g.slot_dirs(1)[0])
+        if v2:
+            (mem / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+        else:
+            (mem / "memory.limit_in_bytes").write_text("1000")
+            (mem / "memory.memsw.limit_in_bytes").write_text("1000")
+            (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+        g.set_limit(1, 2 ** 28, 65)
+        files = {f.name: f.read_text() for d in g.slot_dirs(1) for f in Path(d).iterdir()}
+        if v2:
+            assert (files["memory.max"], files["memory.swap.max"], files["pids.max"]) == (str(2 ** 28), "0", "65")
+        else:
+            assert files["memory.limit_in_bytes"] == files["memory.memsw.limit_in_bytes"] == str(2 ** 28)
+        assert g.oom_kills(1) == 2
+
+
 def test_thread_safety_and_futures(sb):
     futs = [sb.submit(f"print({i})") for i in range(20)]
     assert [f.result().stdout for f in futs] == [f"{i}\n" for i in range(20)]
@@ -447,7 +626,8 @@ def test_where_nothing_isolates_no_code_runs():
         "    print(sb.report)\n    print(sb.run('print(6 * 7)').stdout.strip())\n", landlock=False)
     refused, report, answer = r.stdout.strip().splitlines()
     assert refused.startswith("refused: sandbox: nothing isolates") and "--sandbox-allow-unisolated" in refused
-    assert "isolation: seccomp; NOT ISOLATED:" in report and answer == "42", r.stdout + r.stderr
+    assert report.startswith("isolation: seccomp; per run: ") and "; NOT ISOLATED:" in report, report
+    assert answer == "42", r.stdout + r.stderr
     for script, args in (("train.py", ["--model", "/nonexistent/model", "--steps", "1"]),
                          ("eval.py", ["--model", "/nonexistent/model", "--benchmarks", "gsm8k"]),
                          ("sandbox.py", ["run", "/dev/null"])):

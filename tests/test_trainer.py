@@ -3,6 +3,7 @@ resume, crash-safe checkpoints, the update's bookkeeping against hand computatio
 first step, and one real step of the embedded SmolLM2."""
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from minitir.tasks import Problem
 from minitir.config import ConfigError, TrainConfig
 from minitir.rollout import Sample
 from minitir.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CODE_OPEN, CODE_CLOSE = "```python\nprint(", ")\n```"
 ANS_OPEN, ANS_CLOSE = "</think> <answer>\\boxed{", "}</answer>"
@@ -841,3 +844,60 @@ def test_gradient_clipping_is_torchs_summed_in_a_fixed_order():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours[0][1], want))
     for n, grads_n in ours[1:]:
         assert n == ours[0][0] and all(torch.equal(a, b) for a, b in zip(grads_n, ours[0][1]))
+
+
+def test_a_stop_signal_saves_and_resume_gives_the_same_run(tmp_path):
+    """train.py sent SIGTERM (a cluster's time limit, preemption) mid-run finishes its step, saves, closes its
+    sandbox and exits 143 with one line saying how to go on; --resume then ends exactly as a run never
+    stopped (metrics but the wall-clock fields, samples)."""
+    import signal
+    import subprocess
+    import sys
+    flags = ["--prompt", "zero_rl", "--steps", "4", "--prompts-per-step", "2", "--n-samples", "2",
+             "--max-new-tokens", "16", "--eval-size", "4", "--eval-every", "2", "--synthetic-size", "40",
+             "--no-tensorboard", "--log-samples", "1", "--save-every", "0", "--print-every", "0",
+             "--run-dir", str(tmp_path)]
+    cmd = lambda *a: [sys.executable, str(ROOT / "train.py"), *flags, *a]   # noqa: E731
+    straight = subprocess.Popen(cmd("--run-name", "straight"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    stopped = subprocess.Popen(cmd("--run-name", "stopped"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    while not (metrics.exists() and '"step": 1' in metrics.read_text()) and stopped.poll() is None:
+        time.sleep(0.1)
+    stopped.send_signal(signal.SIGTERM)
+    err = stopped.communicate(timeout=300)[1]
+    assert stopped.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("train.py: stopped by SIGTERM after step ") and "Traceback" not in err, err
+    assert line.endswith(f"go on with: python train.py --resume {tmp_path / 'stopped'}"), line
+    step = int(line.split("after step ")[1].split()[0])
+    assert 1 <= step < 4 and (tmp_path / "stopped" / "checkpoints" / f"step-{step:06d}" / "trainer_state.pt").exists()
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(tmp_path / "stopped")],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and straight.wait(timeout=300) == 0, resumed.stderr[-2000:]
+    wall = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_s"}  # noqa
+    read = lambda run, f: [json.loads(ln) for ln in (tmp_path / run / f).read_text().splitlines()]  # noqa: E731
+    assert [wall(r) for r in read("stopped", "metrics.jsonl")] == [wall(r) for r in read("straight", "metrics.jsonl")]
+    assert read("stopped", "samples.jsonl") == read("straight", "samples.jsonl")
+    assert len(read("stopped", "heldout.jsonl")) == 4   # its held-out problems, for eval.py --benchmarks heldout
+
+
+def test_stop_signals_are_noted_then_act():
+    """The first SIGINT, SIGTERM or SIGUSR2 is noted (the step goes on), repeats are the same request (torchrun
+    and the terminal both pass on a Ctrl-C), a later Ctrl-C interrupts at once; leaving restores."""
+    import signal
+    from minitir.run_state import StopSignals
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.signum == signal.SIGINT
+        for repeat in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            os.kill(os.getpid(), repeat)
+            time.sleep(0.01)
+        stop.REPEAT_S = 0.0   # as if two seconds had passed
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -5,6 +5,7 @@
     isolation.py   namespaces, the private filesystem view, dropping privileges; what isolates the runs
     landlock.py    the filesystem, TCP, signals and abstract sockets closed to each run, with or without namespaces
     seccomp.py     the system calls each run may not make (ptrace, mounts, namespaces, sockets, ...)
+    budget.py      one memory, process and disk budget per run over all its processes: cgroups or a watcher
     forkserver.py  the worker process: warm imports, one pre-forked child per run, reaping, rlimits
     pool.py        the host side: Sandbox, a thread-safe pool of fork servers with futures
     http.py        a SandboxFusion-compatible server (`python sandbox.py serve`) and RemoteSandbox

@@ -10,6 +10,7 @@ emptied after every run.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -22,25 +23,30 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from minitir.sandbox import isolation, landlock, seccomp
+from minitir.sandbox import budget, isolation, landlock, seccomp
 from minitir.sandbox.child import MEMORY_EXIT, run_user_code
 
 PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
 SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 UID_BASE = 1_800_000_000   # far above the ranges /etc/subuid hands out (100000 and up)
 MAX_PROCESSES = 64   # per run (RLIMIT_NPROC): a fork bomb stops there instead of filling the host's memory
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 36, 1, 4
 
 
 # ---------------------------------------------------------------------------------------------
 # the run's process
 # ---------------------------------------------------------------------------------------------
-def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_w: int):
-    """Forked ahead of its request: isolate, build its Landlock rules, wait for the request, drop privileges,
-    enter Landlock and the seccomp filter, set the limits it asks for, run. Never returns. It keeps its
-    privileges while it waits, so the uid sweep after the previous run cannot touch it."""
-    iso, uid = server.iso, server.uid
+def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w: int, err_w: int):
+    """Forked ahead of its request: enter its control groups, isolate, build its Landlock rules, wait for the
+    request, drop privileges, enter Landlock and the seccomp filter, set the limits it asks for, run. Never
+    returns. It keeps its privileges while it waits, so the uid sweep after the previous run cannot touch it."""
+    iso, uid, libc = server.iso, server.uid, ctypes.CDLL(None)
     try:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a fork server killed takes its spare along
+        if server.groups is not None:
+            server.groups.enter(slot)   # before the view: /sys is not in it
+        else:   # the watcher reads the memory of the run and its shim (fork copied the fork server's 0)
+            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -75,6 +81,9 @@ def _spare_child(run: "_Run", server: "ForkServer", req_r: int, out_w: int, err_
         if uid is None and iso.mode not in ("root", "user"):   # else the user's other tasks count too, now
             nproc += isolation.tasks_of(os.getuid()) - 1     # (this one is the run: counted in both)
         isolation.drop_privileges(uid)                # no capability, no_new_privs
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a new uid cleared both
+        if server.groups is None:
+            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         if rules is not None:
             landlock.restrict(rules)
         if server.program is not None:
@@ -126,22 +135,23 @@ def _reap():
         pass
 
 
-def _children() -> list[int]:
-    try:  # one read, where the kernel has it
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        pass
-    me, kids = str(os.getpid()), []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        kids.append(int(pid))
-            except OSError:
-                continue
-    return kids
+def _end_run(shim: int):
+    """Kill the run under its shim and wait a second for the shim to end -> its wait status, or None."""
+    for pid in _children(shim):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(1000):
+        pid, status = os.waitpid(shim, os.WNOHANG)
+        if pid:
+            return status
+        time.sleep(0.001)
+    return None
+
+
+def _children(of: int | None = None) -> list[int]:
+    return budget.children_of(of or os.getpid())
 
 
 def _kill_children(keep: set[int]):
@@ -220,10 +230,11 @@ class _Spare:
 
 
 class ForkServer:
-    def __init__(self, base: str, iso, program: bytes | None, uid: int | None):
-        self.base, self.iso, self.program, self.uid = base, iso, program, uid
+    def __init__(self, base: str, iso, program: bytes | None, uid: int | None, groups: budget.Groups | None):
+        self.base, self.iso, self.program, self.uid, self.groups = base, iso, program, uid, groups
         self.read, self.write = isolation.run_paths(bool(iso.view))   # the runs' Landlock paths, but their own
         self.vm_base = _vm_size()
+        self.slot = 0   # the control group the spare is in: runs alternate, so a run never shares its budget
         self.spare = self._fork_spare()
 
     def _new_run(self) -> _Run:
@@ -242,19 +253,28 @@ class ForkServer:
         err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _spare_child(run, self, req_r, out_w, err_w)
+            _spare_child(run, self, self.slot, req_r, out_w, err_w)
         for fd in (req_r, out_w, err_w):
             os.close(fd)
         return _Spare(pid, req_w, out_r, err_r, run)
 
     def execute(self, req: dict) -> dict:
         """Run req in the spare; fork the next spare while it runs; clean up after it."""
-        spare, start, t0 = self.spare, time.time(), time.perf_counter()
+        spare, slot, start, t0 = self.spare, self.slot, time.time(), time.perf_counter()
+        memory = int(req["memory_mb"]) * 2 ** 20
+        if self.groups is not None:
+            self.groups.set_limit(slot, memory, MAX_PROCESSES + 1)   # + 1: the PID namespace's shim
+        kills = self.groups.oom_kills(slot) if self.groups is not None else 0
         with os.fdopen(spare.req_w, "wb") as f:  # the spare is blocked reading it, so any size goes through
             f.write(json.dumps(req).encode())
+        self.slot ^= 1
         self.spare = self._fork_spare()
-        bufs, dropped, status, timed_out = _collect(spare, float(req["timeout_s"]), int(req["max_output_bytes"]))
+        over = lambda: self._over_budget(spare, memory, slot, kills)   # noqa: E731
+        bufs, dropped, status, stopped = _collect(spare, float(req["timeout_s"]), int(req["max_output_bytes"]), over)
         _reap()
+        stopped = stopped or over()   # a run may end within a tick of passing its budget
+        if status is None and self.iso.mode in ("root", "user"):   # the run first (its PID namespace dies with
+            status = _end_run(spare.pid)                               # it), so its shim empties its IPC namespace
         if status is None or any(p != self.spare.pid for p in _children()):
             # something is still running: the child (deadline) or what it started, maybe daemonised
             try:
@@ -271,28 +291,58 @@ class ForkServer:
             _empty(os.path.join(self.iso.view, "tmp"), self.iso.tmp_keep)
         elif self.uid is not None:
             _remove_owned(self.uid, start)
-        return _result(bufs, dropped, status, timed_out, time.perf_counter() - t0)
+        return _result(bufs, dropped, status, stopped, time.perf_counter() - t0)
+
+    def _over_budget(self, spare: _Spare, memory: int, slot: int, kills: int) -> str | None:
+        """Why the run must stop now ("memory", "disk", "unwatched": its memory cannot be read), or None:
+        the kernel killed one of its processes for its group's budget, or (without a group) the watcher's
+        sum over its processes passed it; without a private view, its directory passed DISK_BYTES."""
+        if self.groups is not None:
+            if self.groups.oom_kills(slot) > kills:
+                return "memory"
+        else:
+            for attempt in range(2):   # a process between its new uid and PR_SET_DUMPABLE: read it again
+                try:
+                    if budget.over_memory(budget.descendants(os.getpid(), skip={self.spare.pid}), memory):
+                        return "memory"
+                    break
+                except PermissionError:
+                    if attempt:
+                        return "unwatched"
+                    time.sleep(0.001)
+        if not self.iso.view and budget.disk_of(spare.run.outside) > budget.DISK_BYTES:
+            return "disk"
+        return None
 
     def close(self):
         os.close(self.spare.req_w)  # the spare reads an empty request and exits
         os.waitpid(self.spare.pid, 0)
+        if self.groups is not None:
+            self.groups.remove()
 
 
-def _collect(spare: _Spare, timeout_s: float, cap: int):
-    """Read the run's stdout/stderr (up to cap bytes each) until it exits or its deadline passes."""
+def _collect(spare: _Spare, timeout_s: float, cap: int, over_budget):
+    """Read the run's stdout/stderr (up to cap bytes each) until it exits, its deadline passes ("timeout") or
+    over_budget(), asked every budget.TICK_S, gives a reason to stop it. -> (outputs, bytes dropped, wait
+    status or None, why it was stopped or None)."""
     out_r, err_r = spare.out_r, spare.err_r
     bufs = {1: bytearray(), 2: bytearray()}
     dropped = {1: 0, 2: 0}
     which = {out_r: 1, err_r: 2}
     deadline = time.perf_counter() + timeout_s
     pidfd = os.pidfd_open(spare.pid)
-    open_fds, status, timed_out = {out_r, err_r}, None, False
+    open_fds, status, stopped, tick = {out_r, err_r}, None, None, time.perf_counter() + budget.TICK_S
     while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            timed_out = True
+        now = time.perf_counter()
+        if now >= deadline:
+            stopped = "timeout"
             break
-        ready, _, _ = select.select(list(open_fds) + ([pidfd] if status is None else []), [], [], left)
+        if now >= tick:   # the check costs ~2 ms a process when exact: never more than a third of the time
+            if stopped := over_budget():
+                break
+            tick = time.perf_counter() + max(budget.TICK_S, 2 * (time.perf_counter() - now))
+        wait = min(deadline, tick) - now
+        ready, _, _ = select.select(list(open_fds) + ([pidfd] if status is None else []), [], [], wait)
         for fd in ready:
             if fd == pidfd:
                 _, status = os.waitpid(spare.pid, 0)
@@ -312,15 +362,24 @@ def _collect(spare: _Spare, timeout_s: float, cap: int):
                 break
     for fd in (out_r, err_r, pidfd):
         os.close(fd)
-    return bufs, dropped, status, timed_out
+    return bufs, dropped, status, stopped
 
 
-def _result(bufs, dropped, status, timed_out, duration: float) -> dict:
+STOPPED = {"memory": "the run's processes together passed its memory budget",
+           "disk": f"the run's files passed its disk budget ({budget.DISK_BYTES >> 20} MB)",
+           "unwatched": "the sandbox could not read the run's memory use, so it stopped the run"}
+
+
+def _result(bufs, dropped, status, stopped: str | None, duration: float) -> dict:
     def text(i):
         s = bufs[i].decode("utf-8", errors="replace")
         return s + (f"\n... (output truncated: {dropped[i]} more bytes)" if dropped[i] else "")
 
-    if timed_out:
+    if stopped in STOPPED:
+        st = "sandbox_error" if stopped == "unwatched" else stopped
+        return dict(status=st, stdout=text(1), stderr=text(2) + f"sandbox: {STOPPED[stopped]}\n", exit_code=None,
+                    duration_s=duration)
+    if stopped == "timeout":
         st, code = "timeout", None
     elif os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -362,11 +421,16 @@ def main(as_user: int | None = None):
     base = tempfile.mkdtemp(prefix="minitir-sandbox-")   # runs' directories live under one private parent
     os.chmod(base, 0o711)
     _warm_up()                                           # single-threaded (one BLAS thread), so it may
-    iso, program = isolation.setup(base, as_user)        # come first: unshare needs a single thread
+    sources = isolation.become_user(base, as_user) if as_user is not None else None   # (come first: unshare
+    groups, why = budget.Groups.create(f"minitir-{os.getpid()}")                       # needs one thread)
+    iso, program = isolation.setup(base, sources, watched=groups is None)
     root = os.geteuid() == 0
     uid = UID_BASE + os.getpid() if root else None   # a uid of its own per worker
-    write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, **asdict(iso)})
-    server = ForkServer(base, iso, program, uid)
+    iso.bounds = isolation.bounds(iso, groups.describe() if groups else "", MAX_PROCESSES)
+    dirs = [d for s in (0, 1) for d in groups.slot_dirs(s)] if groups else []
+    write_msg(stdout, {"ready": True, "pid": os.getpid(), "base_dir": base, "uid": uid, "groups": dirs,
+                       "no_groups": why, **asdict(iso)})
+    server = ForkServer(base, iso, program, uid, groups)
     try:
         while (req := read_msg(stdin)) is not None:
             write_msg(stdout, server.execute(req))

@@ -19,7 +19,7 @@ from minitir.sandbox.result import STATUSES, ExecResult
 
 log = logging.getLogger("minitir.sandbox")
 _FUSION_STATUS = {"ok": "Finished", "error": "Finished", "timeout": "TimeLimitExceeded", "memory": "Finished",
-                  "killed": "Finished", "sandbox_error": "Error"}
+                  "disk": "Finished", "killed": "Finished", "sandbox_error": "Error"}
 
 
 def to_fusion(r: ExecResult) -> dict:

@@ -12,6 +12,10 @@
   processes   each run is PID 1 of a PID namespace of its own: it sees and can signal no other process
               (not the trainer, not the fork server, not the user's shell), and when it ends the kernel
               kills whatever it started.
+  IPC         each run has an IPC namespace of its own: System V shared memory, semaphores and message
+              queues and POSIX message queues are private to it, and its System V objects are removed
+              before it is reported done (the kernel frees a namespace lazily: objects left to it would
+              outlive the run and escape its memory budget).
   privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
               ends with no capability at all and no_new_privs, so nothing gives it one back.
   landlock    (landlock.py) every run, under the namespaces or without them, restricts itself to reading
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 from minitir.sandbox import landlock, seccomp
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWIPC = 0x08000000
+IPC_RMID, SHM_INFO, SHM_STAT, MSG_INFO, MSG_STAT, SEM_INFO, SEM_STAT = 0, 14, 13, 12, 11, 19, 18
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
@@ -62,6 +68,7 @@ class Isolation:
     seccomp: bool = False  # every run loads the seccomp filter
     problem: str = ""      # what is not isolated, and why
     tmp_keep: tuple[str, ...] = ()   # entries of the view's /tmp that hold Python (a venv under /tmp): kept
+    bounds: str = ""       # what bounds a run's memory, processes and disk, and by what means
 
     @property
     def contained(self) -> bool:
@@ -70,13 +77,21 @@ class Isolation:
 
     def report(self) -> str:
         """One line: what isolates the runs."""
-        layers = {"root": ["namespaces as root (mount, network, PID)"],
-                  "user": ["namespaces in a user namespace (mount, network, PID)"]}.get(self.mode, [])
+        layers = {"root": ["namespaces as root (mount, network, PID, IPC)"],
+                  "user": ["namespaces in a user namespace (mount, network, PID, IPC)"]}.get(self.mode, [])
         layers += ["a private filesystem view"] if self.view else []
         layers += [f"Landlock ABI {self.landlock}"] if self.landlock else []
         layers += ["seccomp"] if self.seccomp else []
-        line = "isolation: " + (" + ".join(layers) or "NONE")
+        line = "isolation: " + (" + ".join(layers) or "NONE") + (f"; {self.bounds}" if self.bounds else "")
         return line + (f"; NOT ISOLATED: {self.problem}" if self.problem else "")
+
+
+def bounds(iso: Isolation, group: str, processes: int) -> str:
+    """What bounds each run as a whole (group: the control groups' description, or "" where there are none)."""
+    memory = f"by {group}" if group else "by a watcher summing its processes every 10 ms"
+    count = f"{group} and RLIMIT_NPROC" if group else "RLIMIT_NPROC"
+    disk = "a tmpfs" if iso.view else "a watcher on its directory"
+    return f"per run: memory {memory}; {processes} processes by {count}; disk by {disk}"
 
 
 def _call(ret: int, what: str):
@@ -204,18 +219,24 @@ def _bind(src: str, dst: str, directory: bool, read_only: bool = True):
         _read_only(dst)
 
 
-def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | None]:
+def become_user(base: str, as_user: int) -> dict[str, str] | None:
+    """Root testing the unprivileged path: after this, nothing of root remains. -> where Python's directories
+    are staged for the user (None: read where they are)."""
+    try:
+        sources = stage_for_user(base, python_dirs(), as_user)
+    except OSError:   # mounts refused (a container): Python's directories are read where they are
+        sources = None
+    os.chown(base, as_user, as_user)
+    become(as_user)
+    return sources
+
+
+def setup(base: str, sources: dict[str, str] | None, watched: bool) -> tuple[Isolation, bytes | None]:
     """Once, in the fork server, single-threaded: namespaces and the view under `base` where the kernel
-    allows them; which Landlock ABI the runs get; the runs' seccomp program. -> (what isolates the runs and
-    what does not, the compiled seccomp program or None)."""
-    sources = None
-    if as_user is not None:   # root testing the unprivileged path: after this, nothing of root remains
-        try:
-            sources = stage_for_user(base, python_dirs(), as_user)
-        except OSError:   # mounts refused (a container): Python's directories are read where they are
-            sources = None
-        os.chown(base, as_user, as_user)
-        become(as_user)
+    allows them; which Landlock ABI the runs get; the runs' seccomp program (watched: no control group
+    bounds the runs, so the fork server's watcher does, which cannot see System V segments or a memfd
+    whose pages are not mapped: the filter refuses both). -> (what isolates the runs and what does not,
+    the compiled seccomp program or None)."""
     abi = landlock.abi()
     mode, problem = enter_namespaces()
     view, keep, problems = None, (), []
@@ -231,7 +252,7 @@ def setup(base: str, as_user: int | None = None) -> tuple[Isolation, bytes | Non
         mode = "landlock"
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)   # runs of the same uid cannot ptrace the fork server
     root, shared = os.geteuid() == 0, mode in ("landlock", "none")   # shared: runs see the host's processes
-    program, unknown = seccomp.run_filter(user_files=shared and not root)   # ... and as a user, its files
+    program, unknown = seccomp.run_filter(user_files=shared and not root, ipc=shared or watched, memfd=watched)
     if view is None and not abi:
         problems.append(f"{problem}, and no Landlock (Linux >= 5.13 with landlock among its LSMs): code sees "
                         f"every file this {'machine' if root else 'user'} can read")
@@ -294,12 +315,13 @@ def enter_view(view: str, workdir: str):
 
 
 def own_pid_namespace():
-    """Fork the run as PID 1 of a new PID namespace; returns in the run. The calling process stays outside
-    as its shim: it waits for the run and ends as the run did (same exit status or signal); if the shim
-    is killed, the run is too (parent-death signal), and with it everything in its namespace."""
+    """Fork the run as PID 1 of new PID and IPC namespaces; returns in the run. The calling process stays
+    outside as its shim: it waits for the run, removes every System V object left in the IPC namespace, and
+    ends as the run did (same exit status or signal); if the shim is killed, the run is too (parent-death
+    signal), and with it everything in its namespace."""
     import resource
     import signal
-    _call(_libc.unshare(CLONE_NEWPID), "unshare(pid namespace)")
+    _call(_libc.unshare(CLONE_NEWPID | CLONE_NEWIPC), "unshare(pid and IPC namespaces)")
     pid = os.fork()
     if pid == 0:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -307,11 +329,26 @@ def own_pid_namespace():
         return
     os.closerange(0, 4096)   # the run alone holds its pipes: they close when it and its children end
     _, status = os.waitpid(pid, 0)
+    remove_ipc_objects()
     if os.WIFSIGNALED(status):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
+
+
+def remove_ipc_objects() -> int:
+    """Remove every System V shared memory segment, message queue and semaphore set of this process's IPC
+    namespace (found by index, as ipcs does: no /proc needed) -> how many."""
+    buf, n = ctypes.create_string_buffer(512), 0
+    for info, stat_, ctl in ((SHM_INFO, SHM_STAT, _libc.shmctl), (MSG_INFO, MSG_STAT, _libc.msgctl),
+                             (SEM_INFO, SEM_STAT, None)):
+        call = ctl or (lambda i, cmd, b: _libc.semctl(i, 0, cmd, b))
+        for index in range(call(0, info, buf) + 1):   # *_INFO returns the highest index in use (-1: none)
+            ident = call(index, stat_, buf)
+            if ident >= 0:
+                n += call(ident, IPC_RMID, None) == 0
+    return n
 
 
 def drop_privileges(uid: int | None):

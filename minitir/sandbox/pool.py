@@ -38,7 +38,7 @@ def worker_env() -> dict:
 
 class _Worker:
     def __init__(self, as_user: int | None):
-        self.proc, self.base_dir, self.as_user = None, None, as_user
+        self.proc, self.base_dir, self.as_user, self.groups, self.report = None, None, as_user, [], None
 
     def start(self) -> dict:
         cmd = [sys.executable, "-u", "-m", "minitir.sandbox.forkserver"]
@@ -48,7 +48,12 @@ class _Worker:
         hello = read_msg(self.proc.stdout)
         if not hello:
             raise RuntimeError(f"a sandbox worker ({' '.join(cmd)}) failed to start")
-        self.base_dir = hello["base_dir"]
+        self.base_dir, self.groups = hello["base_dir"], hello["groups"]
+        report = _isolation(hello).report()
+        if self.report is not None and report != self.report:   # a restarted worker isolates as it did
+            self.stop()
+            raise RuntimeError(f"a restarted sandbox worker is isolated otherwise: {report} (was: {self.report})")
+        self.report = report
         return hello
 
     def run(self, req: dict) -> dict:
@@ -84,7 +89,16 @@ class _Worker:
         self.proc.wait()
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+        for d in self.groups:   # left by a fork server that was killed (its spare and run die with it)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         self.proc = None
+
+
+def _isolation(hello: dict) -> Isolation:
+    return Isolation(**{k: v for k, v in hello.items() if k in Isolation.__dataclass_fields__})
 
 
 _warned = set()
@@ -108,8 +122,11 @@ class Sandbox:
         self._workers = [_Worker(as_user) for _ in range(workers)]
         hellos = list(ThreadPoolExecutor(workers).map(lambda w: w.start(), self._workers))
         self.isolation, self.worker_info = hellos[0], hellos
-        iso = Isolation(**{k: v for k, v in hellos[0].items() if k in Isolation.__dataclass_fields__})
+        isos = [_isolation(h) for h in hellos]   # every worker's, not only the first's
+        iso = next((i for i in isos if not i.contained), isos[0])
         self.report = iso.report()
+        if len({i.report() for i in isos}) > 1:
+            self.report += " (" + " | ".join(f"worker {n}: {i.report()}" for n, i in enumerate(isos)) + ")"
         if not iso.contained and not allow_unisolated:
             for w in self._workers:
                 w.stop()
@@ -117,9 +134,10 @@ class Sandbox:
                 f"sandbox: nothing isolates model-written code here ({iso.problem}); accept the risk with "
                 f"--sandbox-allow-unisolated (train.py, eval.py), Sandbox(allow_unisolated=True) or "
                 f"{ALLOW_UNISOLATED_ENV}=1 (sandbox.py)")
-        if iso.problem and iso.problem not in _warned:   # once per process and cause
-            _warned.add(iso.problem)
-            log.warning("sandbox: NOT ISOLATED: %s", iso.problem)
+        for problem in dict.fromkeys(i.problem for i in isos if i.problem):   # every worker's, once per process
+            if problem not in _warned:
+                _warned.add(problem)
+                log.warning("sandbox: NOT ISOLATED: %s", problem)
         self._threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in self._workers]
         for t in self._threads:
             t.start()

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 # sandbox_error: the sandbox could not run the code (a worker that died or would not start, a server out of
 # reach); not the code's doing, so a response whose code met it says nothing about the policy
-STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
+STATUSES = ("ok", "error", "timeout", "memory", "disk", "killed", "sandbox_error")
 
 
 @dataclass
 class ExecResult:
-    status: str                # ok | error | timeout | memory | killed | sandbox_error
+    status: str                # ok | error | timeout | memory | disk | killed | sandbox_error
     stdout: str = ""
     stderr: str = ""
     exit_code: int | None = None
@@ -37,6 +37,7 @@ class ExecResult:
         err = re.sub(r"^\s*[\^~]+\s*$\n?", "", err, flags=re.MULTILINE).rstrip("\n")
         reason = {"timeout": "TimeoutError: the code ran past its time limit",
                   "memory": "" if "MemoryError" in self.stderr else "MemoryError: the code ran out of memory",
+                  "disk": "OSError: the code's files passed its disk budget",
                   "killed": f"the code was killed (exit status {self.exit_code})",
                   "sandbox_error": "the sandbox failed to run the code"}.get(self.status, "")
         return "\n".join(p for p in (err, reason) if p)

@@ -8,9 +8,12 @@ kernel keyrings, bpf, perf_event_open, io_uring (its operations bypass this filt
 (open_by_handle_at: the classic container escape), userfaultfd, kexec, reboot, modules, swap, accounting,
 quotas, clocks, host names, the kernel log; `socket` of every family (runs have no network; a named unix
 socket such as docker.sock is reachable by path, which Landlock's ABI 7 does not cover; socketpair stays);
-another process's priority, scheduling, affinity and limits (Landlock has no hook for them). Where runs
-share the user's uid and files (a container, as a normal user), also what Landlock does not cover of files
-the user owns: their mode, owner, times, extended attributes, and truncation by path.
+another process's priority, scheduling, affinity and limits (Landlock has no hook for them). Where runs share
+the host's IPC namespace (no namespaces: a container), or where no control group bounds their memory, every
+System V shared memory, message queue and semaphore call and opening POSIX message queues (POSIX shared memory
+lives in /dev/shm, which Landlock closes); without a control group also memfd_create. Where runs share the
+user's uid and files (a container, as a normal user), also what Landlock does not cover of files the user
+owns: their mode, owner, times, extended attributes, and truncation by path.
 clone3 gets ENOSYS, so glibc falls back to clone, whose flags the filter can read.
 
 The program is compiled once per fork server with libseccomp (libseccomp.so.2, through ctypes: it knows
@@ -31,8 +34,10 @@ DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
           "swapoff", "acct", "quotactl", "quotactl_fd", "settimeofday", "clock_settime", "clock_adjtime",
           "adjtimex", "sethostname", "setdomainname", "syslog", "vhangup", "iopl", "ioperm", "lookup_dcookie",
           "socket", "setpriority", "ioprio_set", "sched_setscheduler", "sched_setparam", "sched_setattr")
-ARCH_SPECIFIC = ("iopl", "ioperm", "futimesat", "utime", "utimes", "chmod", "chown", "lchown")   # x86 only
+ARCH_SPECIFIC = ("iopl", "ioperm", "futimesat", "utime", "utimes", "chmod", "chown", "lchown", "ipc")   # x86 only
 SELF_ONLY = ("prlimit64", "sched_setaffinity")   # allowed on the run itself (pid 0) only
+IPC = ("shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop",
+       "semctl", "mq_open", "ipc")   # objects other runs could reach (found by index: *_STAT), or hidden memory
 USER_FILES = ("chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "setxattr",
               "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "utime", "utimes",
               "utimensat", "futimesat", "truncate")
@@ -105,10 +110,14 @@ def compile_filter(rules: list[tuple[str, int, list[tuple[int, int, int, int]]]]
         lib.seccomp_release(ctx)
 
 
-def run_filter(user_files: bool) -> tuple[bytes | None, list[str]]:
-    """The runs' filter (see the module docstring); user_files: runs share the user's uid and files.
-    -> (program or None without libseccomp, the denied calls libseccomp does not know: not filtered)."""
-    rules = [(name, ERRNO(errno.EPERM), []) for name in DENIED + (USER_FILES if user_files else ())]
+def run_filter(user_files: bool, ipc: bool, memfd: bool = False) -> tuple[bytes | None, list[str]]:
+    """The runs' filter (see the module docstring); user_files: runs share the user's uid and files; ipc:
+    no System V or POSIX IPC (they share the host's IPC namespace, or a watcher that cannot see detached
+    segments bounds their memory); memfd: no memfd_create (the watcher counts only a memfd's mapped pages
+    once its descriptor is closed). -> (program or None without libseccomp, the denied calls libseccomp
+    does not know: not filtered)."""
+    denied = DENIED + (USER_FILES if user_files else ()) + (IPC if ipc else ()) + (("memfd_create",) if memfd else ())
+    rules = [(name, ERRNO(errno.EPERM), []) for name in denied]
     rules += [(name, ERRNO(errno.EPERM), [(0, CMP_NE, 0, 0)]) for name in SELF_ONLY]
     rules += [("clone", ERRNO(errno.EPERM), [(0, CMP_MASKED_EQ, flag, flag)]) for flag in CLONE_NAMESPACES]
     rules += [("clone3", ERRNO(errno.ENOSYS), [])]
