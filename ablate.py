@@ -64,7 +64,7 @@ class AblateConfig:
     summarise_only: bool = False        # run nothing: summarise the runs that finished, list the others
     slurm_partition: str = ""           # the partition ("": the cluster's default)
     slurm_gpus: int = 1                 # GPUs per run (more than 1: one node, train.py under torchrun)
-    slurm_cpus: int = 8                 # CPU cores per run (its sandbox workers run there too)
+    slurm_cpus: int = 8                 # CPU cores per run, and its torch threads (its sandbox workers run there too)
     slurm_mem_gb: int = 0               # memory per run (0: the partition's default)
     slurm_time_min: int = 240           # time limit per job; a run stopped by it is requeued and resumes
     slurm_signal_s: int = 300           # SIGUSR2 this long before the limit: the run finishes its step and saves
@@ -341,8 +341,9 @@ class RunJob:
     signal SLURM sends before the time limit, or on preemption, the child is told to stop (it finishes its
     step and saves) and the job is requeued to resume."""
 
-    def __init__(self, run_dir: Path, fresh: list[str], want: dict, log: Path, gpus: int):
+    def __init__(self, run_dir: Path, fresh: list[str], want: dict, log: Path, gpus: int, threads: int = 0):
         self.run_dir, self.fresh, self.want, self.log, self.gpus, self.proc = run_dir, fresh, want, log, gpus, None
+        self.threads = threads   # CPU threads of its processes (0: torch's choice): the job's cores
 
     def __call__(self):
         now = state(self.run_dir, self.want)
@@ -354,7 +355,9 @@ class RunJob:
         if self.gpus > 1:
             cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}"] + cmd[1:]
         with open(self.log, "a") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env({}))
+            n = str(self.threads)
+            threads = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n} if self.threads else {}
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
             while (code := self.proc.poll()) is None:   # not wait(): checkpoint() runs in a signal handler of
                 time.sleep(1)                            # this thread and waits for the child itself
         why = unfinished(self.run_dir, self.want, code, self.log)
@@ -366,7 +369,8 @@ class RunJob:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait()
-        return submitit.helpers.DelayedSubmission(RunJob(self.run_dir, self.fresh, self.want, self.log, self.gpus))
+        return submitit.helpers.DelayedSubmission(RunJob(self.run_dir, self.fresh, self.want, self.log, self.gpus,
+                                                         self.threads))
 
 
 def in_flight(out: Path, todo: list) -> list[str]:
@@ -398,8 +402,8 @@ def submit(cfg: AblateConfig, todo: list, out: Path) -> list:
     # the jobs unpickle RunJob: they import ablate, from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    jobs = [executor.submit(RunJob(run_dir, fresh, want, out / "logs" / f"{run_dir.name}.log", cfg.slurm_gpus))
-            for run_dir, _, want, fresh in todo]
+    jobs = [executor.submit(RunJob(run_dir, fresh, want, out / "logs" / f"{run_dir.name}.log", cfg.slurm_gpus,
+                                   cfg.slurm_cpus)) for run_dir, _, want, fresh in todo]
     known = json.loads((out / "jobs.json").read_text()) if (out / "jobs.json").exists() else {}
     (out / "jobs.json").write_text(json.dumps({**known, **{str(d): j.job_id for (d, *_), j in zip(todo, jobs)}},
                                               indent=2))

@@ -158,8 +158,8 @@ def test_train_py_under_torchrun_resumes_across_rank_counts(tmp_path, tiny_check
              "--run-dir", str(tmp_path / "runs"), "--run-name", "r", "--no-tensorboard", "--sandbox-workers", "1"]
     run = tmp_path / "runs" / "r"
     torchrun(["train.py"] + flags + ["--steps", "2"])
-    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["config.json", "metrics.jsonl", "samples.jsonl",
-                                                                     "scaling.json", "scaling.png"]
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["config.json", "heldout.jsonl", "metrics.jsonl",
+                                                                     "samples.jsonl", "scaling.json", "scaling.png"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
     train.main(["--resume", str(run), "--steps", "3"])
     torchrun(["train.py", "--resume", str(run), "--steps", "4"])
