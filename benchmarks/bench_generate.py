@@ -8,6 +8,9 @@
    tokens/s, the ratio, time to the first token and ms per decode step; best of interleaved rounds.
    Beside it, 16 different problems (MATH-500's last 16) decoded greedily: no prompt is shared, so the
    group prefill does not help (a headline must hold on inputs it was not tuned on).
+   Each row also gets its roofline: the bytes one decode step must read (the weights once, every row's KV
+   cache at its real length, halfway through the decode on average) over the machine's read bandwidth
+   measured in this process (the sum of a 1 GiB tensor, best of 5), as a share of that limit.
 2. Per-call overhead: time to the first token for 16 short prompts (the second call: weights already packed).
 3. Secondary rows: greedy decoding of short equal-length prompts at batch 1 and 16 (the easy case).
 4. A tool-interleaved rollout: 16 responses, each making 2 tool calls with a fixed tool latency, against
@@ -68,6 +71,22 @@ def workload(model, tok, hf, probs, group, temperature, new_tokens, rounds):
             row = (len(probs) * group * new_tokens / total, first, 1000 * (total - first) / (new_tokens - 1))
             best[name] = max(best.get(name, row), row)
     return best, [len(i) for i in ids]
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second this process reads from memory: the sum of a 1 GiB float32 tensor, best of 5."""
+    x = torch.ones(1 << 28)
+    x.sum()
+    return x.numel() * 4 / min(timed(lambda: x.sum()) for _ in range(5))
+
+
+def step_bytes(model, lens: list[int], group: int, new_tokens: int) -> float:
+    """Bytes one decode step reads on average: every parameter once (a tied embedding is the head too) and
+    each row's keys and values at its prompt's length plus half the new tokens."""
+    c, size = model.config, next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * size
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * size
+    return weights + sum(group * (n + new_tokens / 2) * per_token for n in lens)
 
 
 def overhead(model, tok) -> float:
@@ -176,28 +195,34 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=dtype).eval()
     generate(model, tok, [tok.encode("warm up")], max_new_tokens=8, temperature=0)
     math500, _ = load_benchmark("math500", ROOT / "data")
+    bandwidth = read_bandwidth(a.threads)
     print(f"SmolLM2-135M, {a.dtype}, {a.threads} threads, {a.new_tokens} new tokens (EOS ignored), best of {a.rounds} "
           f"interleaved rounds. MATH-500 problems in the zero_tir prompt: the RL workload (GRPO groups of 8 sampled at "
           f"T=1, problems 1-{max(int(x) for x in a.groups.split(','))}) and 16 different problems greedy (the last 16)")
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (the sum of a 1 GiB tensor, {a.threads} threads)")
     print("| workload | prompt tokens | transformers tok/s | minitir tok/s | speed-up | first token s (tf / minitir) | "
-          "ms per decode step (tf / minitir) |")
-    print("|---|---|---|---|---|---|---|")
+          "ms per decode step (tf / minitir) | MB read per step | limit ms per step | minitir's share of the limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = [(f"{n} x 8 at T=1 (batch {n * 8})", math500[:n], 8, 1.0) for n in (int(x) for x in a.groups.split(","))]
     rows.append(("16 different, greedy (batch 16)", math500[-16:], 1, 0.0))
     for label, probs, group, temperature in rows:
         best, lens = workload(model, tok, hf, probs, group, temperature, a.new_tokens, a.rounds)
         (o, o1, od), (t, t1, td) = best["ours"], best["theirs"]
+        need = step_bytes(model, lens, group, a.new_tokens)
         print(f"| {label} | {min(lens)}-{max(lens)} | {t:.1f} | {o:.1f} | {o / t:.2f}x | "
-              f"{t1:.2f} / {o1:.2f} | {td:.0f} / {od:.0f} |")
+              f"{t1:.2f} / {o1:.2f} | {td:.0f} / {od:.0f} | {need / 1e6:.0f} | {1000 * need / bandwidth:.1f} | "
+              f"{100 * need / bandwidth / (od / 1000):.0f}% |")
     if a.only_workloads:
         return
     print(f"\nper-call overhead: first token for 16 short prompts in {overhead(model, tok):.3f} s")
     print(f"\nsecondary: greedy, short prompts of one length, {a.new_tokens // 2} new tokens")
-    print("| batch | transformers tok/s | minitir tok/s | speed-up |")
-    print("|---|---|---|---|")
+    print("| batch | transformers tok/s | minitir tok/s | speed-up | minitir's share of the read limit |")
+    print("|---|---|---|---|---|")
     for batch in (1, 16):
         ours, theirs = bench_decode(model, tok, hf, batch, a.new_tokens // 2)
-        print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
+        need = step_bytes(model, [14] * batch, 1, a.new_tokens // 2)   # ~14 prompt tokens
+        print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x | "
+              f"{100 * need / bandwidth * ours / batch:.0f}% |")
     if a.skip_tools:
         return
     print(f"\ntool-interleaved rollout: 16 responses x 2 tool calls, tool latency {a.latency * 1000:.0f} ms")
