@@ -37,7 +37,6 @@ from minitir import ablation, cli, run_state
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.config import ConfigError, TrainConfig, config_fields, validate
-from minitir.plot import read_metrics
 
 import train
 
