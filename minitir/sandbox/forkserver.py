@@ -135,6 +135,17 @@ def _reap():
         pass
 
 
+def _waitpid(pid: int, flags: int = 0) -> int | None:
+    """os.waitpid's status (None: still running with WNOHANG); a child that _reap collected first (we are a
+    subreaper: it collects every child that ended) counts as killed, since only a run stopped for its time or
+    budget, whose status is not read, can end between the two."""
+    try:
+        done, status = os.waitpid(pid, flags)
+    except ChildProcessError:
+        return signal.SIGKILL
+    return status if done else None
+
+
 def _end_run(shim: int):
     """Kill the run under its shim and wait a second for the shim to end -> its wait status, or None."""
     for pid in _children(shim):
@@ -143,8 +154,7 @@ def _end_run(shim: int):
         except ProcessLookupError:
             pass
     for _ in range(1000):
-        pid, status = os.waitpid(shim, os.WNOHANG)
-        if pid:
+        if (status := _waitpid(shim, os.WNOHANG)) is not None:
             return status
         time.sleep(0.001)
     return None
@@ -271,6 +281,8 @@ class ForkServer:
         self.spare = self._fork_spare()
         over = lambda: self._over_budget(spare, memory, slot, kills)   # noqa: E731
         bufs, dropped, status, stopped = _collect(spare, float(req["timeout_s"]), int(req["max_output_bytes"]), over)
+        if status is None:   # ended since: collect its status before _reap takes it
+            status = _waitpid(spare.pid, os.WNOHANG)
         _reap()
         stopped = stopped or over()   # a run may end within a tick of passing its budget
         if status is None and self.iso.mode in ("root", "user"):   # the run first (its PID namespace dies with
@@ -284,7 +296,7 @@ class ForkServer:
             if self.uid is not None:
                 _kill_uid(self.uid)
             if status is None:
-                _, status = os.waitpid(spare.pid, 0)
+                status = _waitpid(spare.pid)
             _kill_children(keep={self.spare.pid})
         shutil.rmtree(spare.run.outside, ignore_errors=True)
         if self.iso.view:
@@ -345,7 +357,7 @@ def _collect(spare: _Spare, timeout_s: float, cap: int, over_budget):
         ready, _, _ = select.select(list(open_fds) + ([pidfd] if status is None else []), [], [], wait)
         for fd in ready:
             if fd == pidfd:
-                _, status = os.waitpid(spare.pid, 0)
+                status = _waitpid(spare.pid)
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
