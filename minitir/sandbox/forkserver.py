@@ -148,7 +148,7 @@ def _waitpid(pid: int, flags: int = 0) -> int | None:
 
 def _end_run(shim: int):
     """Kill the run under its shim and wait a second for the shim to end -> its wait status, or None."""
-    for pid in _children(shim):
+    for pid in budget.children_of(shim):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -160,16 +160,12 @@ def _end_run(shim: int):
     return None
 
 
-def _children(of: int | None = None) -> list[int]:
-    return budget.children_of(of or os.getpid())
-
-
 def _kill_children(keep: set[int]):
     """Kill and reap every child of this process but `keep` (the next spare): as a subreaper, that is
     everything a run left behind, daemonised or not."""
     for _ in range(10_000):
         _reap()
-        kids = [p for p in _children() if p not in keep]
+        kids = [p for p in budget.children_of(os.getpid()) if p not in keep]
         if not kids:
             return
         for pid in kids:
@@ -287,7 +283,7 @@ class ForkServer:
         stopped = stopped or over()   # a run may end within a tick of passing its budget
         if status is None and self.iso.mode in ("root", "user"):   # the run first (its PID namespace dies with
             status = _end_run(spare.pid)                               # it), so its shim empties its IPC namespace
-        if status is None or any(p != self.spare.pid for p in _children()):
+        if status is None or any(p != self.spare.pid for p in budget.children_of(os.getpid())):
             # something is still running: the child (deadline) or what it started, maybe daemonised
             try:
                 os.killpg(spare.pid, signal.SIGKILL)
