@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minitir import load_pretrained  # noqa: E402
 from minitir.checkpoint import embedded_checkpoint  # noqa: E402
-from minitir.generate import OUTPUT_TAIL, ToolOutput, generate  # noqa: E402
+from minitir.generate import generate  # noqa: E402
+from minitir.tool_protocol import OUTPUT_TAIL, ToolOutput  # noqa: E402
 from minitir.tasks import TEMPLATES, load_benchmark, render_prompt, synthetic_problems  # noqa: E402
 
 

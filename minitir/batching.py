@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minitir.generate import Completion
-from minitir.rollout import Sample
+from minitir.sample import Completion, Sample
 
 
 def micro_batches(samples: list[Sample], budget: int) -> list[list[Sample]]:

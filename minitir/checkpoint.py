@@ -215,6 +215,7 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> Transform
     if missing:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}")
+    model.source = str(path.resolve())   # what an adapter trained on it names as its base
     return model.eval()
 
 

@@ -27,22 +27,9 @@ import torch
 
 from minitir.attention import cache_dtype, cache_length, flash_available
 from minitir.model import KVCache, Transformer
+from minitir.sample import Completion
 from minitir.sampling import sample
-from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG, ToolOutput, ToolProtocol  # noqa: F401 - the tool API
-
-
-@dataclass
-class Completion:
-    tokens: list[int]          # everything after the prompt: sampled tokens and tool-output tokens
-    logprobs: list[float]      # log p(token) under the distribution sampled from (sampling.sample); 0 for tool tokens
-    policy_mask: list[int]     # 1 = sampled by the policy, 0 = inserted by the tool
-    text: str
-    finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"
-    num_tool_calls: int = 0
-    num_tool_errors: int = 0
-    num_tool_failures: int = 0 # calls the tool itself failed (ToolOutput.failed): the response is not the policy's alone
-    num_tool_timeouts: int = 0 # calls that ran into their wall-clock limit (ToolOutput.timeout)
-    policy_text: str = ""      # the model's own text: the policy tokens alone, tool output left out
+from minitir.tool_protocol import ToolOutput, ToolProtocol
 
 
 @dataclass

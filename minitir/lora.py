@@ -55,15 +55,18 @@ class LoRALinear(nn.Module):
         the decode copy's merge forms it, so trainer and generator hold the same W. In bfloat16 an update below
         half of W0's rounding step does not show in W yet, exactly as full fine-tuning's float32 masters do
         not show in its bfloat16 forward until they cross it; the adapters (float32) keep every update."""
-        w0 = self.base.weight
-        if not self.enabled:
-            return w0
-        with torch.autocast(w0.device.type, enabled=False):
-            return w0 + (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w0.dtype)
+        return merge(self.base.weight, self.lora_A, self.lora_B, self.scale) if self.enabled else self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+
+def merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W0 + scale B A in W0's dtype, B A formed in float32 whatever autocast says: the one merge of the trainer
+    (LoRALinear.weight) and of the decode copy and exports (merged_weights), so both hold the same W."""
+    with torch.autocast(w0.device.type, enabled=False):
+        return w0 + (scale * (b.float() @ a.float())).to(w0.dtype)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> list[str]:
@@ -108,8 +111,7 @@ def merged_weights(model: nn.Module, full=lambda t: t):
         if owner.endswith(".base") and owner[:-5] in mods:
             m, plain = mods[owner[:-5]], owner[:-5] + "." + leaf
             if leaf == "weight":
-                w0 = full(p)
-                yield plain, w0 + (m.scale * (full(m.lora_B) @ full(m.lora_A))).to(w0.dtype)
+                yield plain, merge(full(p), full(m.lora_A), full(m.lora_B), m.scale)
             else:
                 yield plain, full(p)
         elif not name.endswith(("lora_A", "lora_B")):
@@ -139,8 +141,9 @@ def targets_of(config: dict) -> tuple[str, ...]:
 
 
 def adapter_config(base_path: str | None, rank: int, alpha: float, targets) -> dict:
-    """PEFT's LoraConfig as adapter_config.json holds it."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path), "r": rank,
+    """PEFT's LoraConfig as adapter_config.json holds it; base_path None (a base built in memory) is written as
+    null, which load_lora refuses by name, not as a path "None"."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": rank,
             "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None}

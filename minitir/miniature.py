@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from minitir.checkpoint import MINIATURE_DIR, embedded_checkpoint, save_pretrained
-from minitir.generate import OUTPUT_TAIL
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import MINIATURE_KINDS, TEMPLATES, Problem, PromptTemplate, miniature_problems, render_prompt
+from minitir.tool_protocol import OUTPUT_TAIL
 from minitir.vocab import CompactTokenizer
 
 VERSION = 2   # bump when the pretraining changes: the shipped base model's fingerprint includes it

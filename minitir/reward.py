@@ -339,12 +339,18 @@ class Grader:
         return out
 
     def close(self):
+        workers = []
         while not self._idle.empty():
-            w = self._idle.get()
+            workers.append(self._idle.get())
+        for w in workers:   # end of input: they exit together, not one after the other (~0.5 s each)
             try:
                 w.proc.stdin.close()
+            except OSError:
+                pass
+        for w in workers:
+            try:
                 w.proc.wait(timeout=2)
-            except (OSError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
             w.kill()
 

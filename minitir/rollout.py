@@ -3,59 +3,33 @@ the generation settings, groups of responses to problems, grading them, and the 
 (code ratio, response length, accuracy)."""
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from minitir.generate import Completion, Engine, GenerationConfig
+from minitir.generate import Engine, GenerationConfig
 from minitir.reward import RewardConfig, judge, outcome_reward
+from minitir.sample import Sample
 from minitir.tasks import DatasetError, Problem, PromptTemplate, render_prompt
 
 
-@dataclass
-class Sample:
-    """One response and everything the update needs about it. Each field is set once, by the step named
-    (a custom reward_fn of the trainer replaces `reward` right after grading)."""
-    prompt_ids: list[int]
-    completion: Completion
-    gold: str
-    question: str = ""
-    # grade (the one reward path): what was compared, the verdict, the reward
-    correct: bool = False
-    graded: bool = True            # False: the grader could not check it, or the sandbox failed under its code
-                                   # (counted apart, kept out of the statistics and the loss)
-    format_ok: bool = False
-    answer: str | None = None      # what was compared with the gold answer
-    reward: float = 0.0
-    # keep (trainer): the group estimator's outcome advantage, computed over the whole group before filters,
-    # and the tokens the loss trains on
-    outcome_adv: float = 0.0
-    loss_mask: list[int] = field(default_factory=list)  # over completion tokens: 1 = a policy token in the loss
-    # behaviour log-probs (Learner.behaviour_logprobs), per loss token: the trainer's log-probs under the weights that
-    # generated the sample. Empty when the sample is trained in one update by those same weights: the
-    # update's own log-probs, detached, are then the same numbers (ratio 1) without a forward pass.
-    old_logp: list[float] = field(default_factory=list)
-    carried: bool = False          # made in an earlier step (carry_over): trained off-policy against old_logp
-    # prepare (trainer), per loss token
-    ref_logp: list[float] = field(default_factory=list)
-    old_values: list[float] = field(default_factory=list)
-    adv: list[float] = field(default_factory=list)
-    returns: list[float] = field(default_factory=list)
-
-
 class TimedTool:
-    """Wraps the sandbox to add up the time spent executing code (it overlaps with decoding)."""
+    """The tool (an object with .run, or a callable), adding up the time its code ran: the run's own time as
+    the sandbox reports it (ExecResult.duration_s, the wait for a free worker left out), else the call's.
+    Runs overlap decoding and one another: a sum of work, not a share of the step's wall time."""
 
     def __init__(self, tool):
-        self.tool, self.seconds = tool, 0.0
+        self.tool, self.seconds, self._lock = tool, 0.0, threading.Lock()
+        self._run = tool.run if hasattr(tool, "run") else tool
 
     def run(self, code):
         t = time.perf_counter()
-        try:
-            return self.tool.run(code)
-        finally:
-            self.seconds += time.perf_counter() - t
+        r = self._run(code)
+        spent = getattr(r, "duration_s", None)
+        with self._lock:   # runs end on the tool protocol's threads
+            self.seconds += time.perf_counter() - t if spent is None else spent
+        return r
 
     def close(self):
         if hasattr(self.tool, "close"):

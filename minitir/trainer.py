@@ -26,8 +26,9 @@ from minitir.filters import drop_reason, mask_reason
 from minitir.generate import Engine
 from minitir.learner import Learner
 from minitir.reward import Grader, RewardConfig
-from minitir.rollout import (Sample, TimedTool, generate_groups, generation_config, grade, make_tool,
+from minitir.rollout import (TimedTool, generate_groups, generation_config, grade, make_tool,
                              rollout_metrics, sample_row, within_prompt_budget)
+from minitir.sample import Sample
 from minitir.tasks import Problem, ProblemStream, get_template, training_problems
 
 

@@ -3,8 +3,7 @@ position before it, checked against a naive forward of each prompt + response.""
 import torch
 
 from minitir import batching
-from minitir.generate import Completion
-from minitir.rollout import Sample
+from minitir.sample import Completion, Sample
 
 
 def make_samples(g):

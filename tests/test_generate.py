@@ -7,8 +7,9 @@ import torch
 
 from minitir import attention, sampling
 from minitir.checkpoint import embedded_checkpoint, load_model
-from minitir.generate import ToolOutput, generate
+from minitir.generate import generate
 from minitir.sampling import sample
+from minitir.tool_protocol import ToolOutput
 from tests.conftest import make_hf_model
 
 
@@ -251,7 +252,7 @@ def test_spliced_cache_equals_reprefilling_the_whole_prefix(tmp_path, tok):
 
 
 def test_tool_output_over_the_limit_is_replaced_or_cut(tok):
-    from minitir.generate import OUTPUT_TAIL, TOO_LONG
+    from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG
     code = "```python\nprint('x' * 500)\n```"
     scripts = {1: enc(tok, f"Go.\n{code}\nDone.")}
     kw = dict(max_new_tokens=400, temperature=0, tool=lambda c: ToolOutput("line\n" * 200), max_tool_calls=1,
@@ -389,7 +390,8 @@ def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
                     max_batch=1)
     assert [o.num_tool_errors for o in outs] == [1, 1, 1] and [o.num_tool_failures for o in outs] == [0, 1, 0]
     assert [o.num_tool_timeouts for o in outs] == [0, 0, 1]   # a wall-clock limit: counted, as a rerun may differ
-    from minitir.rollout import Sample, rollout_metrics, sample_row
+    from minitir.rollout import rollout_metrics, sample_row
+    from minitir.sample import Sample
     rows = [sample_row(Sample(prompt_ids=[1], completion=o, gold="")) for o in outs]
     assert rollout_metrics(rows)["tool_timeouts"] == 1
 
@@ -642,3 +644,17 @@ def test_a_model_converted_between_generations_decodes_with_its_new_weights(tmp_
         want = generate(copy.deepcopy(m), tok, PROMPTS, **kw)   # a fresh copy: no packing kept
         assert [o.tokens for o in got] == [o.tokens for o in want]
         assert [o.logprobs for o in got] == [o.logprobs for o in want]
+
+
+def test_tool_time_is_the_runs_own_time():
+    """time/tools_s adds up the runs' own time as the sandbox reports it (not the calls' wall time, which holds
+    the wait for a free worker), from many threads at once; a plain callable is a tool too."""
+    from concurrent.futures import ThreadPoolExecutor
+    from minitir.rollout import TimedTool
+    from minitir.sandbox.result import ExecResult
+    queued = TimedTool(lambda code: (time.sleep(0.02), ExecResult("ok", "1\n", duration_s=0.01))[1])
+    with ThreadPoolExecutor(8) as pool:
+        assert all(r.text == "1" for r in pool.map(queued.run, ["print(1)"] * 64))
+    assert queued.seconds == pytest.approx(0.64)
+    plain = TimedTool(lambda code: "2")
+    assert plain.run("print(2)") == "2" and 0 < plain.seconds < 1

@@ -121,6 +121,32 @@ def test_peft_loads_the_adapter_and_minitir_merges_it(tmp_path):
         torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-4, rtol=1e-4)
 
 
+def test_an_adapter_names_the_base_a_model_object_was_read_from(tmp_path):
+    """A model passed to the Trainer as an object: read by load_pretrained, its adapter names that directory and
+    loads; built in memory, it names none (null, not "None"), and loading it says so."""
+    import json
+    from minitir.checkpoint import CheckpointError, load_lora, save_pretrained
+    tc, model, tok, problems = toy_setup(tmp_path, steps=1, lora_rank=4, lora_alpha=8.0)
+    base_dir = save_pretrained(model, None, tmp_path / "base")
+    read = load_model(base_dir)   # what load_pretrained reads the model with
+    for name, m, base in (("read", read, str(base_dir.resolve())), ("built", model, None)):
+        tc.run_name = name
+        t = Trainer(tc, model=m, tokenizer=tok, problems=problems, eval_problems=[], tool=lambda code: "1")
+        try:
+            randomise(t.learner.model)
+            ck = t.save_checkpoint()
+            with torch.no_grad():
+                ours = t.learner.model(IDS % 20)
+        finally:
+            t.close()
+        assert json.loads((ck / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+        if base is None:
+            with pytest.raises(CheckpointError, match="names no base model"):
+                load_lora(ck)
+        else:
+            torch.testing.assert_close(load_lora(ck)(IDS % 20), ours, atol=1e-5, rtol=1e-5)
+
+
 def test_exact_resume_with_lora(tmp_path):
     setup = dict(steps=2, lora_rank=4, lora_alpha=8.0, lr=1e-2)
     tc, model, tok, problems = toy_setup(tmp_path, run_name="straight", **setup)

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minitir.generate import Completion
+from minitir.sample import Completion
 from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
 from minitir.config import ConfigError, TrainConfig
-from minitir.rollout import Sample
+from minitir.sample import Sample
 from minitir.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

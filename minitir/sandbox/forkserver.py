@@ -444,6 +444,7 @@ def main(as_user: int | None = None):
             write_msg(stdout, server.execute(req))
     finally:
         server.close()
+        isolation.detach_mounts(base)
         shutil.rmtree(base, ignore_errors=True)
 
 

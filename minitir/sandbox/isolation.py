@@ -42,7 +42,7 @@ from minitir.sandbox import landlock, seccomp
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 CLONE_NEWIPC = 0x08000000
 IPC_RMID, SHM_INFO, SHM_STAT, MSG_INFO, MSG_STAT, SEM_INFO, SEM_STAT = 0, 14, 13, 12, 11, 19, 18
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MNT_DETACH = 1, 2, 4, 8, 32, 2
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -103,6 +103,16 @@ def _call(ret: int, what: str):
 def _mount(src, dst, fstype=None, flags=0, data=None):
     enc = lambda s: None if s is None else str(s).encode()
     _call(_libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), f"mount {src} on {dst}")
+
+
+def detach_mounts(base: str):
+    """Lazily unmount what this mount namespace mounted below base (the view, the staged sources), so that
+    removing base does not walk the Python installation bound read-only into them (a second per worker)."""
+    with open("/proc/self/mountinfo") as f:
+        points = sorted({line.split()[4] for line in f if line.split()[4].startswith(base + "/")}, key=len)
+    for p in points:
+        if not any(p.startswith(q + "/") for q in points if q != p):   # its parent's detach takes it along
+            _libc.umount2(p.encode(), MNT_DETACH)
 
 
 def _read_only(path: str):

@@ -29,7 +29,7 @@ def worker_env() -> dict:
     """The fork server's environment: what Python needs, nothing else of the host's (no tokens, no keys)."""
     path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": path,
-           "MINITIR_KEEP_FREED_MEMORY": "0", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}   # one hash seed: a set prints alike on every worker
     if "HOME" in os.environ:   # Python finds the user's site-packages from it
         env["HOME"] = os.environ["HOME"]
