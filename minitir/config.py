@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from minitir.lora import TARGETS
+from minitir.model import LINEARS
 
 ROOT = Path(__file__).resolve().parents[1]
 Algo = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"]
@@ -163,9 +163,9 @@ def validate(cfg: TrainConfig, device: torch.device):
         bad(f"--mini-batches {cfg.mini_batches} exceeds the {cfg.prompts_per_step * cfg.n_samples} responses per step")
     if not 0 <= cfg.filter_min_acc <= cfg.filter_max_acc <= 1:
         bad("--filter-min-acc / --filter-max-acc must satisfy 0 <= min <= max <= 1")
-    unknown = set(cfg.lora_targets.split(",")) - set(TARGETS)
+    unknown = set(cfg.lora_targets.split(",")) - set(LINEARS)
     if cfg.lora_rank < 0 or unknown or cfg.lora_alpha <= 0:
         bad(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha} / --lora-targets {cfg.lora_targets}: "
-            f"rank >= 0 (0 = off), alpha > 0, targets among {','.join(TARGETS)}")
+            f"rank >= 0 (0 = off), alpha > 0, targets among {','.join(LINEARS)}")
     if cfg.tis_cap < 0 or (0 < cfg.tis_cap < 1):
         bad(f"--tis-cap {cfg.tis_cap}: use 0 (off) or a cap >= 1 (e.g. 2)")

@@ -105,7 +105,8 @@ def shard(model: nn.Module, bf16: bool = False) -> nn.Module:
     the trainer relies on it): the log-prob head reads `model.lm_head.weight` right after `hidden_packed`.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, reshard_after_forward=False, mp_policy=mp)

@@ -53,7 +53,8 @@ def summarize(records: list[dict]) -> dict:
         m = {"benchmark": bench, "max_tool_calls": calls, "problems": len(problems), "n": n,
              f"avg@{n}": sum(r["correct"] for r in flat) / len(flat)}
         for k in ks_for(n):
-            m[f"pass@{k}"] = sum(pass_at_k(len(v), sum(r["correct"] for r in v), k) for v in problems.values()) / len(problems)
+            m[f"pass@{k}"] = sum(pass_at_k(len(v), sum(r["correct"] for r in v), k)
+                                 for v in problems.values()) / len(problems)
         m[f"maj@{n}"] = sum(majority_correct(v) for v in problems.values()) / len(problems)
         calls_total = sum(r["num_tool_calls"] for r in flat)
         m.update({

@@ -88,8 +88,9 @@ class Sequence:
         self.finish, self.status = reason, Status.FINISHED
 
     def completion(self, tok) -> Completion:
-        return Completion(tokens=self.tokens, logprobs=self.logprobs, policy_mask=self.mask, finish_reason=self.finish,
-                          text=tok.decode(self.tokens), num_tool_calls=self.tool_calls, num_tool_errors=self.tool_errors,
+        return Completion(tokens=self.tokens, logprobs=self.logprobs, policy_mask=self.mask,
+                          finish_reason=self.finish, text=tok.decode(self.tokens),
+                          num_tool_calls=self.tool_calls, num_tool_errors=self.tool_errors,
                           num_tool_failures=self.tool_failures, num_tool_timeouts=self.tool_timeouts,
                           policy_text=tok.decode([t for t, m in zip(self.tokens, self.mask) if m]))
 
@@ -177,8 +178,9 @@ class Engine:
         # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
         self.window = 4 * max([len(st) for st in c.stop] + [len("```")]) + 4
         self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
-        self.seqs = [Sequence(idx=i, prompt=list(p), gen=None if c.seed is None else torch.Generator(
-            device=self.model.device).manual_seed(c.seed * 1_000_003 + c.seed_offset + i)) for i, p in enumerate(prompts)]
+        stream = lambda i: None if c.seed is None else torch.Generator(device=self.model.device).manual_seed(
+            c.seed * 1_000_003 + c.seed_offset + i)   # one sampling stream per response
+        self.seqs = [Sequence(idx=i, prompt=list(p), gen=stream(i)) for i, p in enumerate(prompts)]
         for s in self.seqs:
             if not s.prompt or len(s.prompt) >= self.max_len:
                 s.end("prompt_too_long" if s.prompt else "stop")

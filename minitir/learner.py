@@ -56,6 +56,20 @@ def keep_freed_memory():
     libc.mallopt(M_TOP_PAD, 64 << 20)          # grow it in 64 MB steps
 
 
+def clip_grad_norm(module: nn.Module, max_norm: float, sharded: bool) -> float:
+    """torch.nn.utils.clip_grad_norm_ -> the norm before clipping. On one process the squares are summed by
+    ops.tree_sum and the tensors' sums in order, so the norm (and a clipped step's weights) is the same
+    bits on any thread count; sharded (FSDP), torch's, which reduces across ranks."""
+    if sharded:
+        return float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)))
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    total = math.sqrt(sum(float(ops.tree_sum(g.detach().float().pow(2))) for g in grads))
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
 class Learner:
     def __init__(self, cfg, dist, device, model=None, tokenizer=None):
         """Policy (with LoRA adapters when lora_rank > 0), reference (kl_coef > 0: the starting policy, also when
@@ -246,12 +260,12 @@ class Learner:
             stats = stats + self._policy_backward(mb, w, drift)
             if self.critic is not None:
                 value_loss += self._critic_backward(mb, w)
-        gn = self._clip_grad_norm(self.model, cfg.grad_clip)
+        gn = clip_grad_norm(self.model, cfg.grad_clip, d.enabled)
         self.opt.step()
         self.sched.step()
         self.version += 1
         if self.critic_opt is not None:
-            self._clip_grad_norm(self.critic, cfg.grad_clip)
+            clip_grad_norm(self.critic, cfg.grad_clip, d.enabled)
             self.critic_opt.step()
         out = {**vars(stats.all_reduce(d.all_reduce)), "grad_norm": float(gn)}
         if not cfg.kl_coef:
@@ -261,19 +275,6 @@ class Learner:
         if self.critic is not None:
             out["value_loss"] = d.sum(value_loss)
         return out
-
-    def _clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
-        """torch.nn.utils.clip_grad_norm_ -> the norm before clipping. On one process the squares are summed by
-        ops.tree_sum and the tensors' sums in order, so the norm (and a clipped step's weights) is the same
-        bits on any thread count; sharded (FSDP), torch's, which reduces across ranks."""
-        if self.dist.enabled:
-            return float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)))
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        total = math.sqrt(sum(float(ops.tree_sum(g.detach().float().pow(2))) for g in grads))
-        coef = min(max_norm / (total + 1e-6), 1.0)
-        for g in grads:
-            g.mul_(coef)
-        return total
 
     def _policy_backward(self, mb: list[Sample], w: torch.Tensor, drift: "Drift | None") -> rl.ObjectiveStats:
         """The objective over one micro-batch's policy tokens, its gradient taken chunk by chunk inside the

@@ -172,25 +172,3 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     logp, ent, loss = _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
                                            bool(with_entropy), loss_fn, invariant)
     return loss, logp, (ent if with_entropy else None)
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, *, temperature: float = 1.0,
-                      chunk_size: int = 1024, with_entropy: bool = False):
-    """Log-probs of every token given its prefix, for packed sequences input_ids [N] / cu_seqlens [S+1].
-
-    Returns logp [N] (and entropy [N] or None) where entry t scores input_ids[t] from position t-1;
-    the first token of each sequence has no prefix and gets 0 (mask it out: it is the prompt anyway).
-    """
-    hidden = model.hidden_packed(input_ids, cu_seqlens)            # [N, D]
-    n = input_ids.shape[0]
-    # predict token t+1 from position t; the last position of a sequence predicts nothing
-    targets = torch.roll(input_ids, -1)
-    logp, ent = token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature,
-                               chunk_size=chunk_size, with_entropy=with_entropy)
-    first = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-    first[cu_seqlens[:-1].long()] = True
-    zero = torch.zeros(1, dtype=logp.dtype, device=logp.device)
-    shifted = torch.cat([zero, logp[:-1]]).masked_fill(first, 0.0)   # align to the scored token
-    if ent is not None:
-        ent = torch.cat([zero, ent[:-1]]).masked_fill(first, 0.0)
-    return shifted, ent

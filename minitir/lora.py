@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from minitir.model import LINEARS, init_empty
+
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."   # where PEFT's LoraModel puts the transformers model's own names
 
@@ -69,7 +70,7 @@ def merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> t
         return w0 + (scale * (b.float() @ a.float())).to(w0.dtype)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float, targets=LINEARS, seed: int = 0) -> list[str]:
     """Freeze every parameter of a minitir Transformer and put a LoRALinear in place of each target linear of
     its decoder layers. -> the names of the adapted linears."""
     model.requires_grad_(False)
@@ -80,7 +81,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: i
                 setattr(module, child_name, LoRALinear(child, rank, alpha, g))
                 names.append(f"{name}.{child_name}")
     if not names:
-        raise ValueError(f"--lora-targets {','.join(targets)}: no such linear in the model; choose from {TARGETS}")
+        raise ValueError(f"--lora-targets {','.join(targets)}: no such linear in the model; choose from {LINEARS}")
     return names
 
 
@@ -134,9 +135,9 @@ def check_config(config: dict):
 def targets_of(config: dict) -> tuple[str, ...]:
     t = config["target_modules"]
     if t == "all-linear":
-        return TARGETS
-    if isinstance(t, str) or not set(t) <= set(TARGETS):
-        raise ValueError(f"target_modules {t!r}: minitir adapts {', '.join(TARGETS)}")
+        return LINEARS
+    if isinstance(t, str) or not set(t) <= set(LINEARS):
+        raise ValueError(f"target_modules {t!r}: minitir adapts {', '.join(LINEARS)}")
     return tuple(t)
 
 
@@ -164,7 +165,6 @@ def read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain Transformer (no LoRALinear) holding the merged weights: for generation and for export."""
-    from minitir.model import init_empty
     plain = init_empty(model.config, dtype=model.dtype, device=model.device)
     params = dict(plain.named_parameters(remove_duplicate=False))
     for name, w in merged_weights(model):

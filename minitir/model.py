@@ -22,6 +22,8 @@ from minitir.attention import KERNEL_OPS, CachePlan, PackedPlan, kvcache_attenti
 from minitir.ops import compute_dtype, linear, mlp, norm_linears
 
 SUPPORTED = ("llama", "qwen2")
+# a decoder layer's linears, by their checkpoint names (those LoRA may adapt)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

@@ -71,7 +71,8 @@ def correlation(x: list[float], y: list[float], names: tuple[str, str]) -> dict:
     if len(x) < 3:
         why = f"only {len(x)} points (3 needed)"
     else:
-        flat = [f"{n} is constant ({v[0]:g}) over all {len(v)} points" for n, v in zip(names, (x, y)) if min(v) == max(v)]
+        flat = [f"{n} is constant ({v[0]:g}) over all {len(v)} points"
+                for n, v in zip(names, (x, y)) if min(v) == max(v)]
         why = " and ".join(flat) or None
     if why:
         return {"pearson": None, "spearman": None, "undefined": why}

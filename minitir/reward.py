@@ -8,7 +8,7 @@ after `</answer>`), it ended normally (a stop string or EOS, not the length limi
 `\\boxed{}` after `</think>` equals the gold answer under math-verify. Text inside an ```output block
 is the tool's, never the model's answer: every function here ignores it.
 
-Grading runs in worker processes started as `python minitir/reward.py --worker`, so math-verify's
+Grading runs in worker processes started as `python -m minitir.reward --worker`, so math-verify's
 signal-based timeout works (it needs a main thread) and nothing re-imports the caller's main module. A
 worker that does not answer in time, or dies, is replaced and the check retried once; a check that still
 gets no answer is an error (`None` from `math_equal_many`, `GradeError` from `math_equal`), never False.
@@ -27,35 +27,17 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from minitir.tasks import last_boxed
+
 # ------------------------------------------------------------------------------------------------
 # extraction
 # ------------------------------------------------------------------------------------------------
-_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 # an output block as the generator writes it; an unclosed one runs to the end of the text
 OUTPUT_BLOCK = re.compile(r"```output\n.*?(?:```|\Z)", re.DOTALL)
 ANSWER_FORMAT = re.compile(r"<answer>.*?\\boxed\{.*\}.*?</answer>", re.DOTALL)   # the paper's zero_pattern
 ANSWER_TAGS = ("</think>", "<answer>", "</answer>")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where `-m minitir` finds it
 MAX_TAIL_TOKENS = 5          # the paper allows at most 5 tokens after </answer>
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} / `\\boxed x` in text (nested braces handled)."""
-    found = None
-    for m in _BOXED.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    found = text[i + 1:j]
-                    break
-        elif i > m.end():  # `\boxed 5`: the next word
-            word = re.match(r"[^\s$]+", text[i:])
-            found = word.group(0) if word else found
-    return found.strip() if found is not None else None
 
 
 def strip_tool_output(text: str) -> str:
@@ -183,10 +165,11 @@ class GradeError(RuntimeError):
 class _Worker:
     def __init__(self, timeout_s: int):
         self.log = tempfile.TemporaryFile()   # its stderr, read back if it fails to start
-        self.proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "--worker", str(timeout_s)],
+        path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "minitir.reward", "--worker", str(timeout_s)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, encoding="utf-8", start_new_session=True,
-                                     env={**os.environ, "PYTHONHASHSEED": "0"})   # one hash seed in every worker
+                                     env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"})   # one hash seed
         self.ready = False
 
     def wait_ready(self, limit_s: float = 120.0):
@@ -200,7 +183,7 @@ class _Worker:
             self.log.seek(0)
             err = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
             self.kill()
-            raise GradeError(f"a grader worker ({sys.executable} {os.path.abspath(__file__)} --worker) failed to "
+            raise GradeError(f"a grader worker ({sys.executable} -m minitir.reward --worker) failed to "
                              f"start: {' | '.join(err) or 'no output'}; check that math-verify is installed "
                              f"(pip install -r requirements.txt)")
         self.ready = True

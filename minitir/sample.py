@@ -15,8 +15,8 @@ class Completion:
     finish_reason: str         # "stop" (EOS or stop string), "length", "prompt_too_long"
     num_tool_calls: int = 0
     num_tool_errors: int = 0
-    num_tool_failures: int = 0 # calls the tool itself failed (ToolOutput.failed): the response is not the policy's alone
-    num_tool_timeouts: int = 0 # calls that ran into their wall-clock limit (ToolOutput.timeout)
+    num_tool_failures: int = 0  # calls the tool itself failed (ToolOutput.failed): not the policy's outcome alone
+    num_tool_timeouts: int = 0  # calls that ran into their wall-clock limit (ToolOutput.timeout)
     policy_text: str = ""      # the model's own text: the policy tokens alone, tool output left out
 
 

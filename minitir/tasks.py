@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from minitir.reward import last_boxed
 
 
 @dataclass
@@ -64,6 +63,30 @@ TEMPLATES: dict[str, PromptTemplate] = {
     # instruct models: the explanatory instructions as a chat user turn
     "chat_tir": PromptTemplate(_SYSTEM + _TOOLS + "\n\n{question}", ("</answer>",), tools=True, chat=True),
 }
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} / `\\boxed x` in text (nested braces handled): a dataset's
+    answer inside its solution here, the model's answer in reward.py."""
+    found = None
+    for m in _BOXED.finditer(text):
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    found = text[i + 1:j]
+                    break
+        elif i > m.end():  # `\boxed 5`: the next word
+            word = re.match(r"[^\s$]+", text[i:])
+            found = word.group(0) if word else found
+    return found.strip() if found is not None else None
 
 
 def render_prompt(template: PromptTemplate, question: str, tokenizer=None) -> str:
@@ -225,7 +248,8 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     if name not in BENCHMARKS:
         if Path(name).exists():
             return load_problems(name, limit=limit)
-        raise DatasetError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS) + ['miniature']} or a file path")
+        raise DatasetError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS) + ['miniature']} "
+                           f"or a file path")
     files, hub_id, split = BENCHMARKS[name]
     for d in [Path(data_dir)] if data_dir else []:
         for f in files:

@@ -149,8 +149,8 @@ class Trainer:
             sampled += batch
             stats["groups_sampled"] += want
             for i in range(0, len(batch), k):
-                group = batch[i:i + k] if k == n else self._resample_on_correct(batch[i:i + k], seed, lo + i // k)
-                buffer += self._keep(group, stats)
+                group = batch[i:i + k] if k == n else resample_on_correct(batch[i:i + k], n, seed, lo + i // k)
+                buffer += keep_group(group, cfg, stats)
         for k in ("groups_kept", "dropped_overlong", "dropped_repetitive", "masked_truncated", "masked_void"):
             stats[k] = int(d.sum(stats[k]))
         kept, self.carry = self._one_batch(buffer, target) if cfg.carry_over else (buffer, [])
@@ -171,47 +171,6 @@ class Trainer:
                 c = s.completion
                 s.reward = float(self.reward_fn(c.text, s.gold, {"correct": s.correct, "finish_reason": c.finish_reason,
                                                                  "num_tool_calls": c.num_tool_calls}))
-
-    def _keep(self, group: list[Sample], stats: dict) -> list[Sample]:
-        """A group's responses that stay in the batch: none when dynamic sampling drops the group; else its
-        outcome advantages are computed over the whole group, the paper's filters drop single responses
-        (counted by reason), and each kept response gets its loss mask: its policy tokens, or none when
-        mask_truncated / mask_void_turns mask it (counted too)."""
-        cfg = self.cfg
-        graded = [s for s in group if s.graded]
-        acc = sum(s.correct for s in graded) / max(len(graded), 1)
-        if not graded or (cfg.filter_groups and not cfg.filter_min_acc <= acc <= cfg.filter_max_acc):
-            return []
-        stats["groups_kept"] += 1
-        if cfg.algo != "ppo":   # PPO's advantages come from GAE
-            r = torch.tensor([[s.reward for s in group]], dtype=torch.float32)               # [1, n]
-            adv = rl.group_advantages(r, cfg.algo, torch.tensor([[s.graded for s in group]]))[0]
-            for s, a in zip(group, adv.tolist()):
-                s.outcome_adv = a
-        kept = []
-        for s in group:
-            c = s.completion
-            why = drop_reason(c.finish_reason, c.text, s.correct, cfg.filter_overlong, cfg.filter_repetition)
-            if why:
-                stats[f"dropped_{why}"] += 1
-            if why or not s.graded:   # ungraded ones are counted in the rollout metrics
-                continue
-            masked = mask_reason(c.finish_reason, c.policy_text, c.num_tool_calls, s.answer is not None,
-                                 cfg.mask_truncated, cfg.mask_void_turns)
-            if masked:
-                stats[f"masked_{masked}"] += 1
-            s.loss_mask = [0] * len(c.tokens) if masked else list(c.policy_mask)
-            kept.append(s)
-        return kept
-
-    def _resample_on_correct(self, group: list[Sample], seed: int, index: int) -> list[Sample]:
-        """GRPO-RoC: n of the group's graded responses (roc.downsample), in their order; index: the group's place
-        in the step's round over all ranks, so the draw does not depend on how many ranks share it."""
-        graded = [s for s in group if s.graded]
-        pen = [roc.penalty(s.completion.num_tool_calls, s.completion.num_tool_errors, s.format_ok) for s in graded]
-        keep = roc.downsample([s.correct for s in graded], pen, self.cfg.n_samples,
-                              random.Random(seed * 1_000_033 + index))
-        return [graded[i] for i in keep]
 
     def _one_batch(self, buffer: list[Sample], target: int) -> tuple[list[Sample], list[Sample]]:
         """carry_over: -> (exactly one batch over all ranks, the rest), the last ranks' tails carried first."""
@@ -235,37 +194,9 @@ class Trainer:
             kl = [cfg.kl_coef * rl.kl_estimate(torch.tensor(s.old_logp), torch.tensor(s.ref_logp), cfg.kl_estimator)
                   for s in samples]
         if cfg.algo == "ppo":
-            self._gae_advantages(samples, kl)
+            gae_advantages(samples, kl, cfg, self.dist.all_reduce)
         else:
-            self._outcome_advantages(samples, kl)
-
-    def _gae_advantages(self, samples: list[Sample], kl: list[torch.Tensor]):
-        """PPO: per-token rewards -kl_t and the outcome reward at each response's last policy token, GAE over
-        its policy tokens, advantages whitened over the global batch."""
-        cfg = self.cfg
-        T = max([len(s.old_values) for s in samples] + [1])
-        R, V, M = (torch.zeros(len(samples), T) for _ in range(3))                    # [B, T] each
-        for k, s in enumerate(samples):
-            L = len(s.old_values)
-            if L:
-                V[k, :L], M[k, :L], R[k, :L] = torch.tensor(s.old_values), 1, -kl[k]
-                R[k, L - 1] += s.reward
-        adv, ret = rl.gae(R, V, M, cfg.gamma, cfg.lam)
-        adv = rl.whiten(adv.flatten(), M.flatten(), all_reduce=self.dist.all_reduce).view_as(adv)
-        for k, s in enumerate(samples):
-            L = len(s.old_values)
-            s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
-
-    def _outcome_advantages(self, samples: list[Sample], kl: list[torch.Tensor]):
-        """A group estimator's outcome advantage on every policy token, less the KL to come (kl_reward_to_go);
-        reinforce_pp whitens them over the global batch's tokens."""
-        tok = [s.outcome_adv - rl.kl_reward_to_go(k) for s, k in zip(samples, kl)]       # [L] per sample
-        if self.cfg.algo == "reinforce_pp":
-            flat = torch.cat([torch.zeros(0)] + tok)
-            flat = rl.whiten(flat, torch.ones_like(flat), all_reduce=self.dist.all_reduce)
-            tok = list(flat.split([len(t) for t in tok]))
-        for s, a in zip(samples, tok):
-            s.adv = a.tolist()
+            outcome_advantages(samples, kl, cfg.algo, self.dist.all_reduce)
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -346,3 +277,75 @@ class Trainer:
         if self.tool is not None:
             self.tool.close()
         distributed.shutdown()
+
+
+# --- a group's and a batch's advantages, pure functions of the samples -----------------------------
+def keep_group(group: list[Sample], cfg: TrainConfig, stats: dict) -> list[Sample]:
+    """A group's responses that stay in the batch: none when dynamic sampling drops the group; else its
+    outcome advantages are computed over the whole group, the paper's filters drop single responses
+    (counted by reason), and each kept response gets its loss mask: its policy tokens, or none when
+    mask_truncated / mask_void_turns mask it (counted too)."""
+    graded = [s for s in group if s.graded]
+    acc = sum(s.correct for s in graded) / max(len(graded), 1)
+    if not graded or (cfg.filter_groups and not cfg.filter_min_acc <= acc <= cfg.filter_max_acc):
+        return []
+    stats["groups_kept"] += 1
+    if cfg.algo != "ppo":   # PPO's advantages come from GAE
+        r = torch.tensor([[s.reward for s in group]], dtype=torch.float32)               # [1, n]
+        adv = rl.group_advantages(r, cfg.algo, torch.tensor([[s.graded for s in group]]))[0]
+        for s, a in zip(group, adv.tolist()):
+            s.outcome_adv = a
+    kept = []
+    for s in group:
+        c = s.completion
+        why = drop_reason(c.finish_reason, c.text, s.correct, cfg.filter_overlong, cfg.filter_repetition)
+        if why:
+            stats[f"dropped_{why}"] += 1
+        if why or not s.graded:   # ungraded ones are counted in the rollout metrics
+            continue
+        masked = mask_reason(c.finish_reason, c.policy_text, c.num_tool_calls, s.answer is not None,
+                             cfg.mask_truncated, cfg.mask_void_turns)
+        if masked:
+            stats[f"masked_{masked}"] += 1
+        s.loss_mask = [0] * len(c.tokens) if masked else list(c.policy_mask)
+        kept.append(s)
+    return kept
+
+
+def resample_on_correct(group: list[Sample], n: int, seed: int, index: int) -> list[Sample]:
+    """GRPO-RoC: n of the group's graded responses (roc.downsample), in their order; index: the group's place
+    in the step's round over all ranks, so the draw does not depend on how many ranks share it."""
+    graded = [s for s in group if s.graded]
+    pen = [roc.penalty(s.completion.num_tool_calls, s.completion.num_tool_errors, s.format_ok) for s in graded]
+    keep = roc.downsample([s.correct for s in graded], pen, n,
+                          random.Random(seed * 1_000_033 + index))
+    return [graded[i] for i in keep]
+
+
+def gae_advantages(samples: list[Sample], kl: list[torch.Tensor], cfg: TrainConfig, all_reduce):
+    """PPO: per-token rewards -kl_t and the outcome reward at each response's last policy token, GAE over
+    its policy tokens, advantages whitened over the global batch."""
+    T = max([len(s.old_values) for s in samples] + [1])
+    R, V, M = (torch.zeros(len(samples), T) for _ in range(3))                    # [B, T] each
+    for k, s in enumerate(samples):
+        L = len(s.old_values)
+        if L:
+            V[k, :L], M[k, :L], R[k, :L] = torch.tensor(s.old_values), 1, -kl[k]
+            R[k, L - 1] += s.reward
+    adv, ret = rl.gae(R, V, M, cfg.gamma, cfg.lam)
+    adv = rl.whiten(adv.flatten(), M.flatten(), all_reduce=all_reduce).view_as(adv)
+    for k, s in enumerate(samples):
+        L = len(s.old_values)
+        s.adv, s.returns = adv[k, :L].tolist(), ret[k, :L].tolist()
+
+
+def outcome_advantages(samples: list[Sample], kl: list[torch.Tensor], algo: str, all_reduce):
+    """A group estimator's outcome advantage on every policy token, less the KL to come (kl_reward_to_go);
+    reinforce_pp whitens them over the global batch's tokens."""
+    tok = [s.outcome_adv - rl.kl_reward_to_go(k) for s, k in zip(samples, kl)]       # [L] per sample
+    if algo == "reinforce_pp":
+        flat = torch.cat([torch.zeros(0)] + tok)
+        flat = rl.whiten(flat, torch.ones_like(flat), all_reduce=all_reduce)
+        tok = list(flat.split([len(t) for t in tok]))
+    for s, a in zip(samples, tok):
+        s.adv = a.tolist()

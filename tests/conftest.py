@@ -7,6 +7,11 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"   # the project's own copy
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: the inner loop, `pytest -m quick` (under 2 minutes on 2 cores): "
+                                       "at least one test of every module")
+
 TINY_CONFIGS = {
     # name: (transformers config class name, kwargs)
     "qwen2-gqa-untied": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),

@@ -13,6 +13,7 @@ from minitir.cli import UsageError
 from minitir.config import ConfigError, TrainConfig
 
 
+@pytest.mark.quick
 def test_t_interval_by_hand_and_too_few_seeds():
     # [0.61, 0.72, 0.80, 0.93, 0.95]: mean 0.802, s = sqrt(0.08188 / 4) = 0.143073, t(0.975, 4) = 2.776
     ci = ablation.interval([0.61, 0.72, 0.80, 0.93, 0.95])
@@ -25,6 +26,7 @@ def test_t_interval_by_hand_and_too_few_seeds():
     assert ablation.t975(200) == pytest.approx(1.972, abs=0.001)
 
 
+@pytest.mark.quick
 def test_below_three_seeds_the_table_gives_values_not_verdicts(tmp_path):
     variants = [{"name": n, "overrides": {}, "steps": 10,
                  "runs": {s: _fake_run(tmp_path / f"{n}{s}", [0.0, a + s / 10], [0, 1]) for s in (0, 1)}}
@@ -47,6 +49,7 @@ def _fake_run(path: Path, acc: list[float], code: list[float], every: int = 5, o
     return path
 
 
+@pytest.mark.quick
 def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     base = {0: ([0.0, 0.4, 0.5], [0, 1, 1]), 1: ([0.0, 0.6, 0.6], [0, 1, 1]), 2: ([0.1, 0.3, 0.7], [0, 1, 1])}
     new = {0: ([0.0, 0.5, 0.6], [0, 1, 1]), 1: ([0.0, 0.7, 0.8], [0, 1, 1]), 2: ([0.0, 0.4, 0.8], [0, 0.2, 0.4])}
@@ -94,6 +97,7 @@ def test_summary_pairs_differences_by_seed_and_counts_steps_to(tmp_path):
     assert "format failures" in table and "format failures" not in ablation.markdown_table(mixed)
 
 
+@pytest.mark.quick
 def test_parse_builds_the_grid_and_refuses_mistakes():
     cfg, vs, rest = ablate.parse(["--out", "x", "--vary", "prompt=zero_tir,zero_rl", "--vary=carry_over=true,false",
                                   "--seeds", "3", "--steps", "7"])
@@ -110,6 +114,7 @@ def test_parse_builds_the_grid_and_refuses_mistakes():
         ablate.parse(["--out", "x", "--vary", "roc_oversample=1,2", "--n-samples", "2"])
 
 
+@pytest.mark.quick
 def test_a_run_is_done_resumed_restarted_or_refused_never_deleted(tmp_path):
     cfg, (v,), rest = ablate.parse(["--out", str(tmp_path), "--steps", "10"])
     run = tmp_path / "runs" / "base-seed0"
@@ -149,6 +154,7 @@ def test_a_run_is_done_resumed_restarted_or_refused_never_deleted(tmp_path):
         ablate.state(foreign, want)
 
 
+@pytest.mark.quick
 def test_plan_moves_aside_never_removes(tmp_path, capsys):
     """--restart moves a run made with other settings to OUT/aside whole; a run of this configuration with
     nothing to resume is moved aside too, then started again."""
@@ -270,6 +276,7 @@ def _raises(job):
     return None
 
 
+@pytest.mark.quick
 def test_a_run_whose_job_has_not_ended_is_not_submitted_twice(tmp_path):
     out = tmp_path / "abl"
     cfg, vs, _ = ablate.parse(["--out", str(out), "--seeds", "1", "--launcher", "slurm"])

@@ -12,6 +12,8 @@ from minitir import attention
 from minitir.attention import (CachePlan, PackedPlan, kvcache_attention_blocks, kvcache_attention_paged,
                                varlen_attention_blocks, varlen_attention_torch, varlen_attn_torch)
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 # parameter names of flash-attn 2.x's Python API, in order (flash_attn/flash_attn_interface.py)
 FLASH_VARLEN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
                        "softmax_scale", "causal"]

@@ -1,9 +1,12 @@
 """Packing samples for the trainer's forward passes: a group's prompt once, every policy token scored from the
 position before it, checked against a naive forward of each prompt + response."""
+import pytest
 import torch
 
 from minitir import batching
 from minitir.sample import Completion, Sample
+
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
 
 
 def make_samples(g):

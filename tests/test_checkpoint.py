@@ -13,6 +13,7 @@ from minitir.checkpoint import CheckpointError, load_model, save_pretrained
 from tests.conftest import make_hf_model
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", ["qwen2-gqa-untied", "llama-gqa-tied", "llama-bias-mha"])
 def test_save_then_transformers_load_same_logits(kind, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -25,6 +26,7 @@ def test_save_then_transformers_load_same_logits(kind, tmp_path):
         assert (back(ids).logits - ours(ids)).abs().max() <= 1e-5
 
 
+@pytest.mark.quick
 def test_sharded_checkpoint_roundtrip(tmp_path, monkeypatch):
     from minitir import checkpoint
     make_hf_model("qwen2-gqa-untied").save_pretrained(tmp_path / "src")
@@ -54,6 +56,7 @@ def test_smollm_save_then_transformers_load(smollm, tmp_path, monkeypatch):
         assert (back(ids).logits - model(ids)).abs().max() <= 1e-4
 
 
+@pytest.mark.quick
 def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: missing"):
         load_model(tmp_path)

@@ -18,7 +18,7 @@ from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
 from minitir.config import TrainConfig
 from minitir.sample import Sample
-from minitir.trainer import Trainer
+from minitir.trainer import Trainer, keep_group
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -84,7 +84,7 @@ def one_step(case: str, run_dir: Path) -> tuple[Trainer, dict]:
         samples = samples[4 * t.dist.rank:4 * t.dist.rank + 4]
     stats = {"groups_kept": 0, "dropped_overlong": 0, "dropped_repetitive": 0}
     for g in range(0, len(samples), 4):   # the group baseline, as collecting computes it
-        t._keep(samples[g:g + 4], stats)
+        keep_group(samples[g:g + 4], t.cfg, stats)
     t.prepare(samples)
     m = t.learner.update(samples, t.step)
     return t, m

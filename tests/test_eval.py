@@ -7,6 +7,7 @@ from minitir.evaluate import majority_correct, pass_at_k, summarize
 from tests.conftest import DATA_DIR
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n,c", [(1, 0), (1, 1), (4, 1), (5, 2), (6, 3), (8, 0), (8, 8), (7, 5)])
 def test_pass_at_k_equals_brute_force(n, c):
     outcomes = [1] * c + [0] * (n - c)
@@ -22,6 +23,7 @@ def rec(bench, pid, sample, correct, answer, calls=2, tool_calls=0, errors=0, le
             "finish_reason": finish}
 
 
+@pytest.mark.quick
 def test_summary_of_a_scripted_model():
     # problem a: 3 of 4 right, majority right; b: 1 of 4 right, majority wrong ("7" twice); c: none answered
     records = [rec("m", "a", 0, True, "1", tool_calls=1), rec("m", "a", 1, True, " 1 "), rec("m", "a", 2, False, "2"),
@@ -60,6 +62,7 @@ def test_eval_py_end_to_end_and_resume(tmp_path, smollm):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 16
 
 
+@pytest.mark.quick
 def test_the_default_response_budget_fits_the_models_context():
     import eval as evaluate_cli
     from minitir import load_pretrained
@@ -75,6 +78,7 @@ def test_the_default_response_budget_fits_the_models_context():
     assert evaluate_cli.default_budget(model, tok, cfg, benches) == 3072
 
 
+@pytest.mark.quick
 def test_each_seed_is_evaluated_on_its_own_held_out_problems(tmp_path):
     """A run saves its held-out problems; `--benchmarks heldout` reads exactly them from --model's run (seed
     1's differ from seed 0's, which `--benchmarks miniature` is), and says so where a run saved none."""

@@ -35,6 +35,7 @@ def hf_greedy(hf, prompt, n, eos):
 PROMPTS = [[5, 17, 33, 8, 41, 9, 12], [70, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [44]]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", ["qwen2-gqa-untied", "llama-gqa-tied"])
 def test_greedy_batch_matches_transformers(kind, tmp_path, tok):
     hf, m = tiny(kind, tmp_path)
@@ -55,6 +56,7 @@ def test_greedy_smollm_batch_matches_transformers(smollm, smollm_hf):
         assert o.tokens == hf_greedy(smollm_hf, p, 24, tk.eos_token_id)
 
 
+@pytest.mark.quick
 def test_continuous_batching_with_few_rows_equals_one_at_a_time(tmp_path, tok):
     _, m = tiny("llama-gqa-tied", tmp_path)
     prompts = PROMPTS + [[7, 7, 7], [90, 1, 2, 3, 4]]
@@ -78,6 +80,7 @@ class CountingModel:
         return self.m.forward_cached(ids, cache, rows, n_new, all_logits)
 
 
+@pytest.mark.quick
 def test_group_prompts_are_prefilled_once(tmp_path, tok):
     """A GRPO group repeats its prompt: one row prefills it, its siblings copy the cached prefix."""
     _, m = tiny("llama-gqa-tied", tmp_path)
@@ -101,6 +104,7 @@ def test_group_prompts_are_prefilled_once(tmp_path, tok):
     assert [o.tokens for o in outs] == [o.tokens for o in alone]
 
 
+@pytest.mark.quick
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, tok):
     _, m = tiny("qwen2-gqa-untied", tmp_path)
     kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
@@ -119,6 +123,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(tmp_path, t
 @pytest.mark.parametrize("temperature,top_k,top_p,kept", [(1.0, 0, 1.0, [0, 1, 2, 3, 4, 5]), (1.0, 3, 1.0, [0, 1, 2]),
                                                          (1.0, 0, 0.7, [0, 1]), (2.0, 0, 0.5, [0, 1]),
                                                          (1.0, 4, 0.78, [0, 1])])
+@pytest.mark.quick
 def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p, kept):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 4000
@@ -156,6 +161,7 @@ def test_gumbel_max_with_a_tail_follows_the_distribution(monkeypatch, head):
     assert sampling.gumbel_max(logits.repeat(50, 1), gens(50)).tolist() == ids[:50].tolist()
 
 
+@pytest.mark.quick
 def test_top_k_one_is_greedy(tmp_path, tok):
     _, m = tiny("qwen2-gqa-untied", tmp_path)
     g = generate(m, tok, PROMPTS, max_new_tokens=10, temperature=0)
@@ -200,6 +206,7 @@ class CodeBias(torch.nn.Module):
         return torch.stack([logits[t] + self.bias(seq[:t + 1]) for t in range(len(seq))])
 
 
+@pytest.mark.quick
 def test_logprobs_equal_teacher_forced_forward_with_tool_output_spliced(tmp_path, tok):
     _, m = tiny("qwen2-gqa-untied", tmp_path, vocab_size=len(tok))
     script = tok.encode("```python\nprint(6*7)\n```", add_special_tokens=False)
@@ -232,6 +239,7 @@ def test_logprobs_equal_teacher_forced_forward_with_tool_output_spliced(tmp_path
         assert last_tool < len(o.tokens) - 1
 
 
+@pytest.mark.quick
 def test_spliced_cache_equals_reprefilling_the_whole_prefix(tmp_path, tok):
     """Keeping the KV cache across a tool call (only the output block is prefilled) and re-prefilling the
     whole prefix after it must sample the same tokens with the same log-probs, on a real model whose
@@ -251,6 +259,7 @@ def test_spliced_cache_equals_reprefilling_the_whole_prefix(tmp_path, tok):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
 
 
+@pytest.mark.quick
 def test_tool_output_over_the_limit_is_replaced_or_cut(tok):
     from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG
     code = "```python\nprint('x' * 500)\n```"
@@ -300,6 +309,7 @@ def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.quick
 def test_tool_protocol_interrupt_resume_truncate_and_limit(tok):
     code = "```python\nprint('x' * 500)\n```"
     scripts = {1: enc(tok, f"Let me compute.\n{code}\nThen again {code}\nAnd a third {code}\nDone."),
@@ -337,6 +347,7 @@ def _schedule(tok, tool, lag=4):
     return outs, model.calls
 
 
+@pytest.mark.quick
 def test_tool_results_rejoin_at_a_fixed_tick_however_long_the_code_runs(tok):
     """The schedule (which rows each forward pass holds) is a function of the tokens alone: an instant tool,
     one that sleeps a random time, and one slower than the whole generation give the same forward passes."""
@@ -348,6 +359,7 @@ def test_tool_results_rejoin_at_a_fixed_tick_however_long_the_code_runs(tok):
         assert [o.tokens for o in outs] == [o.tokens for o in fast]
 
 
+@pytest.mark.quick
 def test_other_rows_decode_tool_lag_tokens_while_code_runs_then_the_engine_waits(tok):
     """Row 0's block closes at some forward pass; the next tool_lag passes decode row 1 alone (while the slow
     code runs), and the pass after them prefills row 0's output block: the engine waited for it there."""
@@ -363,6 +375,7 @@ def test_other_rows_decode_tool_lag_tokens_while_code_runs_then_the_engine_waits
         assert rows[closed + 1 + lag] == (0,) and model.calls[closed + 1 + lag][1] > 1
 
 
+@pytest.mark.quick
 def test_failing_tool_is_reported_not_raised(tok):
     model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter")}, tok.eos_token_id)
 
@@ -374,6 +387,7 @@ def test_failing_tool_is_reported_not_raised(tok):
     assert out.num_tool_failures == 1   # the tool's failure, counted apart from the code's errors
 
 
+@pytest.mark.quick
 def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
     from minitir.sandbox import ExecResult
     model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter"), 2: enc(tok, "```python\n1/0\n```\nafter")},
@@ -396,6 +410,7 @@ def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
     assert rollout_metrics(rows)["tool_timeouts"] == 1
 
 
+@pytest.mark.quick
 def test_reprefill_baseline_gives_same_tokens(tok):
     scripts = {1: enc(tok, "```python\nprint(1)\n```\nresult follows")}
     kw = dict(max_new_tokens=100, temperature=0, tool=lambda c: ToolOutput("1"), max_tool_calls=1)
@@ -404,6 +419,7 @@ def test_reprefill_baseline_gives_same_tokens(tok):
     assert a.tokens == b.tokens and a.policy_mask == b.policy_mask
 
 
+@pytest.mark.quick
 def test_stop_string_split_across_tokens_keeps_sampled_tokens(tok):
     text = "so <answer>\\boxed{4}</answer> trailing"
     script = enc(tok, text)
@@ -420,6 +436,7 @@ def test_stop_string_split_across_tokens_keeps_sampled_tokens(tok):
     assert out2.tokens == script[:len(out2.tokens)] and cut not in tok.decode(out2.tokens[:-1])
 
 
+@pytest.mark.quick
 def test_a_stop_string_in_tool_output_does_not_end_the_response(tok):
     """The paper's stop strings end what the model writes, not what its code prints: output holding
     "User:" and "</answer>" is spliced in and the model goes on to its own answer."""
@@ -430,6 +447,7 @@ def test_a_stop_string_in_tool_output_does_not_end_the_response(tok):
     assert "User: hi </answer>" in out.text and out.text.rstrip().endswith("\\boxed{4}</answer>")
 
 
+@pytest.mark.quick
 def test_length_limits_and_long_prompts(tok):
     model = ScriptedModel({1: enc(tok, " a" * 50), 2: enc(tok, "```python\nx\n```\nmore")}, tok.eos_token_id)
     outs = generate(model, tok, [[1] * 3, [1] * 30, [2]], max_new_tokens=8, temperature=0, max_len=20,
@@ -439,6 +457,7 @@ def test_length_limits_and_long_prompts(tok):
     assert outs[2].finish_reason == "length" and len(outs[2].tokens) <= 8
 
 
+@pytest.mark.quick
 def test_decode_graph_buffers_pad_batches_into_a_scratch_row(tmp_path, tok, monkeypatch):
     """DecodeGraphs off CUDA runs its static buffers and bucket padding eagerly: everything the CUDA graphs
     do except the capture. 7 prompts on 5 rows (buckets 1, 2, 4, 5) with ragged lengths: batches of 3 are
@@ -466,6 +485,7 @@ def test_decode_graph_buffers_pad_batches_into_a_scratch_row(tmp_path, tok, monk
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
 
 
+@pytest.mark.quick
 def test_decode_graph_step_touches_only_its_rows(tmp_path):
     """One padded step (3 rows -> the graph of 4): logits equal the plain cached forward, and the cache
     changes only at the 3 rows' new positions; other rows, cached or free, are untouched."""
@@ -530,6 +550,7 @@ def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_
     assert engine.cache is None and engine.graphs is None
 
 
+@pytest.mark.quick
 def test_a_failed_capture_of_any_kind_falls_back_once_with_a_warning(tmp_path, tok, monkeypatch):
     import minitir.generate as G
     _, m = tiny("llama-gqa-tied", tmp_path)
@@ -549,6 +570,7 @@ def test_a_failed_capture_of_any_kind_falls_back_once_with_a_warning(tmp_path, t
     assert [o.tokens for o in first] == [o.tokens for o in second] == [o.tokens for o in want]
 
 
+@pytest.mark.quick
 def test_stop_strings_are_checked_on_the_new_tail_and_progress_is_reported(tmp_path, tok):
     """Each step decodes a bounded tail of a row (the stop string's length in tokens), not the whole text
     generated so far; progress callbacks count every sequence once."""
@@ -575,6 +597,7 @@ def test_stop_strings_are_checked_on_the_new_tail_and_progress_is_reported(tmp_p
 CUDA_GRAPHS = torch.cuda.is_available() and (attention._flash_kvcache is not None or attention.TORCH_VARLEN_PAGED)
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(not CUDA_GRAPHS, reason="needs CUDA and a FlashAttention kernel (flash-attn or torch's varlen_attn)")
 def test_cuda_graph_decode_on_gpu(tmp_path, monkeypatch):
     """The capture itself, on a GPU: every bucket is captured (no fallback warning); a replayed padded step
@@ -630,6 +653,7 @@ def test_cuda_graph_decode_on_gpu(tmp_path, monkeypatch):
             assert abs(lp - float(logp[len(p) + i - 1, t])) <= 0.1, (p, i)
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(not __import__("minitir.ops", fromlist=["_BF16"])._BF16, reason="no native bfloat16 products")
 def test_a_model_converted_between_generations_decodes_with_its_new_weights(tmp_path, tok):
     """model.to(dtype) keeps the parameters' identity but gives them new data: the packed weights kept on the
@@ -646,6 +670,7 @@ def test_a_model_converted_between_generations_decodes_with_its_new_weights(tmp_
         assert [o.logprobs for o in got] == [o.logprobs for o in want]
 
 
+@pytest.mark.quick
 def test_tool_time_is_the_runs_own_time():
     """time/tools_s adds up the runs' own time as the sandbox reports it (not the calls' wall time, which holds
     the wait for a free worker), from many threads at once; a plain callable is a tool too."""

@@ -13,6 +13,8 @@ from minitir.logprobs import token_logprobs
 from minitir.model import KVCache
 from tests.conftest import make_hf_model
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 OTHERS = [5, 17, 63, 2, 31, 70, 9]   # the other rows' lengths
 N = 40                               # the sequence followed
 

@@ -26,6 +26,7 @@ def randomise(model, seed=1):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
+@pytest.mark.quick
 def test_zero_b_is_the_base_and_the_adapted_weight_is_w_plus_scaled_ba(tmp_path):
     make_hf_model("qwen2-gqa-untied", vocab_size=80).save_pretrained(tmp_path)
     base, model = load_model(tmp_path), load_model(tmp_path)
@@ -121,6 +122,7 @@ def test_peft_loads_the_adapter_and_minitir_merges_it(tmp_path):
         torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.quick
 def test_an_adapter_names_the_base_a_model_object_was_read_from(tmp_path):
     """A model passed to the Trainer as an object: read by load_pretrained, its adapter names that directory and
     loads; built in memory, it names none (null, not "None"), and loading it says so."""

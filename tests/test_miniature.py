@@ -5,6 +5,7 @@ import json
 import math
 import time
 
+import pytest
 import torch
 
 from minitir import miniature
@@ -20,6 +21,7 @@ def base_tokenizer():
     return AutoTokenizer.from_pretrained(embedded_checkpoint())
 
 
+@pytest.mark.quick
 def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     base = base_tokenizer()
     p = miniature_problems(3, seed=0)[0]
@@ -39,6 +41,7 @@ def test_compact_vocabulary_round_trips_and_saves(tmp_path):
     assert isinstance(again, CompactTokenizer) and again.encode(text) == ids
 
 
+@pytest.mark.quick
 def test_the_programs_print_what_the_corpus_shows():
     """Each miniature problem's programs, run, print the numbers its documents show in their output blocks,
     the last one the answer; a program holds only numbers the model has read: the question's, or for a
@@ -62,6 +65,7 @@ def test_the_programs_print_what_the_corpus_shows():
             assert rest == []
 
 
+@pytest.mark.quick
 def test_format_slips_fail_the_strict_reward_only():
     """The corpus's slipped endings (the base model's habit on products) are scored 0 by the paper's strict
     reward and graded by their \\boxed answer by the lenient one, through the grading path training uses;
@@ -89,6 +93,7 @@ def test_format_slips_fail_the_strict_reward_only():
     assert [j.format_ok for j in strict] == [j.format_ok for j in lenient] == [not s for s in slipped]
 
 
+@pytest.mark.quick
 def test_the_shipped_base_model_is_todays():
     """minitir/miniature_base was pretrained from today's corpus, vocabulary and configuration (its
     fingerprint), and loads by name: a change to any of them without `python -m minitir.miniature` fails here."""
@@ -102,6 +107,7 @@ def test_the_shipped_base_model_is_todays():
     assert isinstance(tok, CompactTokenizer) and model.config.vocab_size == len(tok)
 
 
+@pytest.mark.quick
 def test_shared_prefix_forward_equals_the_plain_forward():
     """Rows continuing one prefix, the prefix computed once: the logits must be the model's own on each
     whole sequence (reference: Transformer.forward), for two groups of different lengths."""

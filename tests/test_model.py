@@ -3,6 +3,8 @@ import torch
 
 from minitir.model import KVCache
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 TOL = 1e-4
 
 
@@ -150,14 +152,18 @@ def test_smollm_greedy_matches_transformers(smollm, smollm_hf):
 
 def test_gradients_match_transformers(tiny_pair):
     """The hand-written backward passes (minitir.ops, minitir.logprobs) against transformers' autograd."""
-    from minitir.logprobs import sequence_logprobs
+    from minitir.logprobs import token_logprobs
     hf, m = tiny_pair
     g = torch.Generator().manual_seed(6)
     seqs = [torch.randint(0, 97, (n,), generator=g) for n in (7, 12)]
     cu = torch.tensor([0, 7, 19], dtype=torch.int32)
     m.train()
     m.checkpointing = "selective"
-    logp, ent = sequence_logprobs(m, torch.cat(seqs), cu, chunk_size=5, with_entropy=True)
+    ids = torch.cat(seqs)
+    scored = torch.ones(len(ids), dtype=torch.bool)
+    scored[cu[1:].long() - 1] = False   # a sequence's last position predicts nothing
+    logp, ent = token_logprobs(m.hidden_packed(ids, cu)[scored], m.lm_head.weight, ids.roll(-1)[scored],
+                               chunk_size=5, with_entropy=True)
     (logp.sum() + 0.1 * ent.sum()).backward()
     hf.zero_grad()
     total = 0

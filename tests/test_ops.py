@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from minitir import ops
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 
 def _data(bias: bool, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,8 @@ import pytest
 
 from minitir import plot
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 
 def write_run(path, rows):
     path.mkdir(parents=True)

@@ -4,7 +4,8 @@ import time
 import pytest
 
 from minitir.reward import (Grader, RewardConfig, extract_answer, final_answer, grade, has_answer_format,
-                            last_boxed, math_equal, outcome_reward, zero_tir_format, zero_tir_reward)
+                            math_equal, outcome_reward, zero_tir_format, zero_tir_reward)
+from minitir.tasks import last_boxed
 
 # (prediction, gold, equal?)
 CASES = [
@@ -61,6 +62,7 @@ def grader():
     g.close()
 
 
+@pytest.mark.quick
 def test_at_least_80_cases():
     assert len(CASES) >= 80
 
@@ -71,6 +73,7 @@ def test_math_equal_table(grader):
     assert wrong == []
 
 
+@pytest.mark.quick
 def test_extraction():
     assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert last_boxed("a \\boxed{1} b \\boxed{{2}^{3}} c") == "{2}^{3}"
@@ -86,6 +89,7 @@ def test_extraction():
     assert has_answer_format("<answer>\\boxed{1}</answer>") and not has_answer_format("\\boxed{1}")
 
 
+@pytest.mark.quick
 def test_grade_and_module_functions():
     assert grade("<think>2+2</think><answer>\\boxed{4}</answer>", "4")
     assert not grade("<answer>\\boxed{5}</answer>", "4")
@@ -101,6 +105,7 @@ def test_pathological_input_returns_in_time(grader):
     assert grader.math_equal("2", "2.0")  # the pool still works afterwards
 
 
+@pytest.mark.quick
 def test_grading_from_threads(grader):
     out = {}
 
@@ -115,6 +120,7 @@ def test_grading_from_threads(grader):
     assert all(out[i] for i in range(8))
 
 
+@pytest.mark.quick
 def test_outcome_reward():
     cfg = RewardConfig()
     assert outcome_reward(True, False, False, cfg) == 1.0 and outcome_reward(False, True, True, cfg) == 0.0
@@ -127,6 +133,7 @@ def test_outcome_reward():
 CODE = "```python\nprint(chr(92) + 'boxed{' + str(3 * 4) + '}')\n```\n```output\n\\boxed{12}\n```\n\n\n"
 
 
+@pytest.mark.quick
 def test_strict_reward_by_hand(grader):
     good = f"Let me compute. {CODE}So the product is 12.</think> <answer>The answer is \\boxed{{12}}</answer>"
     assert zero_tir_reward(good, "12", True, grader=grader) == 1.0
@@ -146,6 +153,7 @@ def test_strict_reward_by_hand(grader):
     assert zero_tir_format(good, count_tokens=lambda t: 0) and not zero_tir_format(good + "x", count_tokens=lambda t: 6)
 
 
+@pytest.mark.quick
 def test_repeatness_against_the_suffix_array_definition():
     import random
     from minitir.filters import repeatness
@@ -169,6 +177,7 @@ def test_repeatness_against_the_suffix_array_definition():
     assert repeatness("The answer is 12 " * 40) > 0.9 > 0.05 > repeatness("Let x be 3; then 4x = 12.")
 
 
+@pytest.mark.quick
 def test_a_script_without_main_guard_grades_correctly(tmp_path):
     """Workers are separate interpreters started by path: they never re-import the caller's script, so a
     script without `if __name__ == "__main__":` grades right and runs once."""
@@ -205,6 +214,7 @@ def test_a_killed_worker_is_retried_and_a_lost_check_is_an_error(monkeypatch):
         g.close()
 
 
+@pytest.mark.quick
 def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
     import sys
     from minitir import reward
@@ -213,6 +223,7 @@ def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
         Grader(workers=2)
 
 
+@pytest.mark.quick
 def test_a_check_that_runs_into_its_time_limit_is_counted(monkeypatch):
     """math-verify's limit is wall-clock: a check that ran for it is counted (grade_timeouts), a fast one not."""
     from minitir import reward

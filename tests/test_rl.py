@@ -1,9 +1,12 @@
 """The RL math against hand-computed values."""
 import math
 
+import pytest
 import torch
 
 from minitir import rl
+
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
 
 
 def test_group_advantages_by_hand():

@@ -17,10 +17,12 @@ from tests.test_trainer import toy_setup
     (6, 18, 8, (2, 6)), (3, 4, 8, (3, 4)),                               # K = 3; fewer than n: all kept
     (3, 5, 4, (2, 2)), (1, 7, 4, (1, 3)), (7, 1, 4, (3, 1)),             # n = 4: the floors meet
 ])
+@pytest.mark.quick
 def test_kept_counts_follow_the_groups_proportion(pos, neg, n, want):
     assert roc.kept_counts(pos, neg, n) == want
 
 
+@pytest.mark.quick
 def test_roc_needs_room_for_both_classes():
     from minitir.config import ConfigError, TrainConfig, validate
     validate(TrainConfig(roc_oversample=2, n_samples=4), torch.device("cpu"))
@@ -29,11 +31,13 @@ def test_roc_needs_room_for_both_classes():
             validate(TrainConfig(**bad), torch.device("cpu"))
 
 
+@pytest.mark.quick
 def test_penalty():
     assert roc.penalty(0, 0, True) == 0.5 and roc.penalty(2, 1, True) == 0.5 and roc.penalty(3, 0, True) == 0
     assert roc.penalty(1, 1, False) == 2.0
 
 
+@pytest.mark.quick
 def test_positives_with_the_fewest_errors_and_negatives_uniformly():
     correct = [True] * 10 + [False] * 6
     pen = [0, 0, 0.5, 0.5, 0.5, 1, 1, 1.5, 2, 0.25] + [0] * 6      # 5 positives and 3 negatives of 8 are kept

@@ -134,6 +134,7 @@ def secrets(tmp_path_factory):
         f.parent.rmdir()
 
 
+@pytest.mark.quick
 def test_host_files_are_not_visible(sb, secrets):
     """Reads of private files, home directories, the project and its data, /etc/shadow and another
     process's environment all fail; writes outside the working directory fail or stay private."""
@@ -222,6 +223,7 @@ def test_no_network(sb):
     check_clean(sb)
 
 
+@pytest.mark.quick
 def test_work_directory_is_fresh_and_removed(sb):
     r = sb.run("import os\nopen('scratch.txt', 'w').write('hi')\nprint(os.getcwd())\nprint(os.listdir('.'))")
     cwd, listing = r.stdout.splitlines()
@@ -230,6 +232,7 @@ def test_work_directory_is_fresh_and_removed(sb):
     assert r.stdout == "False\n"
 
 
+@pytest.mark.quick
 def test_notebook_value_and_short_tracebacks(sb):
     assert sb.run("x = 3\nx * 14").stdout == "42\n"
     assert sb.run("print('a')\n5").stdout == "a\n"              # something printed: no echo
@@ -328,6 +331,7 @@ def _host_ipc_keys() -> set[int]:
     return keys
 
 
+@pytest.mark.quick
 def test_ipc_objects_of_one_run_never_reach_the_next(sb):
     """System V shared memory, message queues and semaphores, POSIX shared memory and message queues: a run
     that makes one and writes "secret" to it, then the next runs: none finds it. With namespaces each run
@@ -348,6 +352,7 @@ def test_ipc_objects_of_one_run_never_reach_the_next(sb):
     check_clean(sb)
 
 
+@pytest.mark.quick
 def test_remove_ipc_objects_empties_the_namespace():
     """The shim's clean-up, in a child with an IPC namespace of its own: every object found and removed."""
     import ctypes
@@ -374,6 +379,7 @@ DISK = ("import os\nfor i in range(24):\n    with open(f'f{i}', 'wb') as f:\n   
         "print('wrote 360 MB')")
 
 
+@pytest.mark.quick
 def test_one_memory_budget_over_all_processes(sb):
     """Six processes of 100 MB each against memory_mb=256 (each far below its own address-space limit): the
     run ends with status "memory" within a second, and the next run is unaffected. Twelve processes that
@@ -388,6 +394,7 @@ def test_one_memory_budget_over_all_processes(sb):
     assert (r.status, r.stdout) == ("ok", "12\n"), r
 
 
+@pytest.mark.quick
 def test_one_disk_budget_per_run(sb):
     """360 MB of files against a 256 MB budget: a tmpfs of that size refuses the writes (status "error",
     "No space left"), or without one the watcher stops the run (status "disk"); where a control group counts
@@ -402,6 +409,7 @@ def test_one_disk_budget_per_run(sb):
     assert (r.status, r.stdout) == ("ok", "ok\n"), r
 
 
+@pytest.mark.quick
 def test_every_worker_says_what_bounds_a_run(sb):
     """The report names what bounds each run as a whole: a control group where the fork server could make
     one (here: as root), else the watcher; the disk by a tmpfs with a private view, else by the watcher."""
@@ -428,6 +436,7 @@ def test_a_worker_whose_isolation_is_weaker_stops_the_sandbox(monkeypatch):
         Sandbox(timeout_s=2, workers=2)
 
 
+@pytest.mark.quick
 def test_cgroup_v2_files(tmp_path):
     """The v2 names of the budget (the machines here have v1): memory.max, no swap, pids.max, OOM kills
     counted from memory.events; v1: memsw raised before memory, lowered after."""
@@ -453,11 +462,13 @@ def test_cgroup_v2_files(tmp_path):
         assert g.oom_kills(1) == 2
 
 
+@pytest.mark.quick
 def test_thread_safety_and_futures(sb):
     futs = [sb.submit(f"print({i})") for i in range(20)]
     assert [f.result().stdout for f in futs] == [f"{i}\n" for i in range(20)]
 
 
+@pytest.mark.quick
 def test_sandboxfusion_server_and_client_survive_restart(sb):
     server = make_server("127.0.0.1", 0, sb)
     port = server.server_port
@@ -517,6 +528,7 @@ def test_a_worker_that_dies_is_a_sandbox_error_not_a_code_error():
     assert not ExecResult("killed").failed and not ExecResult("error").failed
 
 
+@pytest.mark.quick
 def test_exec_result_text():
     assert ExecResult("timeout").text == "TimeoutError: the code ran past its time limit"
     assert ExecResult("ok", stdout="1\n").text == "1"

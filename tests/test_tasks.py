@@ -9,6 +9,8 @@ from minitir.tasks import (BENCHMARKS, TEMPLATES, DatasetError, get_template, go
                            load_problems, render_prompt, synthetic_problems)
 from tests.conftest import DATA_DIR
 
+pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
+
 EXPECTED = {"math500.jsonl": 500, "aime24.jsonl": 30, "amc23.jsonl": 40, "gsm8k_test.jsonl": 1319,
             "train_math_deepscaler.jsonl": 7474}
 

@@ -17,7 +17,7 @@ from minitir.model import ModelConfig, Transformer
 from minitir.tasks import Problem
 from minitir.config import ConfigError, TrainConfig
 from minitir.sample import Sample
-from minitir.trainer import Trainer
+from minitir.trainer import Trainer, keep_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,6 +260,7 @@ def test_tool_output_tokens_get_no_gradient(tmp_path):
         t.close()
 
 
+@pytest.mark.quick
 def test_update_gradient_equals_the_loss_on_unfused_logprobs(tmp_path):
     """The update takes the loss's gradient inside the head's forward (token_loss); it must equal autograd
     through plain log-probs and the rl.py formulas: clipped and dual-clipped ratios, k3 KL, entropy bonus,
@@ -410,6 +411,7 @@ def test_void_turns_are_masked_but_counted(tmp_path):
         t.close()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.json")))
 def test_every_preset_loads_and_validates(name):
     import train
@@ -444,6 +446,7 @@ def test_paper_preset_is_the_papers_protocol(tmp_path):
         t.close()
 
 
+@pytest.mark.quick
 def test_auto_precision_is_bfloat16_where_the_cpu_multiplies_it_natively(monkeypatch):
     from minitir.config import compute_dtype
     for native, want in ((True, "bfloat16"), (False, "float32")):
@@ -454,6 +457,7 @@ def test_auto_precision_is_bfloat16_where_the_cpu_multiplies_it_natively(monkeyp
     assert compute_dtype("float32", torch.device("cuda")) == "float32"
 
 
+@pytest.mark.quick
 def test_config_errors_before_first_step(tmp_path):
     with pytest.raises(ConfigError, match="micro-batch-tokens 100 cannot hold"):
         Trainer(TrainConfig(micro_batch_tokens=100, run_dir=str(tmp_path)))
@@ -539,6 +543,7 @@ def constructed(tok, question, segments, finish="stop", gold="12", seed=0):
     return Sample(prompt_ids=tok.encode(question), completion=c, gold=gold, question=question)
 
 
+@pytest.mark.quick
 def test_one_reward_path_for_training_and_zero_tir_reward(tmp_path):
     """The trainer's reward step and the public zero_tir_reward are one implementation: the same responses
     get the same rewards, including a \\boxed only the tool printed (before and after </think>), a response
@@ -585,6 +590,7 @@ def test_one_reward_path_for_training_and_zero_tir_reward(tmp_path):
         t.close()
 
 
+@pytest.mark.quick
 def test_repetition_filter_scores_the_whole_response_and_mask_truncated_masks(tmp_path):
     """The paper scores its output_text, tool output included: a correct response whose own words do not
     repeat but whose tool output does is dropped. mask_truncated keeps a response cut at the length limit in
@@ -605,11 +611,11 @@ def test_repetition_filter_scores_the_whole_response_and_mask_truncated_masks(tm
         t.cfg.filter_repetition = (calm + repeatness(loop.completion.text)) / 2
         t.cfg.mask_truncated = True
         stats = {"groups_kept": 0, "dropped_overlong": 0, "dropped_repetitive": 0, "masked_truncated": 0, "masked_void": 0}
-        kept = t._keep(group, stats)
+        kept = keep_group(group, t.cfg, stats)
         assert kept == [plain, cut] and stats["dropped_repetitive"] == 1 and stats["masked_truncated"] == 1
         assert plain.loss_mask == plain.completion.policy_mask and not any(cut.loss_mask)
         t.cfg.mask_truncated = False
-        assert t._keep([plain, cut], stats)[1].loss_mask == cut.completion.policy_mask
+        assert keep_group([plain, cut], t.cfg, stats)[1].loss_mask == cut.completion.policy_mask
     finally:
         t.close()
 
@@ -785,6 +791,7 @@ def product_tool(sleep):
     return run
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_two_runs_with_a_randomly_slow_tool_are_the_same_run(tmp_path, dtype):
     """The same seed gives the same run (metrics, every rollout's bytes, the weights) when the tool answers
@@ -819,11 +826,11 @@ def test_without_batch_invariance_the_generator_and_trainer_differ_a_little(tmp_
     assert 0 < metrics[0]["logprob_gap_mean"] < 0.1
 
 
+@pytest.mark.quick
 def test_gradient_clipping_is_torchs_summed_in_a_fixed_order():
     """The norm and the clipped gradients are torch.nn.utils.clip_grad_norm_'s (to rounding), and their bits do
     not depend on the thread count (torch's norm of a large tensor does)."""
-    from minitir.learner import Learner
-    learner = SimpleNamespace(dist=SimpleNamespace(enabled=False))
+    from minitir.learner import clip_grad_norm
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(300, 200, generator=g), torch.randn(77, generator=g), torch.randn(1000, 64, generator=g)]
 
@@ -838,7 +845,7 @@ def test_gradient_clipping_is_torchs_summed_in_a_fixed_order():
         finally:
             torch.set_num_threads(before)
 
-    ours = [clipped(n, lambda m, c: Learner._clip_grad_norm(learner, m, c)) for n in (1, 2, 3)]
+    ours = [clipped(n, lambda m, c: clip_grad_norm(m, c, sharded=False)) for n in (1, 2, 3)]
     norm, want = clipped(2, lambda m, c: torch.nn.utils.clip_grad_norm_(m.parameters(), c))
     assert abs(ours[0][0] - norm) < 1e-4 * norm and norm > 1.0    # it clipped
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours[0][1], want))
@@ -883,6 +890,7 @@ def test_a_stop_signal_saves_and_resume_gives_the_same_run(tmp_path):
     assert len(read("stopped", "heldout.jsonl")) == 4   # its held-out problems, for eval.py --benchmarks heldout
 
 
+@pytest.mark.quick
 def test_stop_signals_are_noted_then_act():
     """The first SIGINT, SIGTERM or SIGUSR2 is noted (the step goes on), repeats are the same request (torchrun
     and the terminal both pass on a Ctrl-C), a later Ctrl-C interrupts at once; leaving restores."""

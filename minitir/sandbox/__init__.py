@@ -19,5 +19,5 @@ from minitir.sandbox.http import RemoteSandbox, from_fusion, make_server, parse_
 from minitir.sandbox.pool import ALLOW_UNISOLATED_ENV, Sandbox, SandboxUnavailable
 from minitir.sandbox.result import STATUSES, ExecResult
 
-__all__ = ["Sandbox", "SandboxUnavailable", "ALLOW_UNISOLATED_ENV", "RemoteSandbox", "ExecResult", "STATUSES", "make_server", "parse_request", "to_fusion",
-           "from_fusion"]
+__all__ = ["Sandbox", "SandboxUnavailable", "ALLOW_UNISOLATED_ENV", "RemoteSandbox", "ExecResult", "STATUSES",
+           "make_server", "parse_request", "to_fusion", "from_fusion"]

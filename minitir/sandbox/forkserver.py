@@ -36,6 +36,20 @@ PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 36, 1, 4
 # ---------------------------------------------------------------------------------------------
 # the run's process
 # ---------------------------------------------------------------------------------------------
+def _std_fds(out_w: int, err_w: int, keep: int):
+    """stdin from /dev/null, stdout/stderr to the run's pipes; every other inherited fd (the host's pipes
+    too) closed but `keep`."""
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w: int, err_w: int):
     """Forked ahead of its request: enter its control groups, isolate, build its Landlock rules, wait for the
     request, drop privileges, enter Landlock and the seccomp filter, set the limits it asks for, run. Never
@@ -48,16 +62,7 @@ def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w
         else:   # the watcher reads the memory of the run and its shim (fork copied the fork server's 0)
             libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        for fd in map(int, os.listdir("/proc/self/fd")):  # close everything inherited (the host pipes too)
-            if fd > 2 and fd != req_r:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        _std_fds(out_w, err_w, keep=req_r)
         if iso.view:
             isolation.enter_view(iso.view, run.inside)
         else:

@@ -5,8 +5,8 @@ it for. The run gets: read and execute beneath what Python needs, read and write
 directory (its TMPDIR) and the private view's /tmp where there is a view, /dev/null and friends, nothing else
 of the filesystem. Where the kernel's ABI has them: truncation (ABI 3), TCP bind and connect denied (ABI 4),
 signals to processes outside the run's domain and abstract unix sockets outside it refused (ABI 6). Landlock
-does not cover a file's mode, owner, times or extended attributes: the seccomp filter does, where it must. Rights newer than the kernel's ABI are left out, so the
-best the kernel offers is used and reported (`abi`).
+does not cover a file's mode, owner, times or extended attributes: the seccomp filter does, where it must.
+Rights newer than the kernel's ABI are left out, so the best the kernel offers is used and reported (`abi`).
 
 The ruleset is built in the pre-forked child while it waits for its code (opening the paths costs that
 time, not the run's), and `restrict` enters it after the child has dropped its privileges.
