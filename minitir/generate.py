@@ -1,20 +1,28 @@
 """KV-cached, continuously batched generation with tool calls that resume on the same cache (ZeroTIR).
 
-Each sequence owns one row of a preallocated `KVCache` and moves through explicit states:
+`Engine` holds what outlives a call: the KV cache (one row per sequence being generated) and, on CUDA, the
+decode step's graphs. Each `generate` call is a `Generation`: its sequences and their schedule. A sequence
+owns one cache row and moves through explicit states:
 
-    WAITING --admitted to a free row--> PREFILL --whole input cached, a token sampled--> DECODE
+    WAITING --admitted to a free row--> PREFILL, or COPY (a sibling is caching the same prompt: the n
+            responses of a GRPO group share theirs) --its cached prompt copied--> DECODE
+    PREFILL --its pending tokens cached, a token sampled--> DECODE
     DECODE  --a token sampled--> DECODE | IN_TOOL (a ```python block closed) | FINISHED (EOS, stop, length)
     IN_TOOL --output block spliced in--> PREFILL (only the output block is prefilled, then decoding resumes)
 
-`Engine.step()` is one tick of a logical clock: admit waiting sequences (a prompt a sibling already cached, as
-the n responses of a GRPO group share theirs, is copied instead of prefilled), take back the tool calls
-whose turn has come, prefill every PREFILL row in one batch under a token budget (longer inputs in chunks),
-decode one token for every DECODE row, and retire finished rows. A code block that closes at tick t runs on
-the tool protocol's thread pool while the other sequences decode tool_lag more tokens; its sequence takes
-the result back at tick t + tool_lag + 1, waiting for it then if need be (or earlier, when nothing else can
-run): never "whenever the run is done", so which rows decode and prefill together depends on the tokens
-alone, not on how fast the sandbox was, and the same seed gives the same run. Token-in/token-out: sampled
-tokens are kept as ids; text is decoded for stop checks and display only.
+`pending` has one meaning throughout: the sequence's tokens not yet in its cache row, always
+prompt + tokens == the row's cached tokens + pending. A sampled token is pending until the next forward
+caches it (and samples the next one from its logits), so the row never holds a token whose successor is
+unknown; an output block joins the pending token, and the prefill that caches both samples what follows.
+
+`Generation.step()` is one tick of a logical clock: admit waiting sequences, take back the tool calls whose
+turn has come, prefill every PREFILL row in one batch under a token budget (longer inputs in chunks), copy
+the prompts of COPY rows, decode one token for every DECODE row, and retire finished rows. A code block that
+closes at tick t runs on the tool protocol's thread pool while the other sequences decode tool_lag more
+tokens; its sequence takes the result back at tick t + tool_lag + 1, waiting for it then if need be (or
+earlier, when nothing else can run): never "whenever the run is done", so which rows decode and prefill
+together depends on the tokens alone, not on how fast the sandbox was, and the same seed gives the same run.
+Token-in/token-out: sampled tokens are kept as ids; text is decoded for stop checks and display only.
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ class GenerationConfig:
 class Status(enum.Enum):
     WAITING = "waiting"
     PREFILL = "prefill"
+    COPY = "copy"
     DECODE = "decode"
     IN_TOOL = "in_tool"
     FINISHED = "finished"
@@ -71,7 +80,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)  # tokens not yet in the cache
+    pending: list[int] = field(default_factory=list)  # tokens not yet in its cache row (see the module docstring)
     row: int = -1
     cached: int = 0          # tokens of this sequence in its cache row
     segment_start: int = 0   # index in tokens where the current policy segment (after the last tool output) starts
@@ -82,7 +91,7 @@ class Sequence:
     finish: str | None = None
     future: object = None    # the running tool call
     due: int = 0             # the tick at which the engine takes its result
-    donor: "Sequence | None" = None   # an active sequence with the same prompt, whose cached prompt this one copies
+    donor: "Sequence | None" = None   # COPY: the active sequence with the same prompt whose cached prompt it copies
 
     def end(self, reason: str):
         self.finish, self.status = reason, Status.FINISHED
@@ -117,7 +126,7 @@ class DecodeGraphs:
         self.scratch = cache.k.shape[1] - 1
         dev = cache.k.device
         self.ids = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
-        self.rows = torch.full((max_rows,), self.scratch, dtype=torch.int32, device=dev)
+        self.row_ids = torch.full((max_rows,), self.scratch, dtype=torch.int32, device=dev)
         self.sizes = sorted({min(b, max_rows) for b in (1, 2, 4, 8, *range(16, max_rows + 16, 16))})
         self.graphs, self.out, pool = {}, {}, None
         if dev.type != "cuda":
@@ -137,7 +146,7 @@ class DecodeGraphs:
                 self.graphs[b], pool = g, g.pool()
 
     def _step(self, b: int) -> torch.Tensor:
-        logits = self.model.forward_cached(self.ids[:b], self.cache, self.rows[:b], check=False)
+        logits = self.model.forward_cached(self.ids[:b], self.cache, self.row_ids[:b], check=False)
         self.cache.seqlens[self.scratch] = 0
         return logits
 
@@ -146,8 +155,8 @@ class DecodeGraphs:
         B = ids.shape[0]
         b = next(n for n in self.sizes if n >= B)
         self.ids[:B].copy_(ids)
-        self.rows[:B].copy_(rows)
-        self.rows[B:b].fill_(self.scratch)
+        self.row_ids[:B].copy_(rows)
+        self.row_ids[B:b].fill_(self.scratch)
         if b not in self.graphs:
             return self._step(b)[:B]
         self.graphs[b].replay()
@@ -164,7 +173,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, tool=None):
         self.model, self.tok, self.tool = model, tokenizer, tool
-        self.cache, self.graphs, self.rows = None, None, 0   # rows: cache rows handed out (the scratch row aside)
+        self.cache, self.graphs = None, None
+        self.capacity = 0             # cache rows for sequences (a graph's scratch row aside)
         self.captures = 0             # DecodeGraphs built by this engine (each one captures every batch size)
         self.graphs_failed = False    # a capture failed: this engine decodes without graphs from then on
 
@@ -172,75 +182,84 @@ class Engine:
         """-> a completion per prompt. progress(n), when given, is called as n more sequences finish (a bar)."""
         if not prompts:
             return []
-        self.cfg = c = config
+        run = Generation(self, prompts, config, progress or (lambda n: None))
+        try:
+            while run.waiting or run.active:
+                run.step()
+        finally:
+            if run.tools is not None:
+                run.tools.close()
+        return [s.completion(self.tok) for s in run.seqs]
+
+    def release(self):
+        """Frees the KV cache and the graphs (which hold the cache and their memory pool)."""
+        self.cache, self.graphs, self.capacity = None, None, 0
+
+    def allocate(self, rows: int, max_len: int, cfg: GenerationConfig) -> bool:
+        """A KV cache of at least `rows` rows of max_len tokens (+ a scratch row for CUDA graphs) and the graphs,
+        where the device can capture them; the last call's are kept when they suffice. -> decode with graphs."""
+        dev = torch.device(self.model.device)
+        # under autocast the attention inputs are in the autocast dtype, and so must the cache be (CPUs: cache_dtype)
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.model.dtype
+        dtype = cache_dtype(dtype, dev)
+        graphs = cfg.cuda_graphs and not self.graphs_failed and _graphs_supported(self.model, dev, dtype)
+        length = cache_length(max_len, torch.empty(0, dtype=dtype, device=dev))
+        kept = self.cache
+        if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.capacity < rows or \
+                (graphs and self.graphs is None):
+            size = rows
+            if kept is not None and kept.k.dtype == dtype:   # grow to cover this call and the last: no ping-pong
+                size, length = max(rows, self.capacity), max(length, kept.max_len)
+            self.release()
+            self.cache = KVCache(self.model.config, size + int(graphs), length, dtype=dtype, device=dev)
+            self.capacity = size
+            if graphs:
+                self._capture()
+        return graphs and self.graphs is not None
+
+    def _capture(self):
+        self.captures += 1
+        try:
+            self.graphs = DecodeGraphs(self.model, self.cache, self.capacity)
+        except Exception as e:  # decoding still works without them, only slower
+            self.graphs_failed = True
+            warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); decoding "
+                          f"without graphs from now on (GenerationConfig.cuda_graphs=False skips the attempt)")
+
+
+class Generation:
+    """One `Engine.generate` call: its sequences, their schedule and its tool calls, on the engine's cache."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], cfg: GenerationConfig, progress):
+        self.model, self.tok, self.cfg, self.progress = engine.model, engine.tok, cfg, progress
         eos = self.model.config.eos_token_id if self.model.config.eos_token_id is not None else self.tok.eos_token_id
-        self.eos = set() if c.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos = set() if cfg.ignore_eos else set(eos if isinstance(eos, list) else [eos]) - {None}
         # a stop string of c characters spans at most 4c tokens (byte-level tokens of a 4-byte character)
-        self.window = 4 * max([len(st) for st in c.stop] + [len("```")]) + 4
-        self.max_len = c.max_len or (max(len(p) for p in prompts) + c.max_new_tokens)
-        stream = lambda i: None if c.seed is None else torch.Generator(device=self.model.device).manual_seed(
-            c.seed * 1_000_003 + c.seed_offset + i)   # one sampling stream per response
+        self.window = 4 * max([len(st) for st in cfg.stop] + [len("```")]) + 4
+        self.max_len = cfg.max_len or (max(len(p) for p in prompts) + cfg.max_new_tokens)
+        stream = lambda i: None if cfg.seed is None else torch.Generator(device=self.model.device).manual_seed(
+            cfg.seed * 1_000_003 + cfg.seed_offset + i)   # one sampling stream per response
         self.seqs = [Sequence(idx=i, prompt=list(p), gen=stream(i)) for i, p in enumerate(prompts)]
         for s in self.seqs:
             if not s.prompt or len(s.prompt) >= self.max_len:
                 s.end("prompt_too_long" if s.prompt else "stop")
         self.waiting = deque(s for s in self.seqs if s.status is Status.WAITING)
         self.active: list[Sequence] = []
-        self.progress = progress or (lambda n: None)
         self.progress(len(self.seqs) - len(self.waiting))   # prompts that ended before generating
-        self._allocate(min(c.max_batch, len(prompts)))
-        self.tools = ToolProtocol(self.tok, self.tool, c) if self.tool is not None and c.max_tool_calls > 0 else None
+        rows = min(cfg.max_batch, len(prompts))
+        self.use_graphs = engine.allocate(rows, self.max_len, cfg)
+        self.cache, self.graphs = engine.cache, engine.graphs
+        self.free = list(range(rows - 1, -1, -1))   # this call's rows, however many the cache has
+        self.tools = ToolProtocol(self.tok, engine.tool, cfg) if engine.tool is not None and cfg.max_tool_calls > 0 \
+            else None
         self.clock = 0
-        try:
-            while self.waiting or self.active:
-                self.step()
-        finally:
-            if self.tools is not None:
-                self.tools.close()
-        return [s.completion(self.tok) for s in self.seqs]
-
-    def release(self):
-        """Frees the KV cache and the graphs (which hold the cache and their memory pool)."""
-        self.cache, self.graphs, self.rows = None, None, 0
-
-    def _allocate(self, rows: int):
-        """The KV cache (+ a scratch row for CUDA graphs) and the graphs, when the device can capture them;
-        the last call's are kept when they have the rows, length and dtype this call needs."""
-        dev = torch.device(self.model.device)
-        # under autocast the attention inputs are in the autocast dtype, and so must the cache be (CPUs: cache_dtype)
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.model.dtype
-        dtype = cache_dtype(dtype, dev)
-        graphs = self.cfg.cuda_graphs and not self.graphs_failed and _graphs_supported(self.model, dev, dtype)
-        length = cache_length(self.max_len, torch.empty(0, dtype=dtype, device=dev))
-        kept = self.cache
-        if kept is None or kept.k.dtype != dtype or kept.max_len < length or self.rows < rows or \
-                (graphs and self.graphs is None):
-            size = rows
-            if kept is not None and kept.k.dtype == dtype:   # grow to cover this call and the last: no ping-pong
-                size, length = max(rows, self.rows), max(length, kept.max_len)
-            self.release()
-            self.cache = KVCache(self.model.config, size + int(graphs), length, dtype=dtype, device=dev)
-            self.rows = size
-            if graphs:
-                self._capture()
-        self.use_graphs = graphs and self.graphs is not None
-        self.free = list(range(rows - 1, -1, -1))   # this call's rows only, however many the cache has
-
-    def _capture(self):
-        self.captures += 1
-        try:
-            self.graphs = DecodeGraphs(self.model, self.cache, self.rows)
-        except Exception as e:  # decoding still works without them, only slower
-            self.graphs_failed = True
-            warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); decoding "
-                          f"without graphs from now on (GenerationConfig.cuda_graphs=False skips the attempt)")
 
     def step(self):
         """One tick of the engine: schedule, run, post-process."""
         self._admit()
         self._take_tool_results()
-        self._prefill([s for s in self.active if s.status is Status.PREFILL and s.donor is None])
-        self._copy_prompts([s for s in self.active if s.donor is not None])
+        self._prefill([s for s in self.active if s.status is Status.PREFILL])
+        self._copy_prompts([s for s in self.active if s.status is Status.COPY])
         self._decode([s for s in self.active if s.status is Status.DECODE])
         self.clock += 1
         done = [s for s in self.active if s.status is Status.FINISHED]
@@ -263,33 +282,30 @@ class Engine:
             self._splice(s, out)
 
     def _admit(self):
-        """Waiting sequences into free rows. A prompt a sibling is caching or has cached is copied from its
-        row (see _copy_prompts) instead of prefilled again."""
+        """Waiting sequences into free rows: COPY where a sibling is caching or has cached the same prompt (see
+        _copy_prompts), else PREFILL, or DECODE for a one-token prompt (its token is all there is to cache)."""
         while self.waiting and self.free:
             s = self.waiting.popleft()
-            s.row, s.cached, s.status = self.free.pop(), 0, Status.PREFILL
+            s.row, s.cached, s.pending = self.free.pop(), 0, list(s.prompt)
             self.cache.seqlens[s.row] = 0
             if len(s.prompt) > 1:
-                s.donor = next((t for t in self.active if t.prompt == s.prompt and t.donor is None), None)
-            s.pending = [] if s.donor is not None else list(s.prompt)
-            if s.donor is None and len(s.pending) == 1:   # a one-token prompt goes straight to decoding
-                s.status = Status.DECODE
+                s.donor = next((t for t in self.active if t.prompt == s.prompt and t.status is not Status.COPY), None)
+            s.status = Status.COPY if s.donor else Status.PREFILL if len(s.prompt) > 1 else Status.DECODE
             self.active.append(s)
 
     def _copy_prompts(self, seqs: list[Sequence]):
         """The n responses of a GRPO group share their prompt: it is prefilled once, and each sibling copies
         the donor's cached keys/values of all but the prompt's last token, which it then decodes itself, so
-        it samples its first token from its own logits and generator."""
+        it samples its first token from its own logits and generator. A sibling is admitted in the tick it
+        copies in, after that tick's prefill, which caches every PREFILL row's whole input (chunk by chunk):
+        its donor's row holds the prompt, and the donor stays active until the tick's end."""
         cache = self.cache
         for s in seqs:
             d, n = s.donor, len(s.prompt) - 1
-            if d not in self.active:  # the donor ended while re-prefilling (reprefill_after_tool): prefill after all
-                s.donor, s.pending = None, list(s.prompt)
-            elif d.cached >= n:  # its row holds the prompt (a chunked prefill may still be under way)
-                cache.k[:, s.row, :n] = cache.k[:, d.row, :n]
-                cache.v[:, s.row, :n] = cache.v[:, d.row, :n]
-                cache.seqlens[s.row], s.cached = n, n
-                s.donor, s.pending, s.status = None, s.prompt[-1:], Status.DECODE
+            cache.k[:, s.row, :n] = cache.k[:, d.row, :n]
+            cache.v[:, s.row, :n] = cache.v[:, d.row, :n]
+            cache.seqlens[s.row], s.cached = n, n
+            s.donor, s.pending, s.status = None, s.prompt[-1:], Status.DECODE
 
     def _prefill(self, seqs: list[Sequence]):
         """Every row's pending tokens into its cache, in batches under the token budget (right padding is

@@ -260,6 +260,41 @@ def test_spliced_cache_equals_reprefilling_the_whole_prefix(tmp_path, tok):
 
 
 @pytest.mark.quick
+def test_pending_is_what_the_row_has_not_cached_at_every_tick(tmp_path, tok, monkeypatch):
+    """The engine's one invariant, checked after every tick: prompt + tokens == the row's cached tokens +
+    pending, and the cache's length of the row is what the sequence counts; through prompt copies (a group
+    shares its prompt, copied once the donor's chunked prefill has cached it), tool calls, both splice modes and
+    rows freed and reused (max_batch below the prompts)."""
+    import minitir.generate as G
+    _, m = tiny("llama-gqa-tied", tmp_path, vocab_size=len(tok))
+    script = tok.encode("```python\nprint(6*7)\n```", add_special_tokens=False)
+    mark = tok.encode(" Assistant", add_special_tokens=False)[-1]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("Hi there Assistant", "Solve it. Assistant")] * 3
+    ticks, states, step, copy = [0], set(), G.Generation.step, G.Generation._copy_prompts
+
+    def copying(run, seqs):
+        states.update(s.status for s in seqs)
+        copy(run, seqs)
+
+    def checked(run):
+        step(run)
+        ticks[0] += 1
+        for s in run.active:
+            states.add(s.status)
+            assert len(s.prompt) + len(s.tokens) == s.cached + len(s.pending), (s.status, ticks)
+            assert int(run.cache.seqlens[s.row]) == s.cached and (s.status is Status.COPY) == (s.donor is not None)
+    monkeypatch.setattr(G.Generation, "step", checked)
+    monkeypatch.setattr(G.Generation, "_copy_prompts", copying)
+    Status = G.Status
+    for reprefill in (False, True):
+        outs = generate(CodeBias(m, script, mark), tok, prompts, max_new_tokens=30, temperature=0.8, seed=1,
+                        tool=lambda code: ToolOutput("42"), max_tool_calls=1, max_batch=4, ignore_eos=True, prefill_tokens=2,
+                        reprefill_after_tool=reprefill)
+        assert all(o.num_tool_calls == 1 for o in outs)
+    assert {Status.COPY, Status.DECODE, Status.IN_TOOL} <= states and ticks[0] > 60
+
+
+@pytest.mark.quick
 def test_tool_output_over_the_limit_is_replaced_or_cut(tok):
     from minitir.tool_protocol import OUTPUT_TAIL, TOO_LONG
     code = "```python\nprint('x' * 500)\n```"
@@ -542,10 +577,10 @@ def test_one_engine_keeps_its_cache_and_graphs_across_calls_and_replays_updated_
     longer = G.GenerationConfig(max_new_tokens=60, temperature=0.8, seed=3, max_batch=2)   # past the cache's length
     out = engine.generate(prompts, longer)
     grown = attention.cache_length(longest + 60, torch.empty(0))                              # whole key blocks
-    assert engine.captures == 2 and engine.cache.max_len == grown == 128 and engine.rows == 4   # grown, rows kept
+    assert engine.captures == 2 and engine.cache.max_len == grown == 128 and engine.capacity == 4   # grown, rows kept
     assert [o.tokens for o in out] == [o.tokens for o in G.Engine(m, tok).generate(prompts, longer)]
     engine.generate(prompts, G.GenerationConfig(max_new_tokens=4, max_batch=6))   # more rows than the cache has
-    assert engine.captures == 3 and engine.rows == 6 and engine.cache.max_len == grown
+    assert engine.captures == 3 and engine.capacity == 6 and engine.cache.max_len == grown
     engine.release()
     assert engine.cache is None and engine.graphs is None
 

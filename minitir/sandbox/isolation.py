@@ -7,8 +7,9 @@
               needs (the system's /usr and /lib, the interpreter's prefix, its standard library and
               site-packages, found from sys.prefix, sys.base_prefix and sys.path), /dev/null and friends, a
               fresh /tmp and /sandbox, where each run gets a writable, size-limited working directory.
-              Nothing else of the host is there: no home, no /root, no project, no data, no /etc/shadow,
-              no /proc. A run chroots into the view before it reads its code.
+              Nothing else of the host is there: no project, no data, no /etc/shadow, no /proc, and of a
+              home (or /root) only those Python directories, read-only, where they lie under it (a pyenv,
+              a user's site-packages). A run chroots into the view before it reads its code.
   processes   each run is PID 1 of a PID namespace of its own: it sees and can signal no other process
               (not the trainer, not the fork server, not the user's shell), and when it ends the kernel
               kills whatever it started.
