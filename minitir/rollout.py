@@ -21,11 +21,10 @@ class TimedTool:
 
     def __init__(self, tool):
         self.tool, self.seconds, self._lock = tool, 0.0, threading.Lock()
-        self._run = tool.run if hasattr(tool, "run") else tool
 
     def run(self, code):
         t = time.perf_counter()
-        r = self._run(code)
+        r = self.tool.run(code) if hasattr(self.tool, "run") else self.tool(code)
         spent = getattr(r, "duration_s", None)
         with self._lock:   # runs end on the tool protocol's threads
             self.seconds += time.perf_counter() - t if spent is None else spent

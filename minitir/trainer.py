@@ -104,20 +104,22 @@ class Trainer:
         return m
 
     # --------------------------------------------------------------------------------------------
-    def _rollouts(self, problems: list[Problem], n: int, temperature: float, seed: int, first: int = 0,
+    def _rollouts(self, problems: list[Problem], per_problem: int, temperature: float, seed: int, first: int = 0,
                   progress=None) -> list[Sample]:
-        """n responses to each problem (not graded yet), each with the whole max_new_tokens. first: the index
-        of problems[0] in the global batch. One engine serves every call: its KV cache and CUDA graphs are
-        kept across refill rounds and evaluations, and released before the update (train_step)."""
+        """per_problem responses to each problem (n_samples; K x n_samples for GRPO-RoC; 1 to evaluate), not
+        graded yet, each with the whole max_new_tokens. first: the index of problems[0] in the global batch.
+        One engine serves every call: its KV cache and CUDA graphs are kept across refill rounds and
+        evaluations, and released before the update (train_step)."""
         cfg = self.cfg
         gen = generation_config(self.template, max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens,
-                                temperature=temperature, top_p=cfg.top_p, seed=seed, seed_offset=first * n,
+                                temperature=temperature, top_p=cfg.top_p, seed=seed, seed_offset=first * per_problem,
                                 max_tool_output_tokens=cfg.max_tool_output_tokens,
                                 tool_output_overflow=cfg.tool_output_overflow, max_batch=cfg.max_batch)
         model = self.learner.decoder()   # refreshed in place after each update: the engine's graphs stay valid
         if self.engine is None or self.engine.model is not model:
             self.engine = Engine(model, self.tok, self.tool)
-        return generate_groups(self.engine, self.template, problems, n, gen, self.learner.autocast_on, progress)
+        return generate_groups(self.engine, self.template, problems, per_problem, gen, self.learner.autocast_on,
+                               progress)
 
     def collect(self, clock: dict) -> tuple[list[Sample], list[Sample], dict]:
         """-> (this rank's samples for the update, every sample it generated, global statistics). The samples
