@@ -26,7 +26,7 @@ def worker(variant: str, threads: int, batch: int, seqlen: int, repeats: int, ch
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(threads)
     from minitir.checkpoint import embedded_checkpoint, load_model
-    from minitir.learner import keep_freed_memory
+    from minitir.ops import keep_freed_memory
     keep_freed_memory()   # as the Learner does on a CPU, for both variants
     path = embedded_checkpoint()
     g = torch.Generator().manual_seed(0)

@@ -1,8 +1,9 @@
 """Where `python train.py` spends its time, by phase: the run as users start it (train.main, the same flags),
 with a wall clock around the functions that make up each phase. A phase's time excludes the phases nested in
-it (decode inside evaluation counts as "evaluation: decode"); "other" is what no phase covers (the loop, logging
-the bar). Main thread only: sandbox runs overlap decoding on their own processes, so the main thread's
-"tool wait" is what they cost the run; the runs' own time, as the sandbox reports it, is printed beside it.
+it (decode inside evaluation counts as "evaluation: decode"); "loop" is Trainer.train's own time (the bar, metric
+rows, the scaling figure), "other" what no phase covers. Main thread only: sandbox runs overlap decoding on their
+own processes, so the main thread's wait for tool results is what they cost the run; the runs' own time, as the
+sandbox reports it, is printed beside it. A CUDA-graph decode step counts as "decode" too.
 
     python benchmarks/profile_train.py [train.py flags, e.g. --steps 10]
 """
@@ -23,15 +24,17 @@ PHASES = [  # (owner, attribute, phase)
     (trainer.Trainer, "evaluate", "evaluation"), (trainer.Trainer, "reward", "grading"),
     (trainer, "grade", "grading"), (trainer.Trainer, "prepare", "update"), (learner.Learner, "update", "update"),
     (learner.Learner, "behaviour_logprobs", "update"),
-    (generate.Generation, "_prefill", "prefill: batching"), (generate.Generation, "_copy_prompts", "prefill: prompt copies"),
-    (model.Transformer, "forward_cached", "forward"), (generate.Generation, "_sampled", "sampling and checks"),
+    (generate.Generation, "_prefill", "prefill: batching"),
+    (generate.Generation, "_copy_prompts", "prefill: prompt copies"),
+    (model.Transformer, "forward_cached", "forward"), (generate.DecodeGraphs, "__call__", "forward"),
+    (generate.Generation, "_sampled", "sampling and checks"),
     (generate.Generation, "_take_tool_results", "tool results (wait + splice)"),
     (generate.Engine, "generate", "engine bookkeeping"),
     (run_state.RunLog, "metrics", "logging"), (run_state.RunLog, "samples", "logging"),
     (trainer.Trainer, "save_checkpoint", "checkpoint"), (trainer.Trainer, "train", "loop"),
 ]
 seconds, calls, stack, main = defaultdict(float), defaultdict(int), [], threading.main_thread()
-runs = {"n": 0, "s": 0.0}
+runs, runs_lock = {"n": 0, "s": 0.0}, threading.Lock()   # counted from the tool protocol's threads
 
 
 def install():
@@ -41,7 +44,8 @@ def install():
 
     def counted(self, code, *a, **k):
         r = run(self, code, *a, **k)
-        runs["n"], runs["s"] = runs["n"] + 1, runs["s"] + r.duration_s
+        with runs_lock:
+            runs["n"], runs["s"] = runs["n"] + 1, runs["s"] + r.duration_s
         return r
     Sandbox.run = counted
 
@@ -83,5 +87,6 @@ if __name__ == "__main__":
         n = calls.get(name, 0)
         print(f"| {name} | {s:.1f} | {s / total:.0%} | {n or ''} | {f'{s / n * 1e3:.1f}' if n else ''} |")
     print(f"| **total** | **{total:.1f}** | | | |")
-    print(f"\nsandbox: {runs['n']} runs, {runs['s']:.1f} s of their own time ({runs['s'] / max(runs['n'], 1) * 1e3:.1f} ms "
-          f"each), on {trainer.Trainer.__name__}'s workers beside the main thread")
+    each = runs["s"] / max(runs["n"], 1) * 1e3
+    print(f"\nsandbox: {runs['n']} runs, {runs['s']:.1f} s of their own time ({each:.1f} ms each), on the "
+          f"sandbox's workers beside the main thread")

@@ -164,7 +164,10 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
     from transformers import AutoTokenizer
     from minitir.vocab import FILE, CompactTokenizer
     path = resolve(str(name_or_path))
-    model = load_lora(path, dtype, device) if (path / lora.CONFIG_FILE).exists() else load_model(path, dtype, device)
+    adapter = (path / lora.CONFIG_FILE).exists()
+    model = load_lora(path, dtype, device) if adapter else load_model(path, dtype, device)
+    # what an adapter trained on it names as its base: a hub id stays one; merged weights lie in no directory
+    model.source = None if adapter else base_name(str(name_or_path))
     try:
         tokenizer = CompactTokenizer.load(path) if (path / FILE).exists() else AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

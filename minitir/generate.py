@@ -8,7 +8,8 @@ owns one cache row and moves through explicit states:
             responses of a GRPO group share theirs) --its cached prompt copied--> DECODE
     PREFILL --its pending tokens cached, a token sampled--> DECODE
     DECODE  --a token sampled--> DECODE | IN_TOOL (a ```python block closed) | FINISHED (EOS, stop, length)
-    IN_TOOL --output block spliced in--> PREFILL (only the output block is prefilled, then decoding resumes)
+    IN_TOOL --output block spliced in--> PREFILL (only the output block is prefilled, then decoding resumes;
+            reprefill_after_tool, the peers' way kept for a benchmark: the whole prefix again)
 
 `pending` has one meaning throughout: the sequence's tokens not yet in its cache row, always
 prompt + tokens == the row's cached tokens + pending. A sampled token is pending until the next forward
@@ -35,6 +36,7 @@ import torch
 
 from minitir.attention import cache_dtype, cache_length, flash_available
 from minitir.model import KVCache, Transformer
+from minitir.ops import keep_freed_memory
 from minitir.sample import Completion
 from minitir.sampling import sample
 from minitir.tool_protocol import ToolOutput, ToolProtocol
@@ -173,6 +175,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, tool=None):
         self.model, self.tok, self.tool = model, tokenizer, tool
+        if torch.device(model.device).type == "cpu":
+            keep_freed_memory()
         self.cache, self.graphs = None, None
         self.capacity = 0             # cache rows for sequences (a graph's scratch row aside)
         self.captures = 0             # DecodeGraphs built by this engine (each one captures every batch size)

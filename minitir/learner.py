@@ -10,10 +10,7 @@ is the one-process loss; FSDP averages gradients over ranks, hence each backward
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
-import os
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -36,24 +33,6 @@ class Critic(nn.Module):
         self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=torch.float32, device=policy.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-
-
-def keep_freed_memory():
-    """Training on CPU allocates and frees activation-sized tensors (tens of MB) thousands of times a step.
-    glibc hands such blocks back to the kernel on free and the next allocation page-faults them in again,
-    which made elementwise ops 3-6x slower than their arithmetic (bench_logprobs: 46 s -> 41 s). Keep
-    freed memory in the process instead: it is reused, and peak RSS is what the process needed anyway.
-    MINITIR_KEEP_FREED_MEMORY=0 leaves the allocator alone."""
-    if not sys.platform.startswith("linux") or os.environ.get("MINITIR_KEEP_FREED_MEMORY", "1") == "0":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)   # glibc's maximum: blocks up to 32 MB come from the heap
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 40)    # never shrink the heap
-    libc.mallopt(M_TOP_PAD, 64 << 20)          # grow it in 64 MB steps
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float, sharded: bool) -> float:
@@ -81,7 +60,7 @@ class Learner:
         stored in bfloat16, its adapters in float32."""
         self.cfg, self.dist, self.device = cfg, dist, device
         if device.type == "cpu":
-            keep_freed_memory()
+            ops.keep_freed_memory()
         self.autocast_on = compute_dtype(cfg.dtype, device) == "bfloat16"
         if model is None:
             low = cfg.lora_rank > 0 and self.autocast_on

@@ -169,7 +169,8 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "minitir.reward", "--worker", str(timeout_s)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, encoding="utf-8", start_new_session=True,
-                                     env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"})   # one hash seed
+                                     env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0",   # one hash seed
+                                          "PYTHONSAFEPATH": "1"})   # no module from the working directory
         self.ready = False
 
     def wait_ready(self, limit_s: float = 120.0):

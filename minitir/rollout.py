@@ -16,7 +16,8 @@ from minitir.tasks import DatasetError, Problem, PromptTemplate, render_prompt
 
 class TimedTool:
     """The tool (an object with .run, or a callable), adding up the time its code ran: the run's own time as
-    the sandbox reports it (ExecResult.duration_s, the wait for a free worker left out), else the call's.
+    the sandbox reports it (ExecResult.duration_s, the wait for a free worker left out), else (a plain callable,
+    or a sandbox that failed to run it) the call's.
     Runs overlap decoding and one another: a sum of work, not a share of the step's wall time."""
 
     def __init__(self, tool):
@@ -25,7 +26,7 @@ class TimedTool:
     def run(self, code):
         t = time.perf_counter()
         r = self.tool.run(code) if hasattr(self.tool, "run") else self.tool(code)
-        spent = getattr(r, "duration_s", None)
+        spent = None if getattr(r, "failed", False) else getattr(r, "duration_s", None)   # a failure: the wait
         with self._lock:   # runs end on the tool protocol's threads
             self.seconds += time.perf_counter() - t if spent is None else spent
         return r

@@ -272,9 +272,14 @@ def test_pending_is_what_the_row_has_not_cached_at_every_tick(tmp_path, tok, mon
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("Hi there Assistant", "Solve it. Assistant")] * 3
     ticks, states, step, copy = [0], set(), G.Generation.step, G.Generation._copy_prompts
 
-    def copying(run, seqs):
-        states.update(s.status for s in seqs)
+    def copying(run, seqs):   # mid-tick: a COPY row's donor is active and has its prompt cached
+        for s in seqs:
+            states.add(s.status)
+            assert s.status is Status.COPY and s.donor in run.active and s.donor.cached >= len(s.prompt) - 1
+            assert s.cached == 0 and s.pending == s.prompt
         copy(run, seqs)
+        for s in seqs:
+            assert len(s.prompt) + len(s.tokens) == s.cached + len(s.pending) == len(s.prompt)
 
     def checked(run):
         step(run)

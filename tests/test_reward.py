@@ -179,8 +179,8 @@ def test_repeatness_against_the_suffix_array_definition():
 
 @pytest.mark.quick
 def test_a_script_without_main_guard_grades_correctly(tmp_path):
-    """Workers are separate interpreters started by path: they never re-import the caller's script, so a
-    script without `if __name__ == "__main__":` grades right and runs once."""
+    """Workers are separate interpreters started as `python -m minitir.reward`: they never re-import the caller's
+    script, so a script without `if __name__ == "__main__":` grades right and runs once, from any directory."""
     import subprocess
     import sys
     from pathlib import Path
@@ -190,7 +190,7 @@ def test_a_script_without_main_guard_grades_correctly(tmp_path):
                       f"open({str(runs)!r}, 'a').write('ran\\n')\n"
                       "from minitir.reward import math_equal\n"
                       "print(math_equal('1,000', '1000'), math_equal('x^2+2x+1', '(x+1)^2'), math_equal('3', '4'))\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]
     assert runs.read_text() == "ran\n"
 

@@ -1,7 +1,7 @@
 """The code's shape, as the developers' guide asks it: lines of at most 120 characters, functions of at most 60
-lines, classes of at most 250, and imports that only look down the data flow (task -> prompt -> rollout ->
-reward -> advantages -> loss -> step): every minitir module imports only modules of a lower floor, also
-inside functions. FLOORS is the map of the library, bottom first."""
+lines, classes of at most 250, and imports that only look down: every minitir module imports only modules of a
+lower floor, also inside functions. FLOORS is the map of the library, bottom first (what a step passes on
+stands below what makes it: grading below the rollouts that call it, the update below the loop)."""
 import ast
 from pathlib import Path
 
@@ -51,8 +51,9 @@ def imported(tree: ast.Module, parts: tuple[str, ...]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names] if node.module == "minitir" \
                 else [node.module]
-        elif isinstance(node, ast.ImportFrom):   # relative: inside the sandbox package
-            names = ["minitir." + ".".join(parts[:-node.level] or ("sandbox",))]
+        elif isinstance(node, ast.ImportFrom):   # relative: from the module's package, node.level up
+            where = ("minitir",) + parts[:-node.level] + tuple(filter(None, (node.module or "").split(".")))
+            names = [".".join(where)] if len(where) > 1 else [f"minitir.{a.name}" for a in node.names]
         out |= {n.split(".")[1] for n in names if n.startswith("minitir.")}
     return out
 
@@ -65,6 +66,7 @@ def test_every_import_looks_down():
         if parts[0] == "__init__":
             continue
         for dep in imported(ast.parse(path.read_text()), parts) - {parts[0]}:
+            assert dep in FLOOR, f"{'/'.join(parts)}.py imports minitir.{dep}, which FLOORS does not place"
             if FLOOR[dep] >= FLOOR[parts[0]]:
                 upward.append(f"{'/'.join(parts)}.py imports {dep} (floor {FLOOR[dep]} >= {FLOOR[parts[0]]})")
     assert not upward, upward

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass
@@ -107,10 +108,14 @@ def _mount(src, dst, fstype=None, flags=0, data=None):
 
 
 def detach_mounts(base: str):
-    """Lazily unmount what this mount namespace mounted below base (the view, the staged sources), so that
-    removing base does not walk the Python installation bound read-only into them (a second per worker)."""
+    """Lazily unmount what is mounted below base (the view; the staged sources where this process may), so that
+    removing base does not walk the Python installation bound read-only into them (a second per worker). What
+    cannot be unmounted stays: the removal then only takes longer."""
+    base = os.path.realpath(base)
+    unescape = lambda p: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p)   # mountinfo's \040
     with open("/proc/self/mountinfo") as f:
-        points = sorted({line.split()[4] for line in f if line.split()[4].startswith(base + "/")}, key=len)
+        points = sorted({p for p in (unescape(line.split()[4]) for line in f) if p.startswith(base + "/")},
+                        key=len)
     for p in points:
         if not any(p.startswith(q + "/") for q in points if q != p):   # its parent's detach takes it along
             _libc.umount2(p.encode(), MNT_DETACH)
