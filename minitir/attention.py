@@ -5,9 +5,8 @@ Backends, chosen per call from the tensors (`backend`), the choice printed once:
   torch-varlen  on CUDA otherwise, when torch ships FlashAttention as torch.nn.attention.varlen.varlen_attn
                 (torch >= 2.10): packed training with backward, and cache decoding through its paged mode, the
                 cache being one page per row (seqused_k, block_table; num_splits=1 for batch invariance)
-  sdpa          everywhere else: SDPA behind flash-attn's varlen signature (the packed call site), and a
-                stand-in for varlen_attn with its exact signature (the paged cache), so CPU tests exercise the
-                calls a GPU makes
+  sdpa          everywhere else: SDPA behind flash-attn's varlen signature (the packed call site); the tests
+                run the paged call site on CPUs through a stand-in with varlen_attn's exact signature
 The KV cache is read by `block_attention` on CPUs (always) and wherever the model is batch invariant, and the
 trainer's packed forward uses it too then (`PackedPlan`): one kernel, the same bits on every path.
 
@@ -361,35 +360,6 @@ def _bottom_right_mask(n: int, m: int, device) -> torch.Tensor:
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(m, device=device)[None, :]
     return j <= i + (m - n)
-
-
-def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-    """`torch.nn.attention.varlen.varlen_attn` in PyTorch (its signature and conventions): sequence b's
-    queries are query[cu_seq_q[b]:cu_seq_q[b+1]]; its keys key[cu_seq_k[b]:cu_seq_k[b+1]], or with
-    block_table the pages key[block_table[b]] ([pages, page_size, Hkv, D]) laid end to end; seqused_k[b]
-    keeps only the first seqused_k[b] keys. window_size (-1, 0) is causal, bottom-right aligned."""
-    if return_aux is not None or tuple(window_size) not in ((-1, -1), (-1, 0)):
-        raise NotImplementedError("varlen_attn_torch supports full and causal attention without aux outputs")
-    out = torch.empty_like(query)
-    bq = cu_seq_q.tolist()
-    used = seqused_k.tolist() if seqused_k is not None else None
-    for b in range(len(bq) - 1):
-        if block_table is not None:
-            kb = key[block_table[b].long()].flatten(0, 1)                        # [pages * page_size, Hkv, D]
-            vb = value[block_table[b].long()].flatten(0, 1)
-        else:
-            k0, k1 = int(cu_seq_k[b]), int(cu_seq_k[b + 1])
-            kb, vb = key[k0:k1], value[k0:k1]
-        if used is not None:
-            kb, vb = kb[:used[b]], vb[:used[b]]
-        qb = query[bq[b]:bq[b + 1]].transpose(0, 1)                                # [H, n, D]
-        n, m = qb.shape[1], kb.shape[0]
-        mask = _bottom_right_mask(n, m, query.device) if tuple(window_size) == (-1, 0) else None
-        o = F.scaled_dot_product_attention(qb, kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, scale=scale,
-                                           enable_gqa=enable_gqa)
-        out[bq[b]:bq[b + 1]] = o.transpose(0, 1)
-    return out
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=None, max_seqlen_k=None,

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minitir import attention
-from minitir.attention import (CachePlan, PackedPlan, kvcache_attention_blocks, kvcache_attention_paged,
-                               varlen_attention_blocks, varlen_attention_torch, varlen_attn_torch)
+from minitir.attention import (CachePlan, PackedPlan, _bottom_right_mask, kvcache_attention_blocks,
+                               kvcache_attention_paged, varlen_attention_blocks, varlen_attention_torch)
 
 pytestmark = pytest.mark.quick   # the inner loop: pytest -m quick
 
@@ -28,6 +29,36 @@ IMPLS = ["blocks", "torch", "paged",
          pytest.param("flash", marks=pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn")),
          pytest.param("torch-varlen", marks=pytest.mark.skipif(not TORCH_VARLEN, reason="needs CUDA and torch's "
                                                                  "varlen_attn with seqused_k/block_table"))]
+
+
+def varlen_attn_torch(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """`torch.nn.attention.varlen.varlen_attn` in PyTorch (its signature and conventions), so a CPU runs the
+    call sites a GPU runs through it: sequence b's queries are query[cu_seq_q[b]:cu_seq_q[b+1]]; its keys
+    key[cu_seq_k[b]:cu_seq_k[b+1]], or with block_table the pages key[block_table[b]] ([pages, page_size, Hkv,
+    D]) laid end to end; seqused_k[b] keeps only the first seqused_k[b] keys. window_size (-1, 0) is causal,
+    bottom-right aligned."""
+    if return_aux is not None or tuple(window_size) not in ((-1, -1), (-1, 0)):
+        raise NotImplementedError("varlen_attn_torch supports full and causal attention without aux outputs")
+    out = torch.empty_like(query)
+    bq = cu_seq_q.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for b in range(len(bq) - 1):
+        if block_table is not None:
+            kb = key[block_table[b].long()].flatten(0, 1)                        # [pages * page_size, Hkv, D]
+            vb = value[block_table[b].long()].flatten(0, 1)
+        else:
+            k0, k1 = int(cu_seq_k[b]), int(cu_seq_k[b + 1])
+            kb, vb = key[k0:k1], value[k0:k1]
+        if used is not None:
+            kb, vb = kb[:used[b]], vb[:used[b]]
+        qb = query[bq[b]:bq[b + 1]].transpose(0, 1)                                # [H, n, D]
+        n, m = qb.shape[1], kb.shape[0]
+        mask = _bottom_right_mask(n, m, query.device) if tuple(window_size) == (-1, 0) else None
+        o = F.scaled_dot_product_attention(qb, kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, scale=scale,
+                                           enable_gqa=enable_gqa)
+        out[bq[b]:bq[b + 1]] = o.transpose(0, 1)
+    return out
 
 
 def through_varlen(fn):
