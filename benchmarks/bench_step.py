@@ -1,5 +1,5 @@
 """Time per RL step of the smollm2-cpu preset (SmolLM2-135M, 2 prompts x 4 responses, up to 160 new
-tokens, the zero_tir prompt with its sandbox), split into generate / tools / grade / train; and, when trl
+tokens, the zero_tir prompt with its sandbox), split into generate / tools (the runs' own time) / grade / score / update; and, when trl
 is installed (not a requirement of minitir), TRL's GRPOTrainer on the same problems in the same order, with
 the same sampling, group shape, token budget, optimizer and checkpointing (full), in the same run.
 
@@ -100,12 +100,14 @@ def main():
     print(f"smollm2-cpu: {cfg.model}, {cfg.prompts_per_step} prompts x {cfg.n_samples} responses, "
           f"max {cfg.max_new_tokens} new tokens, {cfg.checkpointing} checkpointing, {torch.get_num_threads()} threads, "
           f"{dtype}, batch invariant: {cfg.batch_invariant}")
-    print("| step | generate s | tools s (overlapped) | grade s | train s | total s | generated tokens/s | response length |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| step | generate s | tools s (the runs' own, overlapped) | grade s | score s | update s | total s | "
+          "generated tokens/s | response length |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in rows:
         total = m["time/generate_s"] + m["time/grade_s"] + m["time/train_s"]
         print(f"| {m['step']} | {m['time/generate_s']:.1f} | {m['time/tools_s']:.2f} | {m['time/grade_s']:.2f} | "
-              f"{m['time/train_s']:.1f} | {total:.1f} | {m['tokens_per_s']:.1f} | {m['response_length_all']:.0f} |")
+              f"{m['time/score_s']:.1f} | {m['time/train_s'] - m['time/score_s']:.1f} | {total:.1f} | "
+              f"{m['tokens_per_s']:.1f} | {m['response_length_all']:.0f} |")
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("time")}))
     if not use_trl:
         print("\nno TRL row (--no-trl, or trl is not installed: pip install trl to measure it)")

@@ -77,7 +77,8 @@ class Trainer:
     def train_step(self) -> dict:
         """rollouts -> rewards -> advantages -> update -> metrics, one optimizer step per mini-batch."""
         cfg, d = self.cfg, self.dist
-        clock, tools_before = {"generate": 0.0, "grade": 0.0, "train": 0.0}, self.tool.seconds if self.tool else 0.0
+        clock = {"generate": 0.0, "grade": 0.0, "train": 0.0, "score": 0.0}   # score: the part of train before update
+        tools_before = self.tool.seconds if self.tool else 0.0
         grade_timeouts = self.grader.timeouts
         batch, sampled, stats = self.collect(clock)                   # graded, baselined, filtered, carried in
         m = {"step": self.step + 1, **stats, **rollout_metrics(sum(d.gather([sample_row(s) for s in sampled]), []))}
@@ -88,6 +89,7 @@ class Trainer:
         t = time.perf_counter()
         if stats["batch_size"]:
             self.prepare(batch)                                       # behaviour/ref log-probs, values, advantages
+            clock["score"] = time.perf_counter() - t
             m.update(self.learner.update(batch, self.step))           # the objective and optimizer steps
         clock["train"] = time.perf_counter() - t
         self.step += 1

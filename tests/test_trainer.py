@@ -482,7 +482,7 @@ def test_one_smollm2_step_end_to_end(tmp_path):
     finally:
         t.close()
     for k in ("reward", "accuracy", "code_ratio", "response_length", "entropy", "grad_norm", "logprob_gap_mean",
-              "eval/accuracy", "eval/format_failure_rate", "time/generate_s", "time/train_s"):
+              "eval/accuracy", "eval/format_failure_rate", "time/generate_s", "time/train_s", "time/score_s"):
         assert k in m
     # the default precision (bfloat16 where the CPU multiplies it natively): the bfloat16 decode copy and the
     # float32 masters under autocast differ by rounding, ~0.04 nats per token (docs/gpu.md); float32: they agree
