@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from minitir import batching, distributed, lora, ops, rl
-from minitir.checkpoint import base_name, load_pretrained
+from minitir.checkpoint import load_pretrained
 from minitir.config import compute_dtype
 from minitir.logprobs import token_logprobs, token_loss
 from minitir.sample import Sample
@@ -64,11 +64,11 @@ class Learner:
         self.autocast_on = compute_dtype(cfg.dtype, device) == "bfloat16"
         if model is None:
             low = cfg.lora_rank > 0 and self.autocast_on
-            self.base_path: str | None = base_name(cfg.model)   # what a LoRA checkpoint names as its base
             model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if low else torch.float32,
                                                device=device)
-        else:
-            self.base_path = getattr(model, "source", None)   # read by load_pretrained, or built in memory: none
+        # what a LoRA checkpoint names as its base: where the model was read from (checkpoint.base_name), or
+        # None for one built in memory or merged from an adapter
+        self.base_path: str | None = getattr(model, "source", None)
         self.model, self.tok = model, tokenizer
         if cfg.lora_rank:
             lora.add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), seed=cfg.seed)
