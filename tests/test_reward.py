@@ -198,12 +198,20 @@ def test_a_script_without_main_guard_grades_correctly(tmp_path):
 def test_a_killed_worker_is_retried_and_a_lost_check_is_an_error(monkeypatch):
     import os
     import signal
+    import sys
     from minitir import reward
     g = Grader(workers=1, timeout_s=3)
     try:
         w = g._idle.queue[0]
         os.kill(w.proc.pid, signal.SIGKILL)                     # the worker dies before the check
         assert g.math_equal("x^2+2x+1", "(x+1)^2") is True       # retried on a fresh worker
+        assert g.errors == 0
+        os.kill(g._idle.queue[0].proc.pid, signal.SIGKILL)       # it dies again, and its replacement
+        with monkeypatch.context() as m:                          # cannot start: an error, said at once
+            m.setattr(sys, "executable", "/bin/false")
+            with pytest.raises(reward.GradeError, match="failed to start"):
+                g.math_equal("x^2+2x+1", "(x+1)^2")
+        assert g.math_equal("x^2+2x+1", "(x+1)^2") is True       # the next check starts one again
         assert g.errors == 0
         monkeypatch.setattr(reward._Worker, "ask", lambda self, pairs, limit: None)   # every worker dies on it
         assert g.math_equal_many([("x^2", "x*x"), ("2", "2")]) == [None, True]   # an error, never False

@@ -96,7 +96,7 @@ CASES = {
 def test_adversarial(sb, name):
     code, statuses = CASES[name]
     t = time.time()
-    r = sb.run(code)
+    r = sb.run(code, timeout_s=1.0) if statuses == {"timeout"} else sb.run(code)   # (a shorter wait, same check)
     assert r.status in statuses, (name, r)
     assert time.time() - t < 10
     if name == "signal other processes" and not CONTAINER:   # PID 1 of its own namespace: nothing else to see
@@ -256,7 +256,7 @@ def test_run_many_in_order_with_two_workers(sb):
             codes.append(f"raise ValueError({i})"), expect.append(("error", ""))
         elif kind == 2:
             codes.append(f"import math\nmath.factorial({i})"), expect.append(("ok", f"{__import__('math').factorial(i)}\n"))
-        elif kind == 3 and i % 40 == 3:
+        elif kind == 3 and i in (3, 163):   # one early, one late: the order holds around a timeout
             codes.append("while True: pass"), expect.append(("timeout", ""))
         else:
             codes.append(f"import os\nos._exit({i % 7 + 1})"), expect.append(("error", ""))
