@@ -134,7 +134,6 @@ def parse(argv: list[str]):
     """-> (AblateConfig, the variants with their train.py flags and configuration, the flags common to all
     runs). Every variant's flags are parsed and validated here as train.py will, so a mistake stops before any
     run."""
-    import torch
     own, rest = split_argv(argv)
     cfg = cli.parse(AblateConfig, own, description="Variants x seeds of train.py with intervals over seeds; flags "
                     "other than these go to every run (python train.py --help lists them).")
@@ -148,12 +147,11 @@ def parse(argv: list[str]):
     both = set(out[0]["overrides"]) & set(set_here)
     if both:
         raise UsageError(f"--{sorted(both)[0].replace('_', '-')} is varied and also given to every run: give it once")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for v in out:
         v["flags"] = sum((train_flags(k, x) for k, x in v["overrides"].items()), [])
         v["argv"] = (["--config", cfg.config] if cfg.config else []) + ["--print-every", "0"] + v["flags"] + rest
         tc, _ = train.parse(v["argv"])
-        validate(tc, device)
+        validate(tc)
         if tc.eval_size == 0:
             raise UsageError("--eval-size 0: an ablation compares held-out evaluations; keep eval_size > 0")
         v["config"], v["steps"] = tc, tc.steps

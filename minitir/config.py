@@ -58,7 +58,7 @@ class TrainConfig:
     max_batch: int = 64                 # sequences decoded at once (KV-cache rows)
     sandbox_url: str = ""               # a remote `sandbox.py serve` (or SandboxFusion) instead of local workers
     sandbox_timeout_s: float = 5.0      # seconds per code run
-    sandbox_memory_mb: int = 1024       # address-space limit per code run
+    sandbox_memory_mb: int = 1024       # memory per code run, all its processes (sent to a sandbox_url too)
     sandbox_workers: int = 2            # local fork servers (runs in parallel)
     sandbox_allow_unisolated: bool = False   # run model-written code even where neither namespaces nor Landlock
                                         # isolate it (by default the run stops before loading the model)
@@ -142,7 +142,7 @@ def config_fields() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def validate(cfg: TrainConfig, device: torch.device):
+def validate(cfg: TrainConfig):
     """Mistakes a user can make, reported before anything heavy runs, with what to change."""
     def bad(msg):
         raise ConfigError(msg)

@@ -1,7 +1,8 @@
 """Evaluation metrics: unbiased pass@k, majority vote, and the per-benchmark summary eval.py prints.
 
 A record is one sampled response: {"benchmark", "problem_id", "sample", "max_tool_calls", "answer",
-"correct", "num_tool_calls", "num_tool_errors", "length", "finish_reason", ...}.
+"correct", "num_tool_calls", "num_tool_errors", "length" (all tokens), "policy_length" (the model's), "finish_reason",
+...}.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def summarize(records: list[dict]) -> dict:
             "tool_calls_per_response": calls_total / len(flat),
             "tool_error_rate": sum(r["num_tool_errors"] for r in flat) / max(calls_total, 1),
             "tool_failures": sum(r.get("num_tool_failures", 0) > 0 for r in flat),   # the sandbox's, not the code's
-            "response_length": sum(r["length"] for r in flat) / len(flat),
+            "response_length": sum(r["policy_length"] for r in flat) / len(flat),   # as in training: the
+            "response_length_all": sum(r["length"] for r in flat) / len(flat),     # model's tokens; + tool output
             "truncation_rate": sum(r["finish_reason"] == "length" for r in flat) / len(flat),
         })
         out[f"{bench}@{calls}"] = m

@@ -289,10 +289,6 @@ class Grader:
             raise GradeError(f"could not grade {pred!r} against {gold!r}: the grader worker died or hung twice")
         return r
 
-    def grade(self, response: str, gold: str) -> bool:
-        """Lenient: extract_answer(response) against gold."""
-        return self.math_equal(extract_answer(response), gold)
-
     def math_equal_many(self, pairs: list[tuple[str | None, str]], batch: int = 16) -> list[bool | None]:
         """Many checks spread over the workers (results in input order; None = could not be checked)."""
         out: list[bool | None] = [None] * len(pairs)
@@ -339,7 +335,7 @@ def math_equal(pred: str, gold: str) -> bool:
 
 def grade(response: str, gold: str) -> bool:
     """Lenient grading: extract the answer from a response, then compare it with the gold answer."""
-    return default_grader().grade(response, gold)
+    return default_grader().math_equal(extract_answer(response), gold)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def make_tool(url: str, timeout_s: float, memory_mb: int, workers: int, allow_un
     raise SandboxUnavailable where nothing isolates them (unless allow_unisolated)."""
     from minitir.sandbox import RemoteSandbox, Sandbox
     if url:
-        return TimedTool(RemoteSandbox(url, timeout_s=timeout_s))
+        return TimedTool(RemoteSandbox(url, timeout_s=timeout_s, memory_mb=memory_mb))
     return TimedTool(Sandbox(timeout_s, memory_mb, workers=workers, allow_unisolated=allow_unisolated))
 
 

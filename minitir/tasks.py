@@ -215,15 +215,19 @@ def load_problems(path: str | Path, question_field: str | None = None, answer_fi
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
+    return _problems(_read_records(path), path, question_field, answer_field, limit)
+
+
+def _problems(records, source, question_field, answer_field, limit) -> tuple[list[Problem], LoadReport]:
     problems, report = [], LoadReport()
-    for n, rec in _read_records(path):
+    for n, rec in records:
         qf = question_field or next((f for f in QUESTION_FIELDS if f in rec), None)
         if qf is None or not isinstance(rec.get(qf), str) or not rec[qf].strip():
             want = question_field or "/".join(QUESTION_FIELDS)
-            raise DatasetError(f"{path}:{n}: field {want!r} is missing or empty (fields: {sorted(rec)}); "
+            raise DatasetError(f"{source}:{n}: field {want!r} is missing or empty (fields: {sorted(rec)}); "
                                f"name the question field with --question-field")
         if answer_field is not None and answer_field not in rec:
-            raise DatasetError(f"{path}:{n}: answer field {answer_field!r} is missing (fields: {sorted(rec)})")
+            raise DatasetError(f"{source}:{n}: answer field {answer_field!r} is missing (fields: {sorted(rec)})")
         gold = gold_answer(rec, answer_field)
         if gold is None:
             report.skipped_no_answer += 1
@@ -265,19 +269,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     except Exception as e:
         raise DatasetError(f"benchmark {name!r}: could not load {hub_id} from the hub ({type(e).__name__}); "
                            f"put {files[0]} under --data-dir") from None
-    problems, report = [], LoadReport()
-    for n, rec in enumerate(ds, 1):
-        gold = gold_answer(rec)
-        q = next((rec[f] for f in QUESTION_FIELDS if isinstance(rec.get(f), str)), None)
-        if gold is None or q is None:
-            report.skipped_no_answer += 1
-            report.skipped_lines.append(n)
-            continue
-        problems.append(Problem(str(rec.get("unique_id", rec.get("id", n))), q, gold))
-        if limit is not None and len(problems) >= limit:
-            break
-    report.loaded = len(problems)
-    return problems, report
+    return _problems(enumerate(ds, 1), hub_id, None, None, limit)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ class Trainer:
         self.dist, self.device = distributed.init(cfg.device)   # under torchrun: this process's rank and device
         if cfg.batch_invariant and self.device.type == "cuda":   # and deterministic kernels where torch has them
             torch.use_deterministic_algorithms(True, warn_only=True)
-        validate(cfg, self.device)
+        validate(cfg)
         torch.manual_seed(cfg.seed)
         self.template, self.step, self.carry, self.shown = get_template(cfg.prompt), 0, [], ""
         say = print if self.dist.main else (lambda *a, **k: None)

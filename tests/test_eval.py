@@ -20,7 +20,7 @@ def test_pass_at_k_equals_brute_force(n, c):
 def rec(bench, pid, sample, correct, answer, calls=2, tool_calls=0, errors=0, length=10, finish="stop"):
     return {"benchmark": bench, "problem_id": pid, "sample": sample, "max_tool_calls": calls, "correct": correct,
             "answer": answer, "num_tool_calls": tool_calls, "num_tool_errors": errors, "length": length,
-            "finish_reason": finish}
+            "policy_length": length - 3 * tool_calls, "finish_reason": finish}   # 3 tool-output tokens per call
 
 
 @pytest.mark.quick
@@ -40,7 +40,8 @@ def test_summary_of_a_scripted_model():
     assert s["pass@4"] == 2 / 3
     assert s["maj@4"] == 1 / 3
     assert s["code_ratio"] == 2 / 12 and s["tool_calls_per_response"] == 3 / 12 and s["tool_error_rate"] == 1 / 3
-    assert s["truncation_rate"] == 1 / 12 and s["response_length"] == (11 * 10 + 30) / 12
+    assert s["truncation_rate"] == 1 / 12 and s["response_length_all"] == (11 * 10 + 30) / 12
+    assert s["response_length"] == (11 * 10 + 30 - 3 * 3) / 12   # the model's own tokens, as training's metric
     assert majority_correct([{"answer": "5", "correct": False}, {"answer": "6", "correct": True}]) is False  # tie: first
 
 

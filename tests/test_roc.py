@@ -25,10 +25,10 @@ def test_kept_counts_follow_the_groups_proportion(pos, neg, n, want):
 @pytest.mark.quick
 def test_roc_needs_room_for_both_classes():
     from minitir.config import ConfigError, TrainConfig, validate
-    validate(TrainConfig(roc_oversample=2, n_samples=4), torch.device("cpu"))
+    validate(TrainConfig(roc_oversample=2, n_samples=4))
     for bad in (dict(roc_oversample=2, n_samples=2), dict(roc_oversample=0)):
         with pytest.raises(ConfigError):
-            validate(TrainConfig(**bad), torch.device("cpu"))
+            validate(TrainConfig(**bad))
 
 
 @pytest.mark.quick

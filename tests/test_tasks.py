@@ -69,6 +69,21 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
         load_problems(tmp_path / "x.csv")
 
 
+@pytest.mark.quick
+def test_a_benchmark_from_the_hub_is_read_as_a_file_is(monkeypatch):
+    """No local file: the hub's records go through the same checks and counts as a file's."""
+    import sys
+    import types
+    rows = [{"problem": "1+1", "answer": "2", "unique_id": "a", "level": 1}, {"problem": "2+2", "answer": ""}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda hub_id, split: rows))
+    problems, report = load_benchmark("math500")
+    assert [(p.id, p.answer, p.meta) for p in problems] == [("a", "2", {"level": 1})]
+    assert report.skipped_no_answer == 1 and report.skipped_lines == [2]
+    rows.append({"text": "no question"})
+    with pytest.raises(DatasetError, match="HuggingFaceH4/MATH-500:3: field 'problem/question/prompt' is missing"):
+        load_benchmark("math500")
+
+
 # The paper's prompts as its code writes them (yyht/openrlhf_async_pipline, openrlhf/cli/template.py,
 # commit 63b6159: the Python literals of 'ZERO_TIR' and 'ZERO_V2', with {query} for the problem).
 PAPER_ZERO_TIR = """A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. In your reasoning-process, You can use python-code to solve your problem. User: You must put your answer inside <answer> </answer> tags, i.e., <answer> answer here </answer>. And your final answer will be extracted automatically by the \\boxed{} tag.\nThis is the problem:{query}\nAssistant: <think>"""

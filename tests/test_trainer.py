@@ -417,7 +417,7 @@ def test_every_preset_loads_and_validates(name):
     import train
     from minitir.config import validate
     cfg, _ = train.parse(["--config", name])
-    validate(cfg, torch.device("cpu"))
+    validate(cfg)
     assert cfg.reward == "strict" and cfg.prompt == "zero_tir"
 
 

@@ -120,7 +120,14 @@ class Sandbox:
         self.timeout_s, self.memory_mb, self.max_output_bytes = timeout_s, memory_mb, max_output_bytes
         self._q: queue.Queue = queue.Queue()
         self._workers = [_Worker(as_user) for _ in range(workers)]
-        hellos = list(ThreadPoolExecutor(workers).map(lambda w: w.start(), self._workers))
+        with ThreadPoolExecutor(workers) as pool:   # they start in parallel
+            starts = [pool.submit(w.start) for w in self._workers]
+        try:
+            hellos = [f.result() for f in starts]
+        except Exception:   # none is left running
+            for w in self._workers:
+                w.stop()
+            raise
         self.isolation, self.worker_info = hellos[0], hellos
         isos = [_isolation(h) for h in hellos]   # every worker's, not only the first's
         iso = next((i for i in isos if not i.contained), isos[0])
