@@ -104,11 +104,17 @@ def merged_params(model) -> dict:
     return {n: w.detach().clone() for n, w in lora.merged_weights(model, full_tensor)}
 
 
+@pytest.fixture(scope="module")
+def two_process_steps(tmp_path_factory) -> Path:
+    """Every case's step under one torchrun of 2 processes (starting them is most of the cost): CASE.pt."""
+    out = tmp_path_factory.mktemp("dist")
+    torchrun(["-m", "tests.test_distributed", "step", str(out)] + list(CASES))
+    return out
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path):
-    out = tmp_path / "dist.pt"
-    torchrun(["-m", "tests.test_distributed", "step", case, str(out)])
-    dist = torch.load(out)
+def test_two_processes_equal_one_on_the_combined_batch(case, tmp_path, two_process_steps):
+    dist = torch.load(two_process_steps / f"{case}.pt")
     t, m = one_step(case, tmp_path)
     try:
         single = full_params(t.learner.model)
@@ -191,9 +197,8 @@ def test_eval_py_shards_problems_and_matches_one_process(tmp_path, tiny_checkpoi
     assert json.loads((tmp_path / "two" / "summary.json").read_text()) == single
 
 
-def _worker(case: str, out: str):
-    torch.set_num_threads(1)
-    t, m = one_step(case, Path(out).parent / "workers")
+def _worker(case: str, out: Path):
+    t, m = one_step(case, out.parent / f"workers-{case}")
     params, grads = full_params(t.learner.model), full_params(t.learner.model, grads=True)
     critic = full_params(t.learner.critic) if t.learner.critic is not None else None
     decoder = {n: p.clone() for n, p in t.learner.decoder().named_parameters(remove_duplicate=False)}  # its copy
@@ -204,6 +209,8 @@ def _worker(case: str, out: str):
     t.close()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # step OUT_DIR CASE...
     assert sys.argv[1] == "step"
-    _worker(sys.argv[2], sys.argv[3])
+    torch.set_num_threads(1)
+    for name in sys.argv[3:]:
+        _worker(name, Path(sys.argv[2]) / f"{name}.pt")
