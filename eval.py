@@ -62,7 +62,7 @@ class EvalConfig:
     seed: int = 0                       # sampling seed (streams are per response, independent of batching)
     sandbox_url: str = ""               # a remote `sandbox.py serve` instead of local workers
     sandbox_timeout: float = 5.0        # seconds per code run
-    sandbox_memory_mb: int = 1024       # address-space limit per code run
+    sandbox_memory_mb: int = 1024       # memory per code run, all its processes (sent to a sandbox_url too)
     sandbox_allow_unisolated: bool = False   # run model-written code even where nothing isolates it
     out: str = ""                       # output directory (default: eval_out/<model name>)
 

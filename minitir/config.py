@@ -167,5 +167,7 @@ def validate(cfg: TrainConfig):
     if cfg.lora_rank < 0 or unknown or cfg.lora_alpha <= 0:
         bad(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha} / --lora-targets {cfg.lora_targets}: "
             f"rank >= 0 (0 = off), alpha > 0, targets among {','.join(LINEARS)}")
+    if cfg.sandbox_memory_mb < 16:   # what a SandboxFusion server accepts; a run needs more anyway
+        bad(f"--sandbox-memory-mb {cfg.sandbox_memory_mb}: at least 16 (MB per code run)")
     if cfg.tis_cap < 0 or (0 < cfg.tis_cap < 1):
         bad(f"--tis-cap {cfg.tis_cap}: use 0 (off) or a cap >= 1 (e.g. 2)")

@@ -231,7 +231,7 @@ def _readline(proc: subprocess.Popen, limit_s: float) -> str | None:
 
 
 class Grader:
-    """math_equal / grade with a hard time limit per check, usable from any thread."""
+    """math_equal with a hard time limit per check, usable from any thread."""
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0):
         self.timeout_s = max(1, int(round(timeout_s)))

@@ -221,11 +221,11 @@ def load_problems(path: str | Path, question_field: str | None = None, answer_fi
 def _problems(records, source, question_field, answer_field, limit) -> tuple[list[Problem], LoadReport]:
     problems, report = [], LoadReport()
     for n, rec in records:
-        qf = question_field or next((f for f in QUESTION_FIELDS if f in rec), None)
+        qf = question_field or next((f for f in QUESTION_FIELDS if isinstance(rec.get(f), str)), None)
         if qf is None or not isinstance(rec.get(qf), str) or not rec[qf].strip():
             want = question_field or "/".join(QUESTION_FIELDS)
-            raise DatasetError(f"{source}:{n}: field {want!r} is missing or empty (fields: {sorted(rec)}); "
-                               f"name the question field with --question-field")
+            raise DatasetError(f"{source}:{n}: field {want!r} is missing or empty (fields: {sorted(rec)})"
+                               + ("" if question_field else "; name the question field with --question-field"))
         if answer_field is not None and answer_field not in rec:
             raise DatasetError(f"{source}:{n}: answer field {answer_field!r} is missing (fields: {sorted(rec)})")
         gold = gold_answer(rec, answer_field)

@@ -521,7 +521,7 @@ def test_a_worker_that_cannot_start_leaves_none_running(monkeypatch):
     monkeypatch.setattr(pool._Worker, "start", second_fails)
     with pytest.raises(RuntimeError, match="failed to start"):
         Sandbox(timeout_s=2, workers=2)
-    assert all(w.proc is None for w in started)   # the one that started was stopped
+    assert len(started) == 2 and all(w.proc is None for w in started)   # the one that started was stopped
 
 
 @pytest.mark.quick
@@ -555,7 +555,8 @@ def test_a_worker_that_dies_is_a_sandbox_error_not_a_code_error():
         os.killpg(sb._workers[0].proc.pid, signal.SIGKILL)
         r = fut.result()
         assert r.status == "sandbox_error" and r.failed and r.error and "died" in r.stderr
-        assert sb.run("print(1)").stdout == "1\n"
+        again = sb.run("print(1)")
+        assert again.stdout == "1\n", again   # (failed once in ~7 suites, as '': its status and stderr say why)
     back = from_fusion(json.loads(json.dumps(to_fusion(r))))
     assert back.status == "sandbox_error" and back.failed
     assert from_fusion({"status": "SandboxError", "message": "runner crashed", "run_result": None}).failed
@@ -576,8 +577,7 @@ def serve(sb, **kw):
 
 
 def test_server_answers_64_concurrent_raw_clients(sb):
-    """192 requests from 64 clients at once (three waves), none retrying: every answer correct, no connection
-    reset."""
+    """192 requests from 64 clients at once, none retrying: every answer correct, no connection reset."""
     import http.client
     from concurrent.futures import ThreadPoolExecutor
     server = serve(sb)
@@ -655,9 +655,8 @@ def test_python_installed_under_tmp():
 def test_the_hostile_suite_in_an_emulated_container():
     """This module again where a container's seccomp profile refuses namespaces (tests/container.py):
     Landlock and seccomp alone contain every case, as root and as a user (on this kernel's Landlock ABI).
-    Left out: HTTP and the pool's own bookkeeping (order, a dying worker), which no isolation mode changes."""
-    args = ['-q', '-p', 'no:cacheprovider', 'tests/test_sandbox.py', '-k',
-            'not server and not run_many_in_order and not worker_that_dies']
+    Left out: HTTP, and the order of a 200-run batch (the pool's bookkeeping, the same in every mode)."""
+    args = ['-q', '-p', 'no:cacheprovider', 'tests/test_sandbox.py', '-k', 'not server and not run_many_in_order']
     r = run_emulated(f"import pytest\nsys.exit(pytest.main({args!r}))")
     tail = r.stdout.strip().splitlines()[-1]
     assert r.returncode == 0 and " passed" in tail and "failed" not in tail, r.stdout[-3000:] + r.stderr[-2000:]

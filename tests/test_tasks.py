@@ -74,13 +74,14 @@ def test_a_benchmark_from_the_hub_is_read_as_a_file_is(monkeypatch):
     """No local file: the hub's records go through the same checks and counts as a file's."""
     import sys
     import types
-    rows = [{"problem": "1+1", "answer": "2", "unique_id": "a", "level": 1}, {"problem": "2+2", "answer": ""}]
+    rows = [{"problem": "1+1", "answer": "2", "unique_id": "a", "level": 1}, {"problem": "2+2", "answer": ""},
+            {"problem": None, "question": "3+3", "answer": "6", "unique_id": "c"}]   # a hub row: every column
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda hub_id, split: rows))
     problems, report = load_benchmark("math500")
-    assert [(p.id, p.answer, p.meta) for p in problems] == [("a", "2", {"level": 1})]
+    assert [(p.id, p.answer, p.meta) for p in problems] == [("a", "2", {"level": 1}), ("c", "6", {})]
     assert report.skipped_no_answer == 1 and report.skipped_lines == [2]
     rows.append({"text": "no question"})
-    with pytest.raises(DatasetError, match="HuggingFaceH4/MATH-500:3: field 'problem/question/prompt' is missing"):
+    with pytest.raises(DatasetError, match="HuggingFaceH4/MATH-500:4: field 'problem/question/prompt' is missing"):
         load_benchmark("math500")
 
 
