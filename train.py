@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from minitir import cli, run_state
+from minitir import cli, distributed, run_state
 from minitir.checkpoint import CheckpointError
 from minitir.cli import UsageError
 from minitir.tasks import DatasetError
@@ -94,6 +94,7 @@ def train(argv: list[str]):
         stopped = e
     finally:
         trainer.close()
+        distributed.shutdown()   # a second rendezvous on torchrun's store would hang: one group per process
     if stopped is not None:   # one line, and the signal's exit status
         if main_rank:
             print(f"train.py: {stopped}", file=sys.stderr)

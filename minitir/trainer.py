@@ -279,8 +279,7 @@ class Trainer:
             self.engine.release()
         self.grader.close()
         if self.tool is not None:
-            self.tool.close()
-        distributed.shutdown()
+            self.tool.close()   # (the torchrun job's process group outlives it: its process leaves, train.py)
 
 
 # --- a group's and a batch's advantages, pure functions of the samples -----------------------------
