@@ -279,7 +279,7 @@ class Trainer:
             self.engine.release()
         self.grader.close()
         if self.tool is not None:
-            self.tool.close()   # (the torchrun job's process group outlives it: its process leaves, train.py)
+            self.tool.close()   # not the process group: the process leaves it (train.py), a next Trainer reuses it
 
 
 # --- a group's and a batch's advantages, pure functions of the samples -----------------------------
