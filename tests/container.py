@@ -26,12 +26,11 @@ REFUSED = ("unshare", "setns", "mount", "umount2", "pivot_root", "move_mount", "
 LANDLOCK = ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
 
 
-def _python_readable_by_all():
+def _python_readable_by_all(hold: str):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(isolation.CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(mount namespace)")
     isolation._mount(None, "/", None, isolation.MS_REC | isolation.MS_PRIVATE)
-    hold = tempfile.mkdtemp(prefix="minitir-container-")
     for d in isolation.python_dirs():
         parts, closed = d.split(os.sep), None
         for i in range(2, len(parts)):
@@ -47,9 +46,11 @@ def _python_readable_by_all():
         isolation._mount(hold + d, d, None, isolation.MS_BIND | isolation.MS_REC)
 
 
-def emulate(landlock: bool = True):
+def emulate(landlock: bool = True, hold: str | None = None):
+    """hold: an empty directory to bind Python's directories from (default: a new one under /tmp, which
+    the caller removes once this process has ended)."""
     if os.geteuid() == 0:
-        _python_readable_by_all()
+        _python_readable_by_all(hold or tempfile.mkdtemp(prefix="minitir-container-"))
     rules = [(name, seccomp.ERRNO(errno.EPERM), []) for name in REFUSED]
     rules += [("clone", seccomp.ERRNO(errno.EPERM), [(0, seccomp.CMP_MASKED_EQ, flag, flag)])
               for flag in seccomp.CLONE_NAMESPACES]
@@ -62,7 +63,8 @@ def emulate(landlock: bool = True):
 
 def run_emulated(code: str, landlock: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`code` in a new Python process inside the emulated container, from the project's directory."""
-    prelude = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport tests.container\n" \
-              f"tests.container.emulate(landlock={landlock})\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="minitir-container-") as hold:   # its mounts end with the process
+        prelude = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport tests.container\n" \
+                  f"tests.container.emulate(landlock={landlock}, hold={hold!r})\n"
+        return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
