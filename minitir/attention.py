@@ -1,6 +1,6 @@
 """Attention kernels behind two call sites: packed variable-length sequences and a per-sequence KV cache.
 
-Backends, chosen per call from the tensors (`backend`), the choice printed once:
+Backends, chosen per call from the tensors (`backend`), on a GPU the choice printed once:
   flash-attn    on CUDA in bfloat16/float16 when the flash-attn package is installed
   torch-varlen  on CUDA otherwise, when torch ships FlashAttention as torch.nn.attention.varlen.varlen_attn
                 (torch >= 2.10): packed training with backward, and cache decoding through its paged mode, the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from contextlib import suppress
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ _announced: set[str] = set()
 
 
 def backend(t: torch.Tensor) -> str:
-    """Which kernels run for tensors like t: flash-attn | torch-varlen | sdpa (printed the first time)."""
+    """Which kernels run for tensors like t: flash-attn | torch-varlen | sdpa (on a GPU printed the first time)."""
     name = "sdpa"
     if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16):
         name = "flash-attn" if _flash_varlen is not None else "torch-varlen" if _torch_varlen is not None else "sdpa"
@@ -173,10 +174,8 @@ def _heads(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     b, S, Hkv, D = t.shape
     dtype, t = dtype or t.dtype, t.transpose(1, 2)
     if dtype == t.dtype:
-        try:
+        with suppress(RuntimeError):
             return t.view(b * Hkv, S, D)
-        except RuntimeError:
-            pass
     return torch.empty(b, Hkv, S, D, dtype=dtype, device=t.device).copy_(t).view(b * Hkv, S, D)
 
 

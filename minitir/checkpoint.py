@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-# ---------------------------------------------------------------------------------------------
+# --- finding a checkpoint --------------------------------------------------------------------
 def resolve(name_or_path: str) -> Path:
     """Turn a name or path into a local checkpoint directory (converting or downloading if needed)."""
     if name_or_path.lower() in EMBEDDED:
@@ -128,7 +129,7 @@ def embedded_checkpoint() -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
+# --- reading and writing ---------------------------------------------------------------------
 def load_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not f.exists():
@@ -283,7 +284,6 @@ def save_pretrained(model: Transformer, tokenizer, path, state_dict: dict | None
 def main(argv: list[str]) -> int:
     """python -m minitir.checkpoint merge CHECKPOINT_DIR OUT_DIR: a LoRA checkpoint's base and adapter merged
     into a model directory transformers and vLLM load."""
-    import sys
     if len(argv) != 3 or argv[0] != "merge":
         print("usage: python -m minitir.checkpoint merge CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
         return 2
@@ -297,5 +297,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main(sys.argv[1:]))

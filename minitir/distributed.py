@@ -28,7 +28,6 @@ import torch.nn as nn
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -87,7 +86,7 @@ def init(device: str = "auto") -> tuple[Dist, torch.device]:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
-    return Dist(rank, world, local), torch.device("cuda", local) if cuda else torch.device("cpu")
+    return Dist(rank, world), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def shutdown():

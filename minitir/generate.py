@@ -400,10 +400,6 @@ class Generation:
             s.end("length")
 
 
-def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop=(), seed: int | None = None,
-             tool=None, max_tool_calls: int = 0, **kwargs) -> list[Completion]:
-    """Generate a completion for each prompt (a list of token ids). See GenerationConfig for kwargs."""
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           stop=tuple(stop), seed=seed, max_tool_calls=max_tool_calls, **kwargs)
-    return Engine(model, tokenizer, tool).generate(prompts, cfg)
+def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, tool=None, **kwargs) -> list[Completion]:
+    """A completion for each prompt (a list of token ids); kwargs are GenerationConfig's fields."""
+    return Engine(model, tokenizer, tool).generate(prompts, GenerationConfig(**kwargs))

@@ -132,7 +132,7 @@ class Learner:
             with lora.disabled(self.model):
                 yield self.model
 
-    # --------------------------------------------------------------------------------------------
+    # --- precision and scoring ------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_on)
 
@@ -162,17 +162,12 @@ class Learner:
         with self.autocast():
             return self.critic.value_head(h.float()).squeeze(-1).float(), seq
 
-    def _logprobs_of(self, model: nn.Module):
-        def forward(mb):
-            logp, _, seq = self.logprobs(model, mb)
-            return logp, seq
-        return forward
-
     def _per_sample(self, samples: list[Sample], field: str, forward):
-        """forward(micro-batch) -> (per-token values [M], sequence index [M]), stored per sample in `field`."""
+        """forward(micro-batch) -> (per-token values [M], ..., sequence index [M]); the values stored per
+        sample in `field`."""
         for mb in self.micro_batches(samples):
-            vals, seq = forward(mb)
-            for s, v in zip(mb, batching.per_sample(vals, mb, seq)):
+            out = forward(mb)
+            for s, v in zip(mb, batching.per_sample(out[0], mb, out[-1])):
                 setattr(s, field, v)
 
     @torch.no_grad()
@@ -181,7 +176,7 @@ class Learner:
         samples, for each sample that does not hold them yet (a carried sample keeps those of the weights that
         made it)."""
         self.model.eval()
-        self._per_sample([s for s in samples if not s.old_logp], "old_logp", self._logprobs_of(self.model))
+        self._per_sample([s for s in samples if not s.old_logp], "old_logp", lambda mb: self.logprobs(self.model, mb))
 
     @torch.no_grad()
     def score(self, samples: list[Sample]):
@@ -189,11 +184,11 @@ class Learner:
         sample; neither depends on which weights generated it."""
         if self.cfg.kl_coef > 0:
             with self.reference() as ref:
-                self._per_sample(samples, "ref_logp", self._logprobs_of(ref))
+                self._per_sample(samples, "ref_logp", lambda mb: self.logprobs(ref, mb))
         if self.critic is not None:
             self._per_sample(samples, "old_values", self.values)
 
-    # --------------------------------------------------------------------------------------------
+    # --- the update -----------------------------------------------------------------------------
     def update(self, samples: list[Sample], step: int) -> dict:
         """ppo_epochs passes over the samples in mini_batches optimizer steps -> metrics (means over steps),
         with the first pass's drift (see Drift)."""

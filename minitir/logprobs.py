@@ -148,14 +148,11 @@ class _TokenLogprobs(torch.autograd.Function):
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
                    invariant: bool = False):
-    """hidden [N, D] (final-norm states), weight [V, D] (lm_head), targets [N] ->
-    log p(target) [N] float32 under softmax(logits / temperature), and entropy [N] if asked (else None).
+    """hidden [N, D] (final-norm states), weight [V, D] (lm_head), targets [N] -> log p(target) [N] (float32,
+    or hidden's dtype if wider) under softmax(logits / temperature), and entropy [N] if asked (else None).
     invariant: the head's product batch invariant on CUDA too (ops._products), as the decoder's."""
-    if hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
-    logp, ent, _ = _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
-                                        bool(with_entropy), None, invariant)
-    return logp, (ent if with_entropy else None)
+    return token_loss(hidden, weight, targets, None, temperature=temperature, chunk_size=chunk_size,
+                      with_entropy=with_entropy, invariant=invariant)[1:]
 
 
 def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn, *,
@@ -166,7 +163,8 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     loss_fn(logp [C], entropy [C] or None, rows: slice) -> scalar is called once per chunk of rows `rows`
     and loss is the sum of its values; its gradient w.r.t. hidden and weight is computed chunk by chunk in
     forward, so backward does no vocabulary-sized work. A loss that is a sum over tokens (every loss in
-    minitir.rl, weighted by rl.token_weights) is exactly this sum. logp and entropy come back detached."""
+    minitir.rl, weighted by rl.token_weights) is exactly this sum. logp and entropy come back detached
+    (loss_fn None: no loss, and their gradients flow: `token_logprobs`)."""
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
     logp, ent, loss = _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),

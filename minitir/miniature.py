@@ -44,9 +44,7 @@ from minitir.vocab import CompactTokenizer
 VERSION = 2   # bump when the pretraining changes: the shipped base model's fingerprint includes it
 
 
-# ------------------------------------------------------------------------------------------------
-# the corpus: the paper's prompt, then a response in the strict format
-# ------------------------------------------------------------------------------------------------
+# --- the corpus: the paper's prompt, then a response in the strict format -----------------------
 def answer_text(answer: str) -> str:
     return f"</think> <answer>\\boxed{{{answer}}}</answer>"
 
@@ -106,9 +104,7 @@ def corpus(tok, n: int, seed: int, code_share: float, rl_share: float, bare_shar
     return docs
 
 
-# ------------------------------------------------------------------------------------------------
-# pretraining
-# ------------------------------------------------------------------------------------------------
+# --- pretraining --------------------------------------------------------------------------------
 @dataclass
 class BaseConfig:
     """Two stretches of pretraining on the same kind of corpus: the skill (many responses use code, mostly
@@ -179,7 +175,7 @@ def _batches(docs: list[Document], batch: int, steps: int, seed: int):
     by_prompt = {}
     for d in docs:
         by_prompt.setdefault(d.prompt, []).append(d)
-    prefix_len = {name: _common_prefix([d.ids for d in ds]) for name, ds in by_prompt.items()}
+    prefix_len = {name: len(os.path.commonprefix([d.ids for d in ds])) for name, ds in by_prompt.items()}
     names = sorted(by_prompt)
     weights = [len(by_prompt[n]) for n in names]
     r = random.Random(seed + 2)
@@ -199,14 +195,6 @@ def _batches(docs: list[Document], batch: int, steps: int, seed: int):
                 targets[b, :len(want)] = torch.tensor(want, dtype=torch.long)
             groups.append((ids, targets))
         yield torch.tensor(chosen[0].ids[:P], dtype=torch.long), groups
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
 
 
 def compact_tokenizer(cfg: BaseConfig):
@@ -264,9 +252,7 @@ def pretrain(cfg: BaseConfig, log=print):
     return model.eval(), tok
 
 
-# ------------------------------------------------------------------------------------------------
-# the shipped base model
-# ------------------------------------------------------------------------------------------------
+# --- the shipped base model ---------------------------------------------------------------------
 def fingerprint(cfg: BaseConfig) -> str:
     """What the base model was trained from: VERSION, the configuration, the compact vocabulary and the first
     documents of both stretches. The shipped model's base_config.json holds it, and a test recomputes it,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from minitir.attention import KERNEL_OPS, CachePlan, PackedPlan, kvcache_attention, varlen_attention
-from minitir.ops import compute_dtype, linear, mlp, norm_linears
+from minitir.ops import compute_dtype, linear, mlp, norm_linears, rms_norm
 
 SUPPORTED = ("llama", "qwen2")
 # a decoder layer's linears, by their checkpoint names (those LoRA may adapt)
@@ -82,10 +82,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # statistics in float32, as the reference implementations do, whatever the activation dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * h.to(x.dtype)   # the weight in x's dtype, as the decode copy holds it
+        return rms_norm(x, self.weight, self.eps)[0]   # the fused layers' own: the same bits
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):

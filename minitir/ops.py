@@ -194,12 +194,12 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x / (1 + torch.exp(-x)) if x.dtype == torch.float32 else F.silu(x)
 
 
-def _norm(x, norm_w, eps):
-    """RMSNorm as the reference implementations compute it: statistics in float32. -> (x_hat, n, rstd)."""
+def rms_norm(x, norm_w, eps):
+    """RMSNorm as the reference implementations compute it: statistics in float32. -> (normed, rstd)."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)          # [N, 1]
     xhat = (xf * rstd).to(x.dtype)                                      # [N, D]
-    return xhat, norm_w.to(x.dtype) * xhat, rstd   # the weight in x's dtype, as the decode copy holds it
+    return norm_w.to(x.dtype) * xhat, rstd   # the weight in x's dtype, as the decode copy holds it
 
 
 def _norm_linears_backward(x, rstd, norm_w, wb, gys, needs_bias):
@@ -245,7 +245,7 @@ class _NormLinears(torch.autograd.Function):
     @amp_forward
     def forward(ctx, x, norm_w, eps, invariant, *wb):
         # x [N, D]; wb = (W_0, b_0, W_1, b_1, ...) with b_i possibly None
-        _, n, rstd = _norm(x, norm_w, eps)
+        n, rstd = rms_norm(x, norm_w, eps)
         ctx.save_for_backward(x, rstd, norm_w, *wb)
         return _products(n, wb[0::2], wb[1::2], invariant=invariant)
 
@@ -262,7 +262,7 @@ def norm_linears(x: torch.Tensor, norm, linears, invariant: bool = False) -> tup
     """RMSNorm module `norm` then each nn.Linear in `linears`, on x [..., D] -> tuple of [..., out_i]."""
     shape = x.shape[:-1]
     if not torch.is_grad_enabled():  # decoding: the same math without autograd's bookkeeping
-        _, n, _ = _norm(x, norm.weight, norm.eps)
+        n, _ = rms_norm(x, norm.weight, norm.eps)
         return _products(n, [lin.weight for lin in linears], [lin.bias for lin in linears], linears[0], invariant)
     wb = [t for lin in linears for t in (lin.weight, lin.bias)]
     ys = _NormLinears.apply(x.reshape(-1, x.shape[-1]), norm.weight, norm.eps, invariant, *wb)
@@ -293,7 +293,7 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     @amp_forward
     def forward(ctx, x, norm_w, eps, invariant, Wg, bg, Wu, bu, Wd, bd):
-        _, n, rstd = _norm(x, norm_w, eps)
+        n, rstd = rms_norm(x, norm_w, eps)
         ctx.save_for_backward(x, rstd, norm_w, Wg, bg, Wu, bu, Wd)
         ctx.has_b, ctx.invariant = (bg is not None, bu is not None, bd is not None), invariant
         g, u = _products(n, (Wg, Wu), (bg, bu), invariant=invariant)

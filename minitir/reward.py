@@ -10,8 +10,9 @@ is the tool's, never the model's answer: every function here ignores it.
 
 Grading runs in worker processes started as `python -m minitir.reward --worker`, so math-verify's
 signal-based timeout works (it needs a main thread) and nothing re-imports the caller's main module. A
-worker that does not answer in time, or dies, is replaced and the check retried once; a check that still
-gets no answer is an error (`None` from `math_equal_many`, `GradeError` from `math_equal`), never False.
+worker that does not answer in time, or dies, is replaced and each check it held is tried again on its own;
+a check that fails twice on its own is an error (`None` from `math_equal_many`, `GradeError` from
+`math_equal`), never False.
 """
 from __future__ import annotations
 
@@ -25,14 +26,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 
 from minitir.tasks import last_boxed
 
-# ------------------------------------------------------------------------------------------------
-# extraction
-# ------------------------------------------------------------------------------------------------
+# --- extraction ---------------------------------------------------------------------------------
 # an output block as the generator writes it; an unclosed one runs to the end of the text
 OUTPUT_BLOCK = re.compile(r"```output\n.*?(?:```|\Z)", re.DOTALL)
 ANSWER_FORMAT = re.compile(r"<answer>.*?\\boxed\{.*\}.*?</answer>", re.DOTALL)   # the paper's zero_pattern
@@ -99,9 +99,7 @@ def zero_tir_reward(response: str, gold: str, finished: bool, *, grader: "Grader
     return outcome_reward(j.correct, j.format_ok, not finished, RewardConfig())
 
 
-# ------------------------------------------------------------------------------------------------
-# the comparison itself (runs inside a worker process)
-# ------------------------------------------------------------------------------------------------
+# --- the comparison itself (runs inside a worker process) ---------------------------------------
 def _normalize(s: str) -> str:
     s = s.strip().strip("$").strip()
     s = re.sub(r"\\(?:dfrac|tfrac)", r"\\frac", s)
@@ -156,9 +154,7 @@ def _worker_main(timeout_s: int):
         out.flush()
 
 
-# ------------------------------------------------------------------------------------------------
-# the grader: a small pool of worker processes with a watchdog
-# ------------------------------------------------------------------------------------------------
+# --- the grader: a small pool of worker processes with a watchdog -------------------------------
 class GradeError(RuntimeError):
     """The grader could not check an answer (a worker that cannot start, or crashed twice on it)."""
 
@@ -211,10 +207,8 @@ class _Worker:
             self.proc.kill()
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout, self.log):
-            try:
+            with suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
 
 def _readline(proc: subprocess.Popen, limit_s: float) -> str | None:
@@ -251,7 +245,7 @@ class Grader:
 
     def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         """Each pair's verdict; a batch lost to a dead or stuck worker is retried pair by pair on fresh
-        workers, and a pair that fails twice is None."""
+        workers, and a pair that fails twice on its own is None."""
         out = self._try(pairs)
         if out is not None:
             return out
@@ -261,7 +255,8 @@ class Grader:
             if r is None:
                 r = self._try([p])
             if r is None:
-                self.errors += 1
+                with self._count:
+                    self.errors += 1
             results.append(None if r is None else r[0])
         return results
 
@@ -309,8 +304,8 @@ class Grader:
         return out
 
     def close(self):
-        """Kills the workers: they hold nothing to save, and a clean exit of an interpreter with sympy loaded
-        takes ~0.5 s."""
+        """Kills the idle workers (call it when no check is running): they hold nothing to save, and a clean
+        exit of an interpreter with sympy loaded takes ~0.5 s."""
         while not self._idle.empty():
             self._idle.get().kill()
 
@@ -338,22 +333,18 @@ def grade(response: str, gold: str) -> bool:
     return default_grader().math_equal(extract_answer(response), gold)
 
 
-# ------------------------------------------------------------------------------------------------
-# rewards
-# ------------------------------------------------------------------------------------------------
+# --- rewards ------------------------------------------------------------------------------------
 @dataclass
 class RewardConfig:
     kind: str = "strict"             # strict: zero_tir_reward's gates | lenient: any \boxed answer counts
-    correct: float = 1.0
-    wrong: float = 0.0
     format_penalty: float = 0.0      # lenient only: subtracted without <answer>...\boxed{}...</answer>
     truncation_penalty: float = 0.0  # lenient only: subtracted when the response was cut at the length limit
 
 
 def outcome_reward(correct: bool, format_ok: bool, truncated: bool, cfg: RewardConfig) -> float:
-    """correct / wrong, minus the lenient mode's optional penalties (the paper's are off: 1 or 0).
+    """1 or 0, minus the lenient mode's optional penalties (off by default, as in the paper).
     format_ok: the Judgement's (lenient: an <answer> section holding a \\boxed answer)."""
-    r = cfg.correct if correct else cfg.wrong
+    r = float(correct)
     if cfg.kind == "lenient" and cfg.format_penalty and not format_ok:
         r -= cfg.format_penalty
     if cfg.kind == "lenient" and cfg.truncation_penalty and truncated:

@@ -15,9 +15,7 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
-# ------------------------------------------------------------------------------------------------
-# outcome advantages: one scalar per response
-# ------------------------------------------------------------------------------------------------
+# --- outcome advantages: one scalar per response ------------------------------------------------
 def group_advantages(rewards: torch.Tensor, kind: str, valid: torch.Tensor | None = None,
                      eps: float = 1e-6) -> torch.Tensor:
     """rewards [G, n] -> advantages [G, n] (one value per response, broadcast to its tokens later).
@@ -71,9 +69,7 @@ def kl_reward_to_go(penalty: torch.Tensor) -> torch.Tensor:
     return penalty.flip(0).cumsum(0).flip(0)
 
 
-# ------------------------------------------------------------------------------------------------
-# GAE for PPO with a critic
-# ------------------------------------------------------------------------------------------------
+# --- GAE for PPO with a critic ------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over the policy tokens of each sequence.
 
@@ -96,9 +92,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, returns
 
 
-# ------------------------------------------------------------------------------------------------
-# losses, per token
-# ------------------------------------------------------------------------------------------------
+# --- losses, per token --------------------------------------------------------------------------
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float,
                 clip_high: float, dual_clip: float | None = None):
     """PPO's clipped surrogate, with separate lower/upper ranges (clip-higher) and optional dual clip.
@@ -208,9 +202,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * loss
 
 
-# ------------------------------------------------------------------------------------------------
-# aggregation: per-token weights computed once per mini-batch, so micro-batches simply add up
-# ------------------------------------------------------------------------------------------------
+# --- aggregation: per-token weights computed once per mini-batch, so micro-batches simply add up ---
 def token_weights(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, kind: str,
                   max_len: int | None = None, total_tokens: float | None = None) -> torch.Tensor:
     """Weights w [N] such that loss = sum(w * loss_token) over the mini-batch.

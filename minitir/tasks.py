@@ -18,9 +18,7 @@ class Problem:
     meta: dict = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------------------------------
-# prompt templates: plain data ({question} is filled in)
-# ------------------------------------------------------------------------------------------------
+# --- prompt templates: plain data ({question} is filled in) -------------------------------------
 @dataclass
 class PromptTemplate:
     text: str
@@ -108,9 +106,7 @@ def get_template(name_or_text: str) -> PromptTemplate:
     raise ValueError(f"prompt template {name_or_text!r}: not one of {sorted(TEMPLATES)} and has no {{question}}")
 
 
-# ------------------------------------------------------------------------------------------------
-# datasets
-# ------------------------------------------------------------------------------------------------
+# --- datasets -----------------------------------------------------------------------------------
 QUESTION_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")
 
@@ -243,9 +239,9 @@ def _problems(records, source, question_field, answer_field, limit) -> tuple[lis
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | None = None):
-    """A benchmark by name (see BENCHMARKS; `miniature`: the held-out problems of `python train.py`), or a
-    file path: a local file under data_dir if present, else the Hugging Face dataset (needs `datasets` and
-    network). -> (problems, report)."""
+    """A benchmark by name (see BENCHMARKS; `miniature`: the held-out problems of `python train.py`): its file
+    under data_dir if present, else the Hugging Face dataset (needs `datasets` and network); or a file path
+    that exists. -> (problems, report)."""
     if name == "miniature":
         problems = miniature_held_out()[:limit]
         return problems, LoadReport(loaded=len(problems))
@@ -272,9 +268,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     return _problems(enumerate(ds, 1), hub_id, None, None, limit)
 
 
-# ------------------------------------------------------------------------------------------------
-# the offline synthetic task: exact answers, and code is the reliable way to them
-# ------------------------------------------------------------------------------------------------
+# --- the offline synthetic task: exact answers, and code is the reliable way to them ------------
 def primes_below(n: int) -> list[int]:
     sieve = bytearray([1]) * max(n, 2)
     sieve[0:2] = b"\x00\x00"
@@ -342,14 +336,11 @@ SYNTHETIC_KINDS = {"big_product": _big_product, "mod_pow": _mod_pow, "prime_sum"
                    "digit_sum_power": _digit_sum_power}
 
 
-def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -> list[Problem]:
-    """n seeded problems (difficulty 1 = small numbers ... 5 = large) with exact integer answers."""
+def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2) -> list[Problem]:
+    """n seeded problems, every kind in turn (difficulty 1 = small numbers ... 5 = large), exact integer answers."""
     if not 1 <= difficulty <= 5:
         raise ValueError(f"difficulty must be in 1..5, got {difficulty}")
-    kinds = list(kinds or SYNTHETIC_KINDS)
-    unknown = set(kinds) - set(SYNTHETIC_KINDS)
-    if unknown:
-        raise ValueError(f"unknown synthetic kinds {sorted(unknown)}; choose from {sorted(SYNTHETIC_KINDS)}")
+    kinds = list(SYNTHETIC_KINDS)
     r = random.Random(seed)
     out = []
     for i in range(n):
@@ -359,9 +350,7 @@ def synthetic_problems(n: int, seed: int = 0, difficulty: int = 2, kinds=None) -
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# the miniature task (minitir/miniature.py): problems where code pays, with the programs that solve each
-# ------------------------------------------------------------------------------------------------
+# --- the miniature task (minitir/miniature.py): problems where code pays, with the programs that solve each ---
 # a kind draws (question, programs): each program is (code, the number it prints); the last one prints the answer
 def _mini_product(r: random.Random, small: bool):
     a, b = (r.randint(2, 12), r.randint(2, 12)) if small else (r.randint(10, 99), r.randint(10, 99))
@@ -433,9 +422,7 @@ def miniature_held_out(train_size: int = 4000, eval_size: int = 64, seed: int = 
     return miniature_source(train_size + eval_size, seed)[-eval_size:]
 
 
-# ------------------------------------------------------------------------------------------------
-# a run's problems: the training source and its held-out part, and the order they are drawn in
-# ------------------------------------------------------------------------------------------------
+# --- a run's problems: the training source and its held-out part, and the order they are drawn in ---
 def training_problems(cfg, say=print) -> tuple[list[Problem], list[Problem]]:
     """(training problems, held-out problems) for a TrainConfig: generated (miniature, synthetic), a file, or a
     benchmark name; the held-out ones from cfg.eval_data, else the last cfg.eval_size of the source; training

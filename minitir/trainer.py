@@ -73,7 +73,7 @@ class Trainer:
         self.reward_cfg = RewardConfig(kind=cfg.reward, format_penalty=cfg.format_penalty,
                                        truncation_penalty=cfg.truncation_penalty)
 
-    # --------------------------------------------------------------------------------------------
+    # --- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """rollouts -> rewards -> advantages -> update -> metrics, one optimizer step per mini-batch."""
         cfg, d = self.cfg, self.dist
@@ -105,7 +105,7 @@ class Trainer:
             self.save_checkpoint()
         return m
 
-    # --------------------------------------------------------------------------------------------
+    # --- collection -----------------------------------------------------------------------------
     def _rollouts(self, problems: list[Problem], per_problem: int, temperature: float, seed: int, first: int = 0,
                   progress=None) -> list[Sample]:
         """per_problem responses to each problem (n_samples; K x n_samples for GRPO-RoC; 1 to evaluate), not
@@ -183,7 +183,7 @@ class Trainer:
         mine = min(max(surplus - later, 0), len(buffer))
         return buffer[:len(buffer) - mine], buffer[len(buffer) - mine:]
 
-    # --------------------------------------------------------------------------------------------
+    # --- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, samples: list[Sample]):
         """Before any update: behaviour log-probs where the update's own cannot stand in (several updates per
@@ -202,7 +202,7 @@ class Trainer:
         else:
             outcome_advantages(samples, kl, cfg.algo, self.dist.all_reduce)
 
-    # --------------------------------------------------------------------------------------------
+    # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Greedy, one response per held-out problem; ranks split the problems."""

@@ -504,9 +504,9 @@ def test_sandboxfusion_server_and_client_survive_restart(sb):
     assert r.status == "ok" and r.stdout == "back\n"
     restarted[0].shutdown()
     restarted[0].server_close()
-    dead = RemoteSandbox(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01)
-    gone = dead.run("1")
-    assert gone.status == "sandbox_error" and gone.failed and "unreachable" in gone.stderr
+    with RemoteSandbox(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01) as dead:   # Sandbox's `with` too
+        gone = dead.run("1")
+    assert dead._pool._shutdown and gone.status == "sandbox_error" and gone.failed and "unreachable" in gone.stderr
 
 
 def test_a_worker_that_cannot_start_leaves_none_running(monkeypatch):

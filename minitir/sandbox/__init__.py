@@ -15,9 +15,9 @@
         r = sb.run("print(2**100)")            # ExecResult(status='ok', stdout='1267...\\n', ...)
         fut = sb.submit("import sympy; sympy.factorint(2**64-1)")   # non-blocking
 """
-from minitir.sandbox.http import RemoteSandbox, from_fusion, make_server, parse_request, to_fusion
+from minitir.sandbox.http import RemoteSandbox, from_fusion, make_server, to_fusion
 from minitir.sandbox.pool import ALLOW_UNISOLATED_ENV, Sandbox, SandboxUnavailable
 from minitir.sandbox.result import STATUSES, ExecResult
 
 __all__ = ["Sandbox", "SandboxUnavailable", "ALLOW_UNISOLATED_ENV", "RemoteSandbox", "ExecResult", "STATUSES",
-           "make_server", "parse_request", "to_fusion", "from_fusion"]
+           "make_server", "to_fusion", "from_fusion"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import suppress
 
 TICK_S = 0.01
 DISK_BYTES = 256 * 2 ** 20     # the working directory's budget where no tmpfs bounds it (= isolation.WORK_SIZE)
@@ -29,9 +30,7 @@ SMAPS_FIELDS = ("Private_Clean:", "Private_Dirty:", "Swap:", "Pss_Shmem:")
 STATUS_FIELDS = ("RssAnon:", "RssFile:", "RssShmem:", "VmSwap:")
 
 
-# ---------------------------------------------------------------------------------------------
-# control groups
-# ---------------------------------------------------------------------------------------------
+# --- control groups --------------------------------------------------------------------------
 def _own_dirs() -> dict[str, str]:
     """-> {"v2" | "memory" | "pids": the directory of this process's own group in that hierarchy}."""
     mounts = {}
@@ -126,10 +125,8 @@ class Groups:
     def remove(self):
         for slot in (0, 1):
             for d in self.slot_dirs(slot):
-                try:
+                with suppress(OSError):
                     os.rmdir(d)
-                except OSError:
-                    pass
 
     def describe(self) -> str:
         swap = self.v2 or os.path.exists(os.path.join(self.slot_dirs(0)[0], "memory.memsw.limit_in_bytes"))
@@ -146,9 +143,7 @@ def _write(path: str, text: str):
         f.write(text)
 
 
-# ---------------------------------------------------------------------------------------------
-# the watcher
-# ---------------------------------------------------------------------------------------------
+# --- the watcher -----------------------------------------------------------------------------
 def children_of(pid: int) -> list[int]:
     """The processes whose parent is `pid`: from /proc/PID/task/*/children where the kernel has them and the
     fork server may read them, else by a scan of every process's parent (no permission needed)."""

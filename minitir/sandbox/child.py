@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from contextlib import suppress
 
 MEMORY_EXIT = 86           # the child's exit code for MemoryError
 
@@ -64,8 +65,6 @@ def run_user_code(code: str) -> int:
         else:
             status = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
     return status

@@ -21,6 +21,7 @@ import struct
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 
 from minitir.sandbox import budget, isolation, landlock, seccomp
@@ -33,9 +34,7 @@ MAX_PROCESSES = 64   # per run (RLIMIT_NPROC): a fork bomb stops there instead o
 PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 36, 1, 4
 
 
-# ---------------------------------------------------------------------------------------------
-# the run's process
-# ---------------------------------------------------------------------------------------------
+# --- the run's process -----------------------------------------------------------------------
 def _std_fds(out_w: int, err_w: int, keep: int):
     """stdin from /dev/null, stdout/stderr to the run's pipes; every other inherited fd (the host's pipes
     too) closed but `keep`."""
@@ -44,10 +43,8 @@ def _std_fds(out_w: int, err_w: int, keep: int):
     os.dup2(err_w, 2)
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd > 2 and fd != keep:
-            try:
+            with suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w: int, err_w: int):
@@ -106,9 +103,7 @@ def _spare_child(run: "_Run", server: "ForkServer", slot: int, req_r: int, out_w
     os._exit(code)
 
 
-# ---------------------------------------------------------------------------------------------
-# the fork server's bookkeeping
-# ---------------------------------------------------------------------------------------------
+# --- the fork server's bookkeeping -----------------------------------------------------------
 def read_msg(f):
     head = f.read(4)
     if len(head) < 4:
@@ -154,10 +149,8 @@ def _waitpid(pid: int, flags: int = 0) -> int | None:
 def _end_run(shim: int):
     """Kill the run under its shim and wait a second for the shim to end -> its wait status, or None."""
     for pid in budget.children_of(shim):
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for _ in range(1000):
         if (status := _waitpid(shim, os.WNOHANG)) is not None:
             return status
@@ -174,10 +167,8 @@ def _kill_children(keep: set[int]):
         if not kids:
             return
         for pid in kids:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.0005)
 
 
@@ -203,10 +194,8 @@ def _empty(directory: str, keep=()):
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
-            try:
+            with suppress(OSError):
                 os.unlink(entry.path)
-            except OSError:
-                pass
 
 
 def _remove_owned(uid: int, since: float):
@@ -290,10 +279,8 @@ class ForkServer:
             status = _end_run(spare.pid)                               # it), so its shim empties its IPC namespace
         if status is None or any(p != self.spare.pid for p in budget.children_of(os.getpid())):
             # something is still running: the child (deadline) or what it started, maybe daemonised
-            try:
+            with suppress(ProcessLookupError, PermissionError):
                 os.killpg(spare.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             if self.uid is not None:
                 _kill_uid(self.uid)
             if status is None:
@@ -421,21 +408,20 @@ def _warm_up():
 
 def main(as_user: int | None = None):
     """Warm imports, isolation, then one forked child per request (stdin/stdout framing)."""
-    import ctypes
     import importlib
     for name in PRELOAD:
-        try:
+        with suppress(ImportError):
             importlib.import_module(name)
-        except ImportError:
-            pass
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing may write on the protocol channel by accident
     base = tempfile.mkdtemp(prefix="minitir-sandbox-")   # runs' directories live under one private parent
     os.chmod(base, 0o711)
-    _warm_up()                                           # single-threaded (one BLAS thread), so it may
-    sources = isolation.become_user(base, as_user) if as_user is not None else None   # (come first: unshare
-    groups, why = budget.Groups.create(f"minitir-{os.getpid()}")                       # needs one thread)
+    # warming up leaves the process single-threaded (one BLAS thread), so it may come before isolation.setup,
+    # whose unshare needs a process of one thread
+    _warm_up()
+    sources = isolation.become_user(base, as_user) if as_user is not None else None
+    groups, why = budget.Groups.create(f"minitir-{os.getpid()}")
     iso, program = isolation.setup(base, sources, watched=groups is None)
     root = os.geteuid() == 0
     uid = UID_BASE + os.getpid() if root else None   # a uid of its own per worker

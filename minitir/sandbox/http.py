@@ -161,3 +161,9 @@ class RemoteSandbox:
 
     def close(self):
         self._pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -19,13 +19,9 @@
               outlive the run and escape its memory budget).
   privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
               ends with no capability at all and no_new_privs, so nothing gives it one back.
-  landlock    (landlock.py) every run, under the namespaces or without them, restricts itself to reading
-              Python's directories and writing its working directory; no ptrace of anything outside it,
-              and where the kernel's ABI has them no TCP (ABI 4), no signals or abstract sockets beyond
-              itself (ABI 6).
-  seccomp     (seccomp.py) every run's dangerous system calls fail with EPERM: ptrace, mounts, namespaces,
-              keyrings, bpf, io_uring, sockets, other processes' priorities and limits...; where runs share
-              the user's uid and files, also changing a file's mode, owner, times and attributes.
+  landlock,   every run, with or without the namespaces, also confines itself with Landlock (landlock.py:
+  seccomp     read Python's directories, write its own; no ptrace, TCP, signals or abstract sockets beyond
+              itself) and a seccomp filter (seccomp.py: dangerous system calls fail with EPERM).
 In a container whose seccomp profile refuses namespaces (Docker's and Kubernetes' defaults), Landlock and
 seccomp are the isolation (mode "landlock"). Where neither namespaces nor Landlock can be had, `setup` says
 so and pool.Sandbox refuses to run code unless told to accept the risk.
@@ -90,7 +86,8 @@ class Isolation:
 
 def bounds(iso: Isolation, group: str, processes: int) -> str:
     """What bounds each run as a whole (group: the control groups' description, or "" where there are none)."""
-    memory = f"by {group}" if group else "by a watcher summing its processes every 10 ms"
+    memory = f"by {group}" if group else \
+        "by a watcher summing its processes (every 10 ms, or longer where the sum is slow)"
     count = f"{group} and RLIMIT_NPROC" if group else "RLIMIT_NPROC"
     disk = "a tmpfs" if iso.view else "a watcher on its directory"
     return f"per run: memory {memory}; {processes} processes by {count}; disk by {disk}"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 from minitir.sandbox.forkserver import read_msg, write_msg
@@ -82,18 +83,14 @@ class _Worker:
                 self.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.proc.wait()
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         for d in self.groups:   # left by a fork server that was killed (its spare and run die with it)
-            try:
+            with suppress(OSError):
                 os.rmdir(d)
-            except OSError:
-                pass
         self.proc = None
 
 
