@@ -509,6 +509,24 @@ def test_sandboxfusion_server_and_client_survive_restart(sb):
     assert dead._pool._shutdown and gone.status == "sandbox_error" and gone.failed and "unreachable" in gone.stderr
 
 
+@pytest.mark.quick
+def test_emptying_a_directory_skips_an_entry_that_resists_not_the_rest(tmp_path):
+    """After a run, its files in the view's /tmp (or, without a view, the shared /tmp) are removed entry by
+    entry: one whose stat or removal fails (it vanished, or a race) must not leave the others behind."""
+    from minitir.sandbox.forkserver import _empty
+    for name in ("a", "b", "c", "keep"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+
+    def pick(entry):
+        if entry.name == "b":
+            raise FileNotFoundError(entry.path)
+        return entry.name != "keep"
+    _empty(str(tmp_path), pick)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "keep"]
+
+
 def test_a_worker_that_cannot_start_leaves_none_running(monkeypatch):
     from minitir.sandbox import pool
     started, start = [], pool._Worker.start

@@ -187,31 +187,25 @@ def _kill_uid(uid: int):
     os.waitpid(pid, 0)
 
 
-def _empty(directory: str, keep=()):
+def _empty(directory: str, pick=lambda entry: True):
+    """Remove the entries of directory that pick(entry) chooses; one that vanished or resists is skipped,
+    not the rest."""
     for entry in os.scandir(directory):
-        if entry.name in keep:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with suppress(OSError):
+        with suppress(OSError):
+            if not pick(entry):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
                 os.unlink(entry.path)
 
 
 def _remove_owned(uid: int, since: float):
     """Without a view: files the run's uid left in the host's shared temporary directories."""
     for d in SHARED_TMP:
-        try:
-            if os.stat(d).st_mtime < since - 1:
-                continue
-            for entry in os.scandir(d):
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-        except OSError:
-            continue
+        with suppress(OSError):
+            if os.stat(d).st_mtime >= since - 1:
+                _empty(d, lambda entry: entry.stat(follow_symlinks=False).st_uid == uid)
 
 
 @dataclass
@@ -288,7 +282,7 @@ class ForkServer:
             _kill_children(keep={self.spare.pid})
         shutil.rmtree(spare.run.outside, ignore_errors=True)
         if self.iso.view:
-            _empty(os.path.join(self.iso.view, "tmp"), self.iso.tmp_keep)
+            _empty(os.path.join(self.iso.view, "tmp"), lambda entry: entry.name not in self.iso.tmp_keep)
         elif self.uid is not None:
             _remove_owned(self.uid, start)
         return _result(bufs, dropped, status, stopped, time.perf_counter() - t0)
