@@ -82,7 +82,7 @@ def hf_model(kind: str, layers: int, device, dtype, **shape):
         for n, p in hf.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as d:   # 1 MB a model: not left behind
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as d:   # up to GBs a model: not left behind
         hf.save_pretrained(d)
         ours = load_model(d, dtype=dtype, device=device)
     return hf.to(device, dtype).eval(), ours

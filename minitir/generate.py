@@ -400,6 +400,7 @@ class Generation:
             s.end("length")
 
 
-def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, tool=None, **kwargs) -> list[Completion]:
-    """A completion for each prompt (a list of token ids); kwargs are GenerationConfig's fields."""
-    return Engine(model, tokenizer, tool).generate(prompts, GenerationConfig(**kwargs))
+def generate(model: Transformer, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, tool=None,
+             **kwargs) -> list[Completion]:
+    """A completion for each prompt (a list of token ids); kwargs are GenerationConfig's other fields."""
+    return Engine(model, tokenizer, tool).generate(prompts, GenerationConfig(max_new_tokens=max_new_tokens, **kwargs))

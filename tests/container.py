@@ -47,8 +47,8 @@ def _python_readable_by_all(hold: str):
 
 
 def emulate(landlock: bool = True, hold: str | None = None):
-    """hold: an empty directory to bind Python's directories from (default: a new one under /tmp, which
-    the caller removes once this process has ended)."""
+    """hold: an empty directory to bind Python's directories from (default: a new one under /tmp, left
+    behind; run_emulated passes one and removes it after the process ends)."""
     if os.geteuid() == 0:
         _python_readable_by_all(hold or tempfile.mkdtemp(prefix="minitir-container-"))
     rules = [(name, seccomp.ERRNO(errno.EPERM), []) for name in REFUSED]
@@ -63,7 +63,8 @@ def emulate(landlock: bool = True, hold: str | None = None):
 
 def run_emulated(code: str, landlock: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`code` in a new Python process inside the emulated container, from the project's directory."""
-    with tempfile.TemporaryDirectory(prefix="minitir-container-") as hold:   # its mounts end with the process
+    # the holding directory's mounts end with the process: then it is removed
+    with tempfile.TemporaryDirectory(prefix="minitir-container-", ignore_cleanup_errors=True) as hold:
         prelude = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport tests.container\n" \
                   f"tests.container.emulate(landlock={landlock}, hold={hold!r})\n"
         return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,

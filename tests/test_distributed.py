@@ -36,7 +36,8 @@ CASES = {
 
 def torchrun(args, nproc=2, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryDirectory() as logs:   # torchrun's own default (a new /tmp/torchelastic_*) stays behind
+    # torchrun's own default log directory (a new /tmp/torchelastic_*) would stay behind
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as logs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "--log-dir", logs] + args
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

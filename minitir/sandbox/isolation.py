@@ -20,8 +20,9 @@
   privileges  as root a run becomes a uid of its own; as a user it keeps the user's uid. Either way it
               ends with no capability at all and no_new_privs, so nothing gives it one back.
   landlock,   every run, with or without the namespaces, also confines itself with Landlock (landlock.py:
-  seccomp     read Python's directories, write its own; no ptrace, TCP, signals or abstract sockets beyond
-              itself) and a seccomp filter (seccomp.py: dangerous system calls fail with EPERM).
+  seccomp     read Python's directories, write its own, no ptrace beyond itself; where the kernel's ABI has
+              them no TCP (ABI 4), no signals or abstract sockets beyond itself (ABI 6)) and a seccomp filter
+              (seccomp.py: dangerous system calls fail with EPERM).
 In a container whose seccomp profile refuses namespaces (Docker's and Kubernetes' defaults), Landlock and
 seccomp are the isolation (mode "landlock"). Where neither namespaces nor Landlock can be had, `setup` says
 so and pool.Sandbox refuses to run code unless told to accept the risk.
