@@ -3,7 +3,6 @@ compact vocabulary against the real tokenizer, and, fast, tool use and accuracy 
 paper's prompt and strict reward with the shipped base model, the real generator, sandbox and grader."""
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -140,7 +139,6 @@ def test_tool_use_emerges_in_miniature(tmp_path):
     use code), 22 steps: under the paper's prompt and strict 0/1 reward, code use, accuracy and response
     length on the training batches rise together."""
     import train
-    t0 = time.time()
     cfg, _ = train.parse(["--steps", "22", "--eval-size", "0", "--run-dir", str(tmp_path), "--run-name", "mini",
                           "--no-tensorboard", "--save-every", "0", "--log-samples", "2"])
     t = Trainer(cfg)
@@ -159,7 +157,6 @@ def test_tool_use_emerges_in_miniature(tmp_path):
     rows = (tmp_path / "mini" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == cfg.steps and {"code_ratio", "response_length", "entropy", "time/tools_s", "batch_size",
                                        "format_failure_rate", "grade_errors", "tool_failures"} <= set(json.loads(rows[0]))
-    assert time.time() - t0 < 90, time.time() - t0
     # what it learnt, evaluated by name as a user would (eval.py --benchmarks miniature): with a tool call
     # allowed it answers held-out problems it cannot answer without one
     import eval as evaluate_cli

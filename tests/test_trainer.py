@@ -77,7 +77,7 @@ def warm_up(model, tok, problems, tool_share=0.15, steps=1000, seed=0):
     the product directly and sometimes write it as code, read the output and copy it into the answer:
     a model that can, but rarely does, use the tool, as the paper's base models."""
     r = random.Random(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, foreach=True)   # the same bits as the loop, ~1.3x faster
 
     def response(p):
         a, b = p.question.rstrip("=").split("*")
