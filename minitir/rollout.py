@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -15,21 +16,32 @@ from minitir.tasks import DatasetError, Problem, PromptTemplate, render_prompt
 
 
 class TimedTool:
-    """The tool (an object with .run, or a callable), adding up the time its code ran: the run's own time as
-    the sandbox reports it (ExecResult.duration_s, the wait for a free worker left out), else (a plain callable,
-    or a sandbox that failed to run it) the call's.
+    """The tool (a sandbox, an object with .run, or a callable), adding up the time its code ran: the run's own
+    time as the sandbox reports it (ExecResult.duration_s, the wait for a free worker left out), else (a plain
+    callable, or a sandbox that failed to run it) the call's.
     Runs overlap decoding and one another: a sum of work, not a share of the step's wall time."""
 
     def __init__(self, tool):
         self.tool, self.seconds, self._lock = tool, 0.0, threading.Lock()
+        if hasattr(tool, "submit"):   # a sandbox's own queue, as the tool protocol uses it (else: its threads)
+            self.submit = self._submit
 
     def run(self, code):
         t = time.perf_counter()
         r = self.tool.run(code) if hasattr(self.tool, "run") else self.tool(code)
-        spent = None if getattr(r, "failed", False) else getattr(r, "duration_s", None)   # a failure: the wait
-        with self._lock:   # runs end on the tool protocol's threads
-            self.seconds += time.perf_counter() - t if spent is None else spent
+        self._add(r, t)
         return r
+
+    def _submit(self, code) -> Future:
+        t = time.perf_counter()
+        future = self.tool.submit(code)
+        future.add_done_callback(lambda f: f.cancelled() or self._add(None if f.exception() else f.result(), t))
+        return future
+
+    def _add(self, r, t: float):
+        spent = None if getattr(r, "failed", False) else getattr(r, "duration_s", None)   # a failure: the wait
+        with self._lock:   # runs end on other threads
+            self.seconds += time.perf_counter() - t if spent is None else spent
 
     def close(self):
         if hasattr(self.tool, "close"):

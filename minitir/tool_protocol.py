@@ -1,5 +1,5 @@
 """The ZeroTIR tool protocol, in one place: find a closed ```python block in what a sequence just wrote,
-run its code on a thread pool while the other sequences keep decoding, and turn the result into an
+run its code while the other sequences keep decoding, and turn the result into an
 ```output block's tokens, which the engine prefills into the same cache row (it resumes from there: nothing
 before it is recomputed). Tool tokens carry policy_mask 0 and log-prob 0. The protocol returns code, futures
 and tokens; the engine alone changes its sequences, and takes a result back at a step fixed by when the block
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 OUTPUT_TAIL = "\n```\n\n\n"   # the paper's output-block ending
@@ -43,8 +44,11 @@ def to_tool_output(r) -> ToolOutput:
 class ToolProtocol:
     def __init__(self, tok, tool, cfg):
         self.tok, self.cfg = tok, cfg
-        self.run = tool.run if hasattr(tool, "run") else tool
-        self.pool = ThreadPoolExecutor(cfg.tool_workers)
+        # a sandbox queues the runs for its workers itself (its submit -> Future); a plain function, or an
+        # object with .run only, runs on threads of our own
+        self.pool = None if hasattr(tool, "submit") else ThreadPoolExecutor(cfg.tool_workers)
+        self._submit = tool.submit if self.pool is None else partial(self.pool.submit, getattr(tool, "run", tool))
+        self.pending: set[Future] = set()   # submitted, not taken back yet
 
     def code(self, segment: list[int], tail: str) -> str | None:
         """The code of the last ```python block closed in `segment` (the tokens since the last output block),
@@ -55,11 +59,13 @@ class ToolProtocol:
         return blocks[-1] if blocks else None
 
     def submit(self, code: str) -> Future:
-        return self.pool.submit(self.run, code)
+        future = self._submit(code)
+        self.pending.add(future)
+        return future
 
-    @staticmethod
-    def result(future: Future) -> ToolOutput:
+    def result(self, future: Future) -> ToolOutput:
         """The run's output, waiting for it if need be; a tool that raised is a failed tool call."""
+        self.pending.discard(future)
         try:
             return to_tool_output(future.result())
         except Exception as e:  # a broken tool must not take the batch down
@@ -83,4 +89,8 @@ class ToolProtocol:
         return toks[:max(room, 0)]
 
     def close(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Runs not started yet are cancelled (a generation that ended early, e.g. on an exception)."""
+        for future in self.pending:
+            future.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -7,7 +7,7 @@ import torch
 
 from minitir import attention, sampling
 from minitir.checkpoint import embedded_checkpoint, load_model
-from minitir.generate import generate
+from minitir.generate import GenerationConfig, generate
 from minitir.sampling import sample
 from minitir.tool_protocol import ToolOutput
 from tests.conftest import make_hf_model
@@ -723,3 +723,43 @@ def test_tool_time_is_the_runs_own_time():
     assert queued.seconds == pytest.approx(0.64)
     plain = TimedTool(lambda code: "2")
     assert plain.run("print(2)") == "2" and 0 < plain.seconds < 1
+
+
+class QueuedTool:
+    """A sandbox as the engine sees one: submit(code) -> Future, served by its own workers (here one thread),
+    and a run() that must not be used (the protocol takes the sandbox's futures as they are)."""
+
+    def __init__(self, hold=False):
+        from concurrent.futures import ThreadPoolExecutor
+        self.workers, self.hold, self.submitted = ThreadPoolExecutor(1), hold, []
+
+    def submit(self, code):
+        from minitir.sandbox.result import ExecResult
+        self.submitted.append(code)
+        if self.hold:   # queued behind a run that never ends: still pending at close
+            from concurrent.futures import Future
+            return Future()
+        return self.workers.submit(lambda: ExecResult("ok", "7\n", duration_s=0.25))
+
+    def run(self, code):
+        raise AssertionError("the tool protocol ran the sandbox on threads of its own")
+
+
+@pytest.mark.quick
+def test_a_sandbox_is_used_through_its_own_futures(tok):
+    """No thread pool on top of the sandbox's queue: its submit's futures are taken back as they are, the
+    runs' own time is counted from them, and a run still queued when a generation ends is cancelled."""
+    from minitir.rollout import TimedTool
+    from minitir.tool_protocol import ToolProtocol
+    scripts = {1: enc(tok, "```python\nprint(7)\n```\nso")}
+    sandbox = QueuedTool()
+    timed = TimedTool(sandbox)
+    out = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1], [1]], max_new_tokens=60, temperature=0,
+                   tool=timed, max_tool_calls=1)
+    assert all("```output\n7\n```" in tok.decode(o.tokens) for o in out) and len(sandbox.submitted) == 2
+    assert timed.seconds == pytest.approx(0.5)
+    held = ToolProtocol(tok, QueuedTool(hold=True), GenerationConfig(max_new_tokens=8))
+    assert held.pool is None
+    future = held.submit("print(1)")
+    held.close()
+    assert future.cancelled()
