@@ -375,16 +375,21 @@ def test_sandbox_failures_are_counted_and_kept_out_of_the_statistics(tmp_path):
     """A response whose code the sandbox failed to run (not the code's error) says nothing about the policy:
     it is counted in tool_failures (not in grade_errors), ungraded and incorrect, and left out of its group's
     baseline and of the loss."""
+    from concurrent.futures import Future
     from minitir.sandbox import ExecResult
     tc, model, tok, problems = toy_setup(tmp_path, steps=1, warm=True)
     t = Trainer(tc, model=model, tokenizer=tok, problems=problems, eval_problems=[])
     try:
         real, calls = t.tool.tool, []
 
-        class Flaky:   # every other run: the sandbox fails
-            def run(self, code):
+        class Flaky:   # every other run: the sandbox fails (the engine submits to a sandbox's own queue)
+            def submit(self, code):
                 calls.append(code)
-                return ExecResult("sandbox_error", stderr="sandbox worker died") if len(calls) % 2 else real.run(code)
+                if len(calls) % 2 == 0:
+                    return real.submit(code)
+                failed = Future()
+                failed.set_result(ExecResult("sandbox_error", stderr="sandbox worker died"))
+                return failed
 
             def close(self):
                 real.close()
