@@ -34,20 +34,24 @@ PHASES = [  # (owner, attribute, phase)
     (trainer.Trainer, "save_checkpoint", "checkpoint"), (trainer.Trainer, "train", "loop"),
 ]
 seconds, calls, stack, main = defaultdict(float), defaultdict(int), [], threading.main_thread()
-runs, runs_lock = {"n": 0, "s": 0.0}, threading.Lock()   # counted from the tool protocol's threads
+runs, runs_lock = {"n": 0, "s": 0.0}, threading.Lock()   # counted from the sandbox's worker threads
 
 
 def install():
     for owner, attr, phase in PHASES:
         setattr(owner, attr, _wrap(getattr(owner, attr), phase))
-    run = Sandbox.run
+    submit = Sandbox.submit   # what the engine calls (Sandbox.run goes through it too)
+
+    def count(future):
+        if not future.cancelled() and future.exception() is None:
+            with runs_lock:
+                runs["n"], runs["s"] = runs["n"] + 1, runs["s"] + future.result().duration_s
 
     def counted(self, code, *a, **k):
-        r = run(self, code, *a, **k)
-        with runs_lock:
-            runs["n"], runs["s"] = runs["n"] + 1, runs["s"] + r.duration_s
-        return r
-    Sandbox.run = counted
+        future = submit(self, code, *a, **k)
+        future.add_done_callback(count)
+        return future
+    Sandbox.submit = counted
 
 
 def _wrap(fn, phase):

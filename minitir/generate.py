@@ -19,10 +19,11 @@ unknown; an output block joins the pending token, and the prefill that caches bo
 `Generation.step()` is one tick of a logical clock: admit waiting sequences, take back the tool calls whose
 turn has come, prefill every PREFILL row in one batch under a token budget (longer inputs in chunks), copy
 the prompts of COPY rows, decode one token for every DECODE row, and retire finished rows. A code block that
-closes at tick t runs (in the sandbox's queue, tool_protocol.py) while the other sequences decode tool_lag more
-tokens; its sequence takes the result back at tick t + tool_lag + 1, waiting for it then if need be (or
-earlier, when nothing else can run): never "whenever the run is done", so which rows decode and prefill
-together depends on the tokens alone, not on how fast the sandbox was, and the same seed gives the same run.
+closes at tick t runs (in the sandbox's queue, or on threads for a plain function: tool_protocol.py) while the
+other sequences decode tool_lag more tokens; its sequence takes the result back at tick t + tool_lag + 1,
+waiting for it then if need be (or earlier, when nothing else can run): never "whenever the run is done", so
+which rows decode and prefill together depends on the tokens alone, not on how fast the sandbox was, and the
+same seed gives the same run.
 Token-in/token-out: sampled tokens are kept as ids; text is decoded for stop checks and display only.
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ class GenerationConfig:
     max_batch: int = 32        # rows of the KV cache = sequences decoded at once
     max_len: int | None = None # tokens per row (prompt + response); default: longest prompt + max_new_tokens
     prefill_tokens: int = 4096 # token budget of one prefill batch
-    tool_workers: int = 8      # threads for a tool without a submit of its own (a sandbox queues its runs)
+    tool_workers: int = 8      # threads for a tool without submit(); a sandbox's own workers run its queue
     tool_lag: int = 4          # ticks the other rows decode while a row's code runs; then the row takes its result
     reprefill_after_tool: bool = False  # the peer frameworks' behaviour, kept for the benchmark baseline
     ignore_eos: bool = False   # generate max_new_tokens whatever is sampled (benchmarks)

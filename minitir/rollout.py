@@ -35,7 +35,8 @@ class TimedTool:
     def _submit(self, code) -> Future:
         t = time.perf_counter()
         future = self.tool.submit(code)
-        future.add_done_callback(lambda f: f.cancelled() or self._add(None if f.exception() else f.result(), t))
+        # counted as the run ends, on the sandbox's thread (just after the engine may take the result back)
+        future.add_done_callback(lambda f: f.cancelled() or self._add(f.result() if f.exception() is None else None, t))
         return future
 
     def _add(self, r, t: float):

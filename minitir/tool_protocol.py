@@ -59,17 +59,22 @@ class ToolProtocol:
         return blocks[-1] if blocks else None
 
     def submit(self, code: str) -> Future:
-        future = self._submit(code)
+        try:
+            future = self._submit(code)
+        except Exception as e:   # a tool that cannot take the run (e.g. closed): its failure, in the future
+            future = Future()
+            future.set_exception(e)
         self.pending.add(future)
         return future
 
     def result(self, future: Future) -> ToolOutput:
         """The run's output, waiting for it if need be; a tool that raised is a failed tool call."""
-        self.pending.discard(future)
         try:
-            return to_tool_output(future.result())
+            out = to_tool_output(future.result())
         except Exception as e:  # a broken tool must not take the batch down
-            return ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True, failed=True)
+            out = ToolOutput(f"tool failed: {type(e).__name__}: {e}", error=True, failed=True)
+        self.pending.discard(future)   # after the wait: an interrupted wait leaves it for close() to cancel
+        return out
 
     def output_tokens(self, last: list[int], out: ToolOutput, room: int) -> list[int]:
         """The output block's tokens (the leading newline only when the model's last token `last` does not end

@@ -763,3 +763,14 @@ def test_a_sandbox_is_used_through_its_own_futures(tok):
     future = held.submit("print(1)")
     held.close()
     assert future.cancelled()
+
+
+@pytest.mark.quick
+def test_a_sandbox_that_refuses_a_run_is_a_failed_tool_call_not_a_lost_batch(tok):
+    class Closed(QueuedTool):
+        def submit(self, code):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+    scripts = {1: enc(tok, "```python\nprint(7)\n```\nso")}
+    out = generate(ScriptedModel(scripts, tok.eos_token_id), tok, [[1]], max_new_tokens=60, temperature=0,
+                   tool=Closed(), max_tool_calls=1)[0]
+    assert out.num_tool_failures == 1 and "tool failed: RuntimeError" in tok.decode(out.tokens)
