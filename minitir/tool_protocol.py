@@ -95,7 +95,7 @@ class ToolProtocol:
 
     def close(self):
         """Runs not started yet are cancelled (a generation that ended early, e.g. on an exception)."""
-        for future in self.pending:
+        for future in self.pending:   # every run went through submit: the pool's queued ones too
             future.cancel()
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=False)
