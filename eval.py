@@ -6,7 +6,7 @@
     python eval.py --model smollm2-135m --benchmarks math500 --prompt zero_rl                 # no tools
     python eval.py --model runs/NAME/checkpoints/step-000040 --benchmarks heldout --max-tool-calls 0,1,2
 
-    torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16       # problems split over ranks
+    torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500 --n-samples 16   # problems split over ranks
 
 Writes OUT/samples.jsonl (one line per response), OUT/summary.json and, for a sweep, OUT/tool_calls.png;
 prints a table. An interrupted evaluation picks up from OUT/samples.jsonl. Bad input (a flag, a data file,
@@ -235,7 +235,8 @@ def main(argv=None):
     """From Python, main([...]) raises input errors; as a command they print one line and exit with 2."""
     if argv is not None:
         return run(parse(argv))
-    return cli.run(lambda a: run(parse(a)), "eval.py", (DatasetError, CheckpointError, SandboxUnavailable), sys.argv[1:])
+    errors = (DatasetError, CheckpointError, SandboxUnavailable)
+    return cli.run(lambda a: run(parse(a)), "eval.py", errors, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@
    group prefill does not help (a headline must hold on inputs it was not tuned on).
    Each row also gets its roofline: the bytes one decode step must read (the weights once, every row's KV
    cache at its real length, halfway through the decode on average) over the machine's read bandwidth
-   measured in this process (the sum of a 1 GiB tensor, best of 5), as a share of that limit.
+   measured in this process (the sum of a 1 GiB tensor, best of 5), and the step's arithmetic (2 flops per
+   weight and row, 4 per cached key, head dimension and query head) over the machine's peak measured in this
+   process (a 2048^3 oneDNN product in the run's dtype, best of 5); the limit is the larger of the two, and
+   minitir's share of it is reported. (At batch 16 the arithmetic is not free on 2 cores: SmolLM2's 4.85
+   GFLOP per step take ~21 ms at float32's ~227 GFLOP/s, nearly the ~25 ms its 905 MB take at ~36 GB/s.)
 2. Per-call overhead: time to the first token for 16 short prompts (the second call: weights already packed).
 3. Secondary rows: greedy decoding of short equal-length prompts at batch 1 and 16 (the easy case).
 4. A tool-interleaved rollout: 16 responses, each making 2 tool calls with a fixed tool latency, against
@@ -79,6 +83,30 @@ def read_bandwidth(threads: int) -> float:
     x = torch.ones(1 << 28)
     x.sum()
     return x.numel() * 4 / min(timed(lambda: x.sum()) for _ in range(5))
+
+
+def peak_flops(dtype: torch.dtype) -> float:
+    """Flops per second this process reaches on a large product: 2048^3 through oneDNN with a packed weight
+    (the kernel minitir's products use; MKL's sgemm reached half of it here), best of 5."""
+    x, w = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    else:
+        fn = lambda: x @ w.t()
+    fn()
+    return 2 * 2048 ** 3 / min(timed(fn) for _ in range(5))
+
+
+def step_flops(model, lens: list[int], group: int, new_tokens: int) -> float:
+    """Flops of one decode step on average: 2 per weight and row (the embedding's lookup is not arithmetic;
+    a tied one is the head) and 4 per cached key, head dimension and query head (scores and values)."""
+    c = model.config
+    params = {id(p): p for n, p in model.named_parameters() if "embed_tokens" not in n or c.tie_word_embeddings}
+    rows = group * len(lens)
+    keys = sum(group * (n + new_tokens / 2) for n in lens)
+    return 2 * rows * sum(p.numel() for p in params.values()) + \
+        4 * keys * c.num_hidden_layers * c.num_attention_heads * c.head_dim
 
 
 def step_bytes(model, lens: list[int], group: int, new_tokens: int) -> float:
@@ -196,34 +224,38 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=dtype).eval()
     generate(model, tok, [tok.encode("warm up")], max_new_tokens=8, temperature=0)
     math500, _ = load_benchmark("math500", ROOT / "data")
-    bandwidth = read_bandwidth(a.threads)
+    bandwidth, peak = read_bandwidth(a.threads), peak_flops(dtype)
+    limit = lambda lens, group, new: max(step_bytes(model, lens, group, new) / bandwidth,
+                                         step_flops(model, lens, group, new) / peak)   # seconds per step
     print(f"SmolLM2-135M, {a.dtype}, {a.threads} threads, {a.new_tokens} new tokens (EOS ignored), best of {a.rounds} "
           f"interleaved rounds. MATH-500 problems in the zero_tir prompt: the RL workload (GRPO groups of 8 sampled at "
           f"T=1, problems 1-{max(int(x) for x in a.groups.split(','))}) and 16 different problems greedy (the last 16)")
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (the sum of a 1 GiB tensor, {a.threads} threads)")
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (the sum of a 1 GiB tensor, {a.threads} threads); "
+          f"peak: {peak / 1e9:.0f} GFLOP/s (a 2048^3 {a.dtype} product)")
     print("| workload | prompt tokens | transformers tok/s | minitir tok/s | speed-up | first token s (tf / minitir) | "
-          "ms per decode step (tf / minitir) | MB read per step | limit ms per step | minitir's share of the limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ms per decode step (tf / minitir) | MB read per step | GFLOP per step | limit ms per step (read / "
+          "arithmetic) | minitir's share of the limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [(f"{n} x 8 at T=1 (batch {n * 8})", math500[:n], 8, 1.0) for n in (int(x) for x in a.groups.split(","))]
     rows.append(("16 different, greedy (batch 16)", math500[-16:], 1, 0.0))
     for label, probs, group, temperature in rows:
         best, lens = workload(model, tok, hf, probs, group, temperature, a.new_tokens, a.rounds)
         (o, o1, od), (t, t1, td) = best["ours"], best["theirs"]
-        need = step_bytes(model, lens, group, a.new_tokens)
+        need, work = step_bytes(model, lens, group, a.new_tokens), step_flops(model, lens, group, a.new_tokens)
         print(f"| {label} | {min(lens)}-{max(lens)} | {t:.1f} | {o:.1f} | {o / t:.2f}x | "
-              f"{t1:.2f} / {o1:.2f} | {td:.0f} / {od:.0f} | {need / 1e6:.0f} | {1000 * need / bandwidth:.1f} | "
-              f"{100 * need / bandwidth / (od / 1000):.0f}% |")
+              f"{t1:.2f} / {o1:.2f} | {td:.0f} / {od:.0f} | {need / 1e6:.0f} | {work / 1e9:.2f} | "
+              f"{1000 * need / bandwidth:.1f} / {1000 * work / peak:.1f} | "
+              f"{100 * limit(lens, group, a.new_tokens) / (od / 1000):.0f}% |")
     if a.only_workloads:
         return
     print(f"\nper-call overhead: first token for 16 short prompts in {overhead(model, tok):.3f} s")
     print(f"\nsecondary: greedy, short prompts of one length, {a.new_tokens // 2} new tokens")
-    print("| batch | transformers tok/s | minitir tok/s | speed-up | minitir's share of the read limit |")
+    print("| batch | transformers tok/s | minitir tok/s | speed-up | minitir's share of the limit |")
     print("|---|---|---|---|---|")
     for batch in (1, 16):
         ours, theirs = bench_decode(model, tok, hf, batch, a.new_tokens // 2)
-        need = step_bytes(model, [14] * batch, 1, a.new_tokens // 2)   # ~14 prompt tokens
-        print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x | "
-              f"{100 * need / bandwidth * ours / batch:.0f}% |")
+        step = limit([14] * batch, 1, a.new_tokens // 2)   # ~14 prompt tokens
+        print(f"| {batch} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x | {100 * step * ours / batch:.0f}% |")
     if a.skip_tools:
         return
     print(f"\ntool-interleaved rollout: 16 responses x 2 tool calls, tool latency {a.latency * 1000:.0f} ms")
