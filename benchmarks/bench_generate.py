@@ -110,10 +110,12 @@ def step_flops(model, lens: list[int], group: int, new_tokens: int) -> float:
 
 
 def step_bytes(model, lens: list[int], group: int, new_tokens: int) -> float:
-    """Bytes one decode step reads on average: every parameter once (a tied embedding is the head too) and
-    each row's keys and values at its prompt's length plus half the new tokens."""
+    """Bytes one decode step reads on average: every weight once (an untied embedding only at the rows' tokens:
+    left out; a tied one is the head) and each row's keys and values at its prompt's length plus half the new
+    tokens."""
     c, size = model.config, next(model.parameters()).element_size()
-    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * size
+    weights = sum(p.numel() for n, p in model.named_parameters()
+                  if "embed_tokens" not in n or c.tie_word_embeddings) * size
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * size
     return weights + sum(group * (n + new_tokens / 2) * per_token for n in lens)
 
