@@ -1,5 +1,6 @@
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ from minitir import attention, sampling
 from minitir.checkpoint import embedded_checkpoint, load_model
 from minitir.generate import GenerationConfig, generate
 from minitir.sampling import sample
+from minitir.sandbox.result import ExecResult
 from minitir.tool_protocol import ToolOutput
 from tests.conftest import make_hf_model
 
@@ -429,7 +431,6 @@ def test_failing_tool_is_reported_not_raised(tok):
 
 @pytest.mark.quick
 def test_sandbox_failure_is_counted_apart_from_code_errors(tok):
-    from minitir.sandbox import ExecResult
     model = ScriptedModel({1: enc(tok, "```python\n1/0\n```\nafter"), 2: enc(tok, "```python\n1/0\n```\nafter")},
                           tok.eos_token_id)
     results = {0: ExecResult("error", stderr="ZeroDivisionError: division by zero"),
@@ -714,9 +715,7 @@ def test_a_model_converted_between_generations_decodes_with_its_new_weights(tmp_
 def test_tool_time_is_the_runs_own_time():
     """time/tools_s adds up the runs' own time as the sandbox reports it (not the calls' wall time, which holds
     the wait for a free worker), from many threads at once; a plain callable is a tool too."""
-    from concurrent.futures import ThreadPoolExecutor
     from minitir.rollout import TimedTool
-    from minitir.sandbox.result import ExecResult
     queued = TimedTool(lambda code: (time.sleep(0.02), ExecResult("ok", "1\n", duration_s=0.01))[1])
     with ThreadPoolExecutor(8) as pool:
         assert all(r.text == "1" for r in pool.map(queued.run, ["print(1)"] * 64))
@@ -730,14 +729,11 @@ class QueuedTool:
     and a run() that must not be used (the protocol takes the sandbox's futures as they are)."""
 
     def __init__(self, hold=False):
-        from concurrent.futures import ThreadPoolExecutor
         self.workers, self.hold, self.submitted = ThreadPoolExecutor(1), hold, []
 
     def submit(self, code):
-        from minitir.sandbox.result import ExecResult
         self.submitted.append(code)
         if self.hold:   # queued behind a run that never ends: still pending at close
-            from concurrent.futures import Future
             return Future()
         return self.workers.submit(lambda: ExecResult("ok", "7\n", duration_s=0.25))
 
