@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_generate import peak_flops, read_bandwidth  # noqa: E402
-from minitir import load_pretrained  # noqa: E402
+from minitir import load_pretrained, ops  # noqa: E402
 from minitir.attention import cache_dtype, cache_length  # noqa: E402
 from minitir.model import KVCache  # noqa: E402
 
@@ -41,7 +41,8 @@ PACKED = []   # (packed weight, out features): opaque oneDNN tensors the custom 
 def packed_linear(x: torch.Tensor, i: int) -> torch.Tensor:
     w, n = PACKED[i]
     M = x.shape[0]
-    return torch.ops.mkldnn._linear_pointwise(F.pad(x, (0, 0, 0, -M % 4)), w, None, "none", [], "")[:M].contiguous()
+    x = F.pad(x, (0, 0, 0, -M % ops.ROW_TILE))   # whole row tiles, as minitir's products
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")[:M].contiguous()
 
 
 @packed_linear.register_fake
@@ -74,8 +75,9 @@ def _(q, kc, vc, mask):
 
 
 def pack(*linears) -> int:
-    w = torch.cat([m.weight.detach() for m in linears])
-    PACKED.append((torch.ops.mkldnn._reorder_linear_weight(w, 16), w.shape[0]))
+    """The linears' weights packed as minitir packs them when decoding (the same copy, kept on linears[0])."""
+    w, _ = ops._packed(linears[0], [m.weight for m in linears], [None] * len(linears), linears[0].weight.dtype)
+    PACKED.append((w, sum(m.out_features for m in linears)))
     return len(PACKED) - 1
 
 
